@@ -1,0 +1,144 @@
+"""EditableModel: a Hugging Face causal LM plus what editing needs to know about it.
+
+It forwards unknown attributes to the wrapped model (as PeftModel does), so
+`model.config`, `model.parameters()` and `model(**batch)` work as usual, while
+`model.generate("text")` takes and returns plain strings for quick looks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .arch import ArchSpec
+from .hooks import get_module
+
+log = logging.getLogger(__name__)
+
+
+class LayerIndexError(IndexError):
+    """A layer number the model does not have."""
+
+
+class EditableModel:
+    """A causal LM, its tokenizer and its architecture table entry.
+
+    Attributes:
+        model: the `transformers` PreTrainedModel (edited in place by weight methods).
+        tokenizer: its tokenizer (pad token set; right padding for scoring).
+        arch: module paths for this family.
+        model_id: a stable identifier of the *unedited* weights, used in cache keys.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any, arch: ArchSpec, model_id: str) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.arch = arch
+        self.model_id = model_id
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "right"
+        self.model.eval()
+        self.layers: nn.ModuleList = get_module(model, arch.layers)
+        self.block_returns_tuple = self._probe_block_output()
+
+    # -- facts about the network -------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def device(self) -> torch.device:
+        return get_module(self.model, self.arch.embed).weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return get_module(self.model, self.arch.embed).weight.dtype
+
+    def check_layer(self, layer: int, field_name: str = "layer") -> int:
+        if not isinstance(layer, int) or not 0 <= layer < self.num_layers:
+            raise LayerIndexError(
+                f"{field_name}={layer!r}: this model has layers 0..{self.num_layers - 1}"
+            )
+        return layer
+
+    def module(self, name: str) -> nn.Module:
+        return get_module(self.model, name)
+
+    def mlp_out(self, layer: int) -> nn.Module:
+        return self.module(self.arch.mlp_out_at(self.check_layer(layer)))
+
+    def weight(self, layer: int) -> torch.Tensor:
+        """The MLP output projection of `layer` as a (d_out, d_in) view (Conv1D transposed)."""
+        w = self.mlp_out(layer).weight
+        return w.T if self.arch.conv1d else w
+
+    def _probe_block_output(self) -> bool:
+        """Does a block return a tuple (older transformers) or a bare tensor?"""
+        seen: list[bool] = []
+        handle = self.layers[0].register_forward_hook(
+            lambda _m, _i, out: seen.append(isinstance(out, tuple))
+        )
+        try:
+            with torch.inference_mode():
+                ids = torch.tensor([[self.tokenizer.eos_token_id or 0]], device=self.device)
+                self.model(input_ids=ids)
+        finally:
+            handle.remove()
+        return bool(seen and seen[0])
+
+    # -- convenience ----------------------------------------------------------------------
+    def tokenize(self, texts: Sequence[str], **kwargs: Any) -> dict[str, torch.Tensor]:
+        batch = self.tokenizer(list(texts), return_tensors="pt", padding=True, **kwargs)
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def generate(self, prompt: str | Sequence[str] | None = None, max_new_tokens: int = 12,
+                 **kwargs: Any) -> Any:
+        """Greedy continuation(s) of text prompt(s), returned as text (the prompt left out).
+
+        Called with tensors instead (input_ids=...), it is the wrapped model's `generate`.
+        """
+        if prompt is None or isinstance(prompt, torch.Tensor):
+            if prompt is not None:
+                kwargs["input_ids"] = prompt
+            return self.model.generate(max_new_tokens=max_new_tokens, **kwargs)
+        single = isinstance(prompt, str)
+        prompts = [prompt] if single else list(prompt)
+        self.tokenizer.padding_side = "left"
+        try:
+            batch = self.tokenize(prompts)
+        finally:
+            self.tokenizer.padding_side = "right"
+        kwargs.setdefault("do_sample", False)
+        kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+        with torch.inference_mode():
+            out = self.model.generate(**batch, max_new_tokens=max_new_tokens, **kwargs)
+        texts = self.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:],
+                                            skip_special_tokens=True)
+        return texts[0] if single else texts
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write the (edited) model and tokenizer as a HF folder of safetensors."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path, safe_serialization=True)
+        self.tokenizer.save_pretrained(path)
+        log.info("saved model to %s", path)
+
+    def __getattr__(self, name: str) -> Any:
+        # Only called when normal lookup fails: forward to the wrapped HF model.
+        if name in {"model", "tokenizer", "arch", "model_id", "layers"}:
+            raise AttributeError(name)
+        return getattr(self.model, name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return (f"EditableModel({self.model_id!r}, {type(self.model).__name__}, "
+                f"{self.num_layers} layers, {self.dtype}, {self.device})")
