@@ -77,10 +77,13 @@ class Trace(contextlib.AbstractContextManager):
         self.output: torch.Tensor | None = None
         module = get_module(model, name)
 
+        def pre_hook(_module: nn.Module, inputs: tuple, kwargs: dict) -> None:
+            # A pre-hook, so the input is kept even if a module inside this one stops the
+            # pass; blocks may receive hidden_states as a keyword.
+            x = inputs[0] if inputs else kwargs.get("hidden_states")
+            self.input = x.detach() if (detach and x is not None) else x
+
         def hook(_module: nn.Module, inputs: tuple, output: Any) -> Any:
-            if retain_input:
-                x = inputs[0] if inputs else None
-                self.input = x.detach() if (detach and x is not None) else x
             new_output = output
             if edit_output is not None:
                 new_output = _replace_first(output, edit_output(_first_tensor(output), name))
@@ -91,11 +94,14 @@ class Trace(contextlib.AbstractContextManager):
                 raise StopForward()
             return new_output
 
-        self._handle = module.register_forward_hook(hook)
+        self._handles = [module.register_forward_hook(hook)]
+        if retain_input:
+            self._handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
         self._stop = stop
 
     def close(self) -> None:
-        self._handle.remove()
+        for handle in self._handles:
+            handle.remove()
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         self.close()

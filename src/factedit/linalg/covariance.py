@@ -1,0 +1,176 @@
+"""Covariance statistics C = E[k k^T] of MLP-output-projection inputs over a text corpus.
+
+Accumulated in float64 over packed token windows (no padding is wasted), several layers in
+one pass, the forward pass stopped after the deepest layer. Cached on disk under a name built
+from every input (model, layer module, corpus digest, token count, window length); the file
+carries a digest of its own tensor and is recomputed, with a warning, when it does not match.
+
+Corpus: a text file, a folder of .txt/.raw/.tokens files, or None for text sampled from the
+model itself (so the built-in demo needs no download; the sample is cached too).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ..models import EditableModel, TraceDict, cache_root
+
+log = logging.getLogger(__name__)
+
+_TEXT_SUFFIXES = {".txt", ".raw", ".tokens", ".text"}
+
+
+def _tensor_digest(t: torch.Tensor) -> str:
+    return hashlib.blake2b(t.contiguous().numpy().tobytes()).hexdigest()[:32]
+
+
+def corpus_text(model: EditableModel, corpus: str | Path | None, n_tokens: int,
+                seed: int = 0) -> tuple[str, str]:
+    """(text, corpus_id). The id is a content digest, so edits to the files invalidate caches."""
+    if corpus is None:
+        return _model_samples(model, n_tokens, seed)
+    path = Path(corpus).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in _TEXT_SUFFIXES)
+        if not files:
+            raise FileNotFoundError(f"corpus folder {path} has no {sorted(_TEXT_SUFFIXES)} files")
+    elif path.is_file():
+        files = [path]
+    else:
+        raise FileNotFoundError(f"corpus {path} does not exist (give a text file or folder)")
+    text = "\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
+    digest = hashlib.blake2b(text.encode()).hexdigest()[:12]
+    return text, f"{path.name}-{digest}"
+
+
+def _model_samples(model: EditableModel, n_tokens: int, seed: int) -> tuple[str, str]:
+    corpus_id = f"model-samples-s{seed}-n{n_tokens}"
+    path = cache_root() / "corpus" / f"{model.model_id}_{corpus_id}.json"
+    if path.is_file():
+        try:
+            return json.loads(path.read_text())["text"], corpus_id
+        except (ValueError, KeyError):
+            log.warning("sampled corpus cache %s is corrupt; resampling", path)
+    starts = ["The", "In", "A", "It", "He", "She", "This", "When", "After", "According to",
+              "Many", "One", "There", "His", "Her", "During"]
+    per_seq, batch = 128, 16
+    n_seq = max(1, -(-n_tokens // per_seq))
+    texts: list[str] = []
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        for i in tqdm(range(0, n_seq, batch), desc="sampling corpus from the model",
+                      unit="batch"):
+            prompts = [starts[(i + j) % len(starts)] for j in range(min(batch, n_seq - i))]
+            outs = model.generate(prompts, max_new_tokens=per_seq, do_sample=True, top_k=40)
+            texts += [p + o for p, o in zip(prompts, outs)]
+    finally:
+        torch.random.set_rng_state(state)
+    text = "\n\n".join(texts)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"text": text}))
+    tmp.replace(path)
+    return text, corpus_id
+
+
+def _cache_path(model: EditableModel, module: str, corpus_id: str, n_tokens: int,
+                seq_len: int) -> Path:
+    return (cache_root() / "stats" / model.model_id /
+            f"{module}__{corpus_id}__n{n_tokens}__len{seq_len}__float64.safetensors")
+
+
+def _load_cached(path: Path) -> torch.Tensor | None:
+    if not path.is_file():
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        C = load_file(str(path))["C"]
+        if meta.get("digest") != _tensor_digest(C):
+            raise ValueError("digest mismatch")
+        return C
+    except Exception as err:  # noqa: BLE001 - any unreadable cache is rebuilt
+        warnings.warn(f"covariance cache {path} is corrupt ({err}); recomputing it", stacklevel=3)
+        return None
+
+
+def covariance(
+    model: EditableModel,
+    layers: Sequence[int],
+    corpus: str | Path | None = None,
+    n_tokens: int = 100_000,
+    seq_len: int = 128,
+    batch_size: int = 8,
+    use_cache: bool = True,
+    progress: bool = True,
+) -> dict[int, torch.Tensor]:
+    """C for each layer: layer -> (d_in, d_in) float64 on CPU, E over n_tokens token positions."""
+    layers = [model.check_layer(layer, "covariance layer") for layer in layers]
+    corpus_id = None
+    result: dict[int, torch.Tensor] = {}
+    modules = {layer: model.arch.mlp_out_at(layer) for layer in layers}
+    text: str | None = None
+    if corpus is None:
+        corpus_id = f"model-samples-s0-n{n_tokens}"
+    else:
+        text, corpus_id = corpus_text(model, corpus, n_tokens)
+    if use_cache:
+        for layer in layers:
+            C = _load_cached(_cache_path(model, modules[layer], corpus_id, n_tokens, seq_len))
+            if C is not None:
+                result[layer] = C
+    todo = [layer for layer in layers if layer not in result]
+    if not todo:
+        return result
+    if text is None:
+        text, corpus_id = corpus_text(model, corpus, n_tokens)
+    ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+    n_windows = min(len(ids) // seq_len, -(-n_tokens // seq_len))
+    if n_windows == 0:
+        raise ValueError(f"corpus {corpus_id} has fewer than seq_len={seq_len} tokens")
+    if n_windows * seq_len < n_tokens:
+        log.warning("corpus %s has only %d tokens; using all of them (asked for %d)",
+                    corpus_id, n_windows * seq_len, n_tokens)
+    windows = torch.tensor(ids[: n_windows * seq_len]).view(n_windows, seq_len)
+    names = [modules[layer] for layer in todo]
+    sums = {name: None for name in names}
+    count = 0
+    bar = tqdm(total=n_windows * seq_len, desc=f"covariance layers {todo}", unit="tok",
+               unit_scale=True, disable=not progress)
+    with torch.inference_mode():
+        for start in range(0, n_windows, batch_size):
+            batch = windows[start: start + batch_size].to(model.device)
+            with TraceDict(model.model, names, retain_input=True, stop=True) as traces:
+                model.model(input_ids=batch, use_cache=False)
+            for name in names:
+                k = traces[name].input.reshape(-1, traces[name].input.shape[-1]).to(torch.float64)
+                kk = (k.T @ k).cpu()
+                sums[name] = kk if sums[name] is None else sums[name] + kk
+            count += batch.numel()
+            bar.update(batch.numel())
+    bar.close()
+    for layer in todo:
+        C = sums[modules[layer]] / count
+        result[layer] = C
+        if use_cache:
+            path = _cache_path(model, modules[layer], corpus_id, n_tokens, seq_len)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".partial")
+            save_file({"C": C.contiguous()}, str(tmp),
+                      metadata={"digest": _tensor_digest(C), "count": str(count),
+                                "model": model.model_id, "module": modules[layer],
+                                "corpus": corpus_id})
+            tmp.replace(path)
+    return result

@@ -1,0 +1,207 @@
+"""Target values: the vector that, written at the subject token, makes the model say target_new.
+
+ROME's v* and MEMIT's z are the same optimisation at different sites:
+- site "mlp_out": delta is added to the output of layer l's MLP output projection (ROME);
+- site "residual": delta is added to the residual stream after block l (MEMIT, D4S, ...).
+For request i, delta_i is found by Adam on
+
+    loss_i = mean_rows NLL(target_new | template(prompt) with delta_i at the subject token)
+             + kl_factor * KL(p_0 || p_delta) on "{subject} is a" at the subject token
+             + weight_decay * ||delta_i|| / ||h_i||^2
+
+with ||delta_i|| <= clamp_factor * ||h_i|| (h_i: the site's value on the bare prompt).
+
+All requests of a batch are optimised together: one forward pass per step over every row of
+every request. Adam is element-wise and each delta_i only touches its own rows, so this equals
+optimising them one at a time; a request that reaches the NLL threshold is frozen (early
+stop). The layers below l are not recomputed at each step: their output is cached once and
+fed in with `start_at_layer`; the LM head runs only at target-token positions.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..models import EditableModel, Trace, start_at_layer
+from ..requests import EditRequest
+from ..text import continuation_ids, pad_right, subject_last_index
+
+log = logging.getLogger(__name__)
+
+KL_TEMPLATE = "{} is a"
+
+
+@dataclass
+class TargetValues:
+    """delta (n, d) at `site` of `layer`; init (n, d) the site's unedited value (bare prompt)."""
+
+    layer: int
+    site: str
+    delta: torch.Tensor
+    init: torch.Tensor
+    final_nll: list[float] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)
+
+    @property
+    def target(self) -> torch.Tensor:
+        return self.init + self.delta
+
+
+@dataclass
+class _Rows:
+    ids: list[list[int]]
+    subject_index: list[int]
+    request: list[int]
+    target_pos: list[list[int]]  # positions whose next-token prediction is a target token
+    target_ids: list[list[int]]
+    is_kl: list[bool]
+    is_bare: list[bool]
+
+
+def _build_rows(model: EditableModel, requests: Sequence[EditRequest],
+                templates: Sequence[str]) -> _Rows:
+    tok = model.tokenizer
+    rows = _Rows([], [], [], [], [], [], [])
+    for qi, req in enumerate(requests):
+        target = continuation_ids(tok, req.rewrite_prompt, req.target_new)
+        for ti, template in enumerate(templates):
+            ctx_ids, idx = subject_last_index(tok, template.format(req.prompt), req.subject)
+            ids = ctx_ids + target[:-1]  # teacher forcing: predict target[j] at len(ctx)-1+j
+            rows.ids.append(ids)
+            rows.subject_index.append(idx)
+            rows.request.append(qi)
+            rows.target_pos.append([len(ctx_ids) - 1 + j for j in range(len(target))])
+            rows.target_ids.append(target)
+            rows.is_kl.append(False)
+            rows.is_bare.append(ti == 0)
+        kl_ids, kl_idx = subject_last_index(tok, KL_TEMPLATE, req.subject)
+        rows.ids.append(kl_ids)
+        rows.subject_index.append(kl_idx)
+        rows.request.append(qi)
+        rows.target_pos.append([])
+        rows.target_ids.append([])
+        rows.is_kl.append(True)
+        rows.is_bare.append(False)
+    return rows
+
+
+def _site_name(model: EditableModel, layer: int, site: str) -> str:
+    if site == "mlp_out":
+        return model.arch.mlp_out_at(layer)
+    if site == "residual":
+        return model.arch.layer(layer)
+    raise ValueError(f"site must be 'mlp_out' or 'residual', got {site!r}")
+
+
+def _logits(model: EditableModel, hidden: torch.Tensor) -> torch.Tensor:
+    logits = model.module(model.arch.lm_head)(hidden)
+    cap = getattr(model.model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def optimise_target_values(
+    model: EditableModel,
+    requests: Sequence[EditRequest],
+    layer: int,
+    site: str,
+    templates: Sequence[str],
+    *,
+    steps: int = 25,
+    lr: float = 0.5,
+    weight_decay: float = 0.5,
+    clamp_factor: float = 4.0,
+    kl_factor: float = 0.0625,
+    early_stop_nll: float = 0.05,
+) -> TargetValues:
+    """Find delta_i for every request (see module docstring). Model weights are untouched."""
+    model.check_layer(layer)
+    rows = _build_rows(model, requests, templates)
+    device = model.device
+    n_req, n_rows = len(requests), len(rows.ids)
+    pad = model.tokenizer.pad_token_id
+    ids, mask = pad_right(rows.ids, pad)
+    ids_t = torch.tensor(ids, device=device)
+    mask_t = torch.tensor(mask, device=device)
+    row_req = torch.tensor(rows.request, device=device)
+    subj = torch.tensor(rows.subject_index, device=device)
+    arange = torch.arange(n_rows, device=device)
+    site_name = _site_name(model, layer, site)
+    base = model.model.base_model
+
+    # Flattened target positions: (row, position, token) for the NLL, one entry per token.
+    t_row = torch.tensor([r for r in range(n_rows) for _ in rows.target_pos[r]], device=device)
+    t_pos = torch.tensor([p for r in range(n_rows) for p in rows.target_pos[r]], device=device)
+    t_tok = torch.tensor([t for r in range(n_rows) for t in rows.target_ids[r]], device=device)
+    tokens_per_row = torch.tensor([max(1, len(p)) for p in rows.target_pos], device=device,
+                                  dtype=torch.float32)
+    kl_rows = torch.tensor([r for r in range(n_rows) if rows.is_kl[r]], device=device)
+    nll_rows_per_req = torch.bincount(row_req[~torch.tensor(rows.is_kl, device=device)],
+                                      minlength=n_req).float()
+
+    # Cache what enters block `layer` (the layers below never change during optimisation),
+    # and the site's unedited value at the subject token of every row.
+    with torch.inference_mode():
+        with Trace(model.model, model.arch.layer(layer), retain_input=True) as block_in, \
+             Trace(model.model, site_name, retain_output=True, stop=True) as site_out:
+            model.model(input_ids=ids_t, attention_mask=mask_t, use_cache=False)
+    # Cloned outside inference mode so autograd may use it as an ordinary input.
+    hidden_in = block_in.input.clone()
+    site_values = site_out.output[arange, subj].float().clone()
+    bare = torch.tensor(rows.is_bare, device=device)
+    init = torch.zeros(n_req, site_values.shape[1], device=device)
+    init[row_req[bare]] = site_values[bare]
+    max_norm = clamp_factor * init.norm(dim=1, keepdim=True)
+
+    delta = torch.zeros_like(init, requires_grad=True)
+    optimiser = torch.optim.Adam([delta], lr=lr)
+    frozen = torch.zeros(n_req, dtype=torch.bool, device=device)
+    steps_taken = [steps] * n_req
+    kl_init: torch.Tensor | None = None
+    last_nll = torch.zeros(n_req, device=device)
+
+    def add_delta(output: torch.Tensor, _name: str) -> torch.Tensor:
+        # Out-of-place: autograd must see delta enter at the subject token of each row.
+        add = torch.zeros_like(output)
+        add[arange, subj] = delta[row_req].to(output.dtype)
+        return output + add
+
+    for step in range(steps):
+        optimiser.zero_grad()
+        with start_at_layer(model.layers, layer, hidden_in, model.block_returns_tuple), \
+             Trace(model.model, site_name, edit_output=add_delta, detach=False):
+            hidden = base(input_ids=ids_t, attention_mask=mask_t, use_cache=False).last_hidden_state
+        logp_t = torch.log_softmax(_logits(model, hidden[t_row, t_pos]).float(), dim=-1)
+        tok_nll = -logp_t.gather(1, t_tok.unsqueeze(1)).squeeze(1)
+        row_nll = torch.zeros(n_rows, device=device).index_add(0, t_row, tok_nll) / tokens_per_row
+        req_nll = torch.zeros(n_req, device=device).index_add(0, row_req, row_nll) / nll_rows_per_req
+        kl_logp = torch.log_softmax(_logits(model, hidden[kl_rows, subj[kl_rows]]).float(), dim=-1)
+        if kl_init is None:
+            kl_init = kl_logp.detach()
+        req_kl = F.kl_div(kl_logp, kl_init, log_target=True, reduction="none").sum(-1)
+        req_wd = weight_decay * delta.norm(dim=1) / init.norm(dim=1).clamp_min(1e-8) ** 2
+        last_nll = req_nll.detach()
+        newly_done = (last_nll < early_stop_nll) & ~frozen
+        for i in torch.nonzero(newly_done).flatten().tolist():
+            steps_taken[i] = step
+        frozen |= newly_done
+        if bool(frozen.all()) or step == steps - 1:
+            break
+        loss = (req_nll + kl_factor * req_kl + req_wd)[~frozen].sum()
+        loss.backward()
+        before = delta.detach().clone()
+        optimiser.step()
+        with torch.no_grad():
+            delta[frozen] = before[frozen]  # Adam momentum must not move a converged request
+            norms = delta.norm(dim=1, keepdim=True)
+            delta.mul_(torch.where(norms > max_norm, max_norm / norms, torch.ones_like(norms)))
+    log.debug("target values at layer %d (%s): nll %s", layer, site, last_nll.tolist())
+    return TargetValues(layer=layer, site=site, delta=delta.detach().to(torch.float64).cpu(),
+                        init=init.to(torch.float64).cpu(), final_nll=last_nll.tolist(),
+                        steps=steps_taken)

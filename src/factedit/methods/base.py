@@ -1,0 +1,147 @@
+"""What every editing method shares: a config dataclass, an Editor class, one registry.
+
+A method is `XConfig(MethodConfig)` + `XEditor(Editor)` + one `register_method(...)` line in
+its own file. An Editor *computes* weight deltas and leaves the model as it found it
+(MEMIT's invariant); `factedit.protocol` applies them, keeps the originals, and restores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from ..models import EditableModel
+from ..requests import EditRequest
+
+
+class ConfigError(ValueError):
+    """A method config field is invalid; the message names the field and the fix."""
+
+
+@dataclass
+class MethodConfig:
+    """Base of all method configs: JSON round trip and validation hooks."""
+
+    method: ClassVar[str] = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["method"] = self.method
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MethodConfig:
+        data = {k: v for k, v in data.items() if k != "method"}
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ConfigError(f"{cls.__name__} has no field(s) {sorted(unknown)}; "
+                              f"valid: {sorted(names)}")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> MethodConfig:
+        try:
+            return dataclasses.replace(self, **changes)
+        except TypeError as err:
+            raise ConfigError(f"{type(self).__name__}: {err}") from None
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1, sort_keys=True))
+
+
+@dataclass
+class EditResult:
+    """What one `Editor.compute` call produced.
+
+    deltas: weight name -> dense delta in the parameter's own orientation (ready to add).
+    timings: phase -> seconds. info: method-specific diagnostics (NLLs, condition numbers).
+    """
+
+    deltas: dict[str, torch.Tensor] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[phase] = self.timings.get(phase, 0.0) + time.perf_counter() - start
+
+
+class Editor:
+    """Base class. Subclasses set `config_cls` and implement `compute`.
+
+    An Editor lives for a whole editing run, so it can keep state across a sequence (D4S's
+    history sums, AlphaEdit's projector). `compute` must not change the model's weights.
+    """
+
+    config_cls: ClassVar[type[MethodConfig]] = MethodConfig
+    supports_batch: ClassVar[bool] = True
+
+    def __init__(self, model: EditableModel, config: MethodConfig) -> None:
+        self.model = model
+        self.config = config
+
+    def compute(self, requests: Sequence[EditRequest]) -> EditResult:
+        raise NotImplementedError
+
+    def weight_param_name(self, layer: int) -> str:
+        return self.model.arch.mlp_out_at(layer) + ".weight"
+
+    def as_param_delta(self, delta: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """A (d_out, d_in) delta in the parameter's orientation, dtype and device."""
+        if self.model.arch.conv1d:
+            delta = delta.T
+        return delta.to(dtype=like.dtype, device=like.device)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    config_cls: type[MethodConfig]
+    editor_cls: type[Editor]
+    description: str = ""
+
+
+METHODS: dict[str, MethodSpec] = {}
+
+
+def register_method(name: str, config_cls: type[MethodConfig], editor_cls: type[Editor],
+                    description: str = "") -> None:
+    if name != name.lower() or " " in name:
+        raise ValueError(f"method name {name!r} must be lowercase without spaces")
+    if name in METHODS:
+        raise ValueError(f"method {name!r} is already registered")
+    config_cls.method = name
+    METHODS[name] = MethodSpec(name, config_cls, editor_cls, description)
+
+
+def get_method(name: str) -> MethodSpec:
+    _import_builtin_methods()
+    key = name.lower()
+    if key not in METHODS:
+        close = difflib.get_close_matches(key, METHODS, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise KeyError(f"unknown method {name!r}.{hint} Available: {', '.join(sorted(METHODS))}")
+    return METHODS[key]
+
+
+def list_methods() -> list[str]:
+    _import_builtin_methods()
+    return sorted(METHODS)
+
+
+def _import_builtin_methods() -> None:
+    # Importing the package runs each method file's register_method line.
+    from .. import methods  # noqa: F401

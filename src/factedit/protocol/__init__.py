@@ -1,0 +1,240 @@
+"""Editing modes and the handle that applies, records and restores edits.
+
+    handle = fe.edit(model, requests, method="rome")          # edits in place
+    handle.records[-1].timings; handle.restore()               # back to the original weights
+
+Modes:
+    single           each request alone on the original model: apply, (evaluate), restore.
+    batch            all requests in one compute call (methods that support batches).
+    sequential       one request after another, each on the already-edited model.
+    sequential-batch batches of `batch_size`, one after another.
+The model keeps the edits except in single mode. Originals of touched weights are copied
+once (only the matrices that change), so `restore()` is exact and cheap.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..methods.base import EditResult, Editor, MethodConfig, get_method
+from ..models import EditableModel
+from ..requests import EditRequest, as_requests
+
+log = logging.getLogger(__name__)
+
+MODES = ("single", "batch", "sequential", "sequential-batch")
+
+
+class NonFiniteEditError(FloatingPointError):
+    """An edit would put NaN/inf into a weight; the model is left unchanged."""
+
+
+@dataclass
+class EditRecord:
+    """One compute+apply step: which requests, how long each phase took, diagnostics."""
+
+    edit_id: int
+    request_ids: list[str]
+    timings: dict[str, float]
+    info: dict[str, Any] = field(default_factory=dict)
+    weight_change: dict[str, float] = field(default_factory=dict)  # ||W - W_0||_F per weight
+    metrics: dict[str, Any] | None = None
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.timings.values())
+
+
+def _summarise_info(info: dict[str, Any]) -> dict[str, Any]:
+    """Keep scalars and short lists; drop tensors (they stay in EditResult if needed)."""
+    out = {}
+    for k, v in info.items():
+        if isinstance(v, torch.Tensor):
+            if v.numel() == 1:
+                out[k] = float(v)
+            continue
+        out[k] = v
+    return out
+
+
+class EditHandle:
+    """Applies an Editor's deltas to a model and remembers how to undo them."""
+
+    def __init__(self, model: EditableModel, editor: Editor) -> None:
+        self.model = model
+        self.editor = editor
+        self.originals: dict[str, torch.Tensor] = {}
+        self.records: list[EditRecord] = []
+        self.last_result: EditResult | None = None
+
+    @property
+    def method(self) -> str:
+        return self.editor.config.method
+
+    @property
+    def config(self) -> MethodConfig:
+        return self.editor.config
+
+    # -- applying ---------------------------------------------------------------------------
+    def apply(self, deltas: dict[str, torch.Tensor]) -> None:
+        """Add deltas to the named parameters (all or nothing: non-finite results raise)."""
+        params = {name: self.model.model.get_parameter(name) for name in deltas}
+        updated = {}
+        with torch.no_grad():
+            for name, delta in deltas.items():
+                new = params[name] + delta.to(params[name].device, params[name].dtype)
+                if not torch.isfinite(new).all():
+                    raise NonFiniteEditError(f"edit of {name} produced NaN/inf; not applied")
+                updated[name] = new
+            for name, new in updated.items():
+                if name not in self.originals:
+                    self.originals[name] = params[name].detach().clone()
+                params[name].copy_(new)
+
+    def restore(self) -> None:
+        """Put back every original weight this handle touched."""
+        with torch.no_grad():
+            for name, original in self.originals.items():
+                self.model.model.get_parameter(name).copy_(original)
+        self.originals.clear()
+
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Temporarily run the unedited model: `with handle.disabled(): ...`."""
+        current = {n: self.model.model.get_parameter(n).detach().clone() for n in self.originals}
+        with torch.no_grad():
+            for name, original in self.originals.items():
+                self.model.model.get_parameter(name).copy_(original)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, value in current.items():
+                    self.model.model.get_parameter(name).copy_(value)
+
+    def weight_change(self) -> dict[str, float]:
+        with torch.no_grad():
+            return {n: float((self.model.model.get_parameter(n).double() - o.double()).norm())
+                    for n, o in self.originals.items()}
+
+    # -- editing ------------------------------------------------------------------------------
+    def step(self, requests: Sequence[EditRequest]) -> EditRecord:
+        """Compute and apply one edit (one request, or one batch)."""
+        start = time.perf_counter()
+        result = self.editor.compute(requests)
+        with result.timed("apply"):
+            self.apply(result.deltas)
+        self.last_result = result
+        record = EditRecord(
+            edit_id=len(self.records),
+            request_ids=[r.uid for r in requests],
+            timings=dict(result.timings),
+            info=_summarise_info(result.info),
+            weight_change=self.weight_change(),
+        )
+        record.timings.setdefault("other", 0.0)
+        record.timings["other"] += max(0.0, time.perf_counter() - start - sum(result.timings.values()))
+        self.records.append(record)
+        return record
+
+    def edit(
+        self,
+        requests: EditRequest | Sequence[EditRequest],
+        mode: str | None = None,
+        batch_size: int = 1,
+        evaluate: Callable[[EditableModel, list[EditRequest]], dict] | None = None,
+        progress: bool = True,
+    ) -> EditHandle:
+        requests = as_requests(requests)
+        mode = mode or ("batch" if self.editor.supports_batch and len(requests) > 1 else "sequential")
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r}: choose one of {MODES}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if mode in ("batch", "sequential-batch") and not self.editor.supports_batch:
+            raise ValueError(f"method {self.method!r} edits one request at a time: use "
+                             f"mode='sequential' or 'single'")
+        if mode == "batch":
+            groups = [requests]
+        elif mode == "sequential-batch":
+            groups = [requests[i:i + batch_size] for i in range(0, len(requests), batch_size)]
+        else:
+            groups = [[r] for r in requests]
+        bar = tqdm(groups, desc=f"{self.method} {mode}", unit="edit",
+                   disable=not progress or len(groups) < 2)
+        for group in bar:
+            record = self.step(group)
+            if evaluate is not None:
+                record.metrics = evaluate(self.model, list(group))
+            if mode == "single":
+                self.restore()
+        return self
+
+    def timings(self) -> dict[str, float]:
+        """Total seconds per phase over all records."""
+        total: dict[str, float] = {}
+        for record in self.records:
+            for phase, seconds in record.timings.items():
+                total[phase] = total.get(phase, 0.0) + seconds
+        return total
+
+    def summary(self) -> dict[str, Any]:
+        n = sum(len(r.request_ids) for r in self.records)
+        seconds = sum(r.seconds for r in self.records)
+        return {"method": self.method, "edits": len(self.records), "requests": n,
+                "seconds": seconds, "seconds_per_request": seconds / n if n else math.nan,
+                "timings": self.timings(), "weight_change": self.weight_change()}
+
+    def __repr__(self) -> str:
+        return f"EditHandle(method={self.method!r}, edits={len(self.records)})"
+
+
+def make_editor(model: EditableModel, method: str | MethodConfig = "rome",
+                config: MethodConfig | dict | None = None, **overrides: Any) -> Editor:
+    """Build the Editor for a method name or config (overrides replace config fields)."""
+    if isinstance(method, MethodConfig):
+        config, method = method, method.method
+    spec = get_method(method)
+    if config is None:
+        config = spec.config_cls(**overrides)
+    else:
+        if isinstance(config, dict):
+            config = spec.config_cls.from_dict(config)
+        if not isinstance(config, spec.config_cls):
+            raise TypeError(f"config is a {type(config).__name__}; method {spec.name!r} needs "
+                            f"{spec.config_cls.__name__}")
+        if overrides:
+            config = config.replace(**overrides)
+    return spec.editor_cls(model, config)
+
+
+def edit(
+    model: EditableModel,
+    requests: EditRequest | Sequence[EditRequest],
+    method: str | MethodConfig = "rome",
+    *,
+    mode: str | None = None,
+    batch_size: int = 1,
+    config: MethodConfig | dict | None = None,
+    evaluate: Callable[[EditableModel, list[EditRequest]], dict] | None = None,
+    progress: bool = True,
+    **overrides: Any,
+) -> EditHandle:
+    """Edit `model` in place and return the handle (records, timings, restore()).
+
+    `method` is a registered name ("rome", ...) or a config object; `overrides` set config
+    fields (e.g. layers=[5]). Default mode: "batch" for several requests when the method
+    batches, else "sequential".
+    """
+    editor = make_editor(model, method, config, **overrides)
+    return EditHandle(model, editor).edit(requests, mode=mode, batch_size=batch_size,
+                                          evaluate=evaluate, progress=progress)
