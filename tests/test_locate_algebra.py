@@ -206,3 +206,47 @@ def test_unknown_field_and_missing_layer(tokenizer, method):
         make_editor(model, method, config={"bogus_field": 1})
     with pytest.raises(LayerIndexError, match="99"):
         make_editor(model, method, layers=[99])
+
+
+def _step_without_prepare(model, method, requests, **config):
+    """The same sequence, each request's values optimised alone inside compute."""
+    handle = EditHandle(model, make_editor(model, method, **config))
+    for request in requests:
+        handle.step([request])
+    return handle
+
+
+@pytest.mark.parametrize("method", ["d4s", "rome"])
+def test_values_prepared_in_batches_equal_values_optimised_alone(tokenizer, method):
+    """The protocol optimises history-free target values ahead, several requests per forward
+    pass (d4s sequential, any method in single mode); the edits equal one-at-a-time values."""
+    layers = [1] if method == "rome" else LAYERS
+    config = small(layers=layers, value_batch_size=4)
+    w0, ahead, alone = tiny(tokenizer), tiny(tokenizer), tiny(tokenizer)
+    mode = "sequential" if method == "d4s" else "single"
+    captured = []
+    handle = edit(ahead, REQUESTS, method=method, mode=mode, progress=False,
+                  evaluate=lambda m, reqs: captured.append(deltas(m, w0, layers)), **config)
+    assert not handle.editor._prepared, "every prepared value is used exactly once"
+    if method == "d4s":
+        _step_without_prepare(alone, method, REQUESTS, **config)
+        assert_same_edit(deltas(ahead, w0, layers), deltas(alone, w0, layers), rtol=1e-6)
+    else:  # single mode: compare the last request's edit, made alone on W_0
+        _step_without_prepare(alone, method, REQUESTS[-1:], **config)
+        assert_same_edit(captured[-1], deltas(alone, w0, layers), rtol=1e-6)
+
+
+def test_memit_sequential_does_not_prepare(tokenizer):
+    """MEMIT's sequential values depend on the edits before them: nothing is computed ahead."""
+    model = tiny(tokenizer)
+    editor = make_editor(model, "memit", **small())
+    EditHandle(model, editor).prepare(REQUESTS, "sequential", progress=False)
+    assert not editor._prepared and not editor.values_independent_of_history
+
+
+def test_condition_every_logs_the_condition_number_on_schedule(tokenizer):
+    model = tiny(tokenizer)
+    handle = edit(model, REQUESTS[:3], method="d4s", mode="sequential", progress=False,
+                  **small(condition_every=2))
+    logged = ["cond" in r.info["layers"][LAYERS[0]] for r in handle.records]
+    assert logged == [True, False, True]

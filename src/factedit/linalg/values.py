@@ -57,6 +57,23 @@ class TargetValues:
     def target(self) -> torch.Tensor:
         return self.init + self.delta
 
+    def split(self) -> list[TargetValues]:
+        """One TargetValues per request (rows of delta and init)."""
+        return [TargetValues(self.layer, self.site, self.delta[i:i + 1], self.init[i:i + 1],
+                             self.final_nll[i:i + 1], self.steps[i:i + 1])
+                for i in range(self.delta.shape[0])]
+
+    @staticmethod
+    def concat(parts: Sequence[TargetValues]) -> TargetValues:
+        """The requests of `parts` in order, as one TargetValues (same layer and site)."""
+        first = parts[0]
+        if any((p.layer, p.site) != (first.layer, first.site) for p in parts):
+            raise ValueError("TargetValues.concat: parts come from different layers or sites")
+        return TargetValues(first.layer, first.site,
+                            torch.cat([p.delta for p in parts]), torch.cat([p.init for p in parts]),
+                            [x for p in parts for x in p.final_nll],
+                            [x for p in parts for x in p.steps])
+
 
 @dataclass
 class _Rows:
@@ -176,8 +193,7 @@ def optimise_joint_target_values(
     t_row = torch.tensor([r for r in range(n_rows) for _ in rows.target_pos[r]], device=device)
     t_pos = torch.tensor([p for r in range(n_rows) for p in rows.target_pos[r]], device=device)
     t_tok = torch.tensor([t for r in range(n_rows) for t in rows.target_ids[r]], device=device)
-    tokens_per_row = torch.tensor([max(1, len(p)) for p in rows.target_pos], device=device,
-                                  dtype=torch.float32)
+    row_counts = torch.tensor([max(1, len(p)) for p in rows.target_pos], device=device)
     kl_rows = torch.tensor([r for r in range(n_rows) if rows.is_kl[r]], device=device)
     nll_rows_per_req = torch.bincount(row_req[~torch.tensor(rows.is_kl, device=device)],
                                       minlength=n_req).float()
@@ -205,39 +221,70 @@ def optimise_joint_target_values(
     optimiser = torch.optim.Adam(deltas, lr=lr)
     frozen = torch.zeros(n_req, dtype=torch.bool, device=device)
     steps_taken = [steps] * n_req
-    kl_init: torch.Tensor | None = None
+    kl_req = row_req[kl_rows]  # the request of each KL row
+    kl_init = torch.empty(0)
     last_nll = torch.zeros(n_req, device=device)
+
+    def open_rows(open_req: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The rows of the requests still being optimised, re-indexed from 0.
+
+        A request that reached the NLL threshold leaves the forward pass: its delta is final,
+        so the rest of the batch no longer pays for its rows (a batch would otherwise cost
+        its slowest request's steps times every row).
+        """
+        keep = torch.nonzero(open_req[row_req]).flatten()
+        renumber = torch.full((n_rows,), -1, dtype=torch.long, device=device)
+        renumber[keep] = torch.arange(len(keep), device=device)
+        width = int(mask_t[keep].sum(1).max())  # right padding: trailing columns may go
+        t_keep = open_req[row_req[t_row]]
+        kl_keep = open_req[kl_req]
+        return dict(ids=ids_t[keep, :width], mask=mask_t[keep, :width],
+                    hidden=hidden_in[keep, :width], subj=subj[keep], row_req=row_req[keep],
+                    arange=torch.arange(len(keep), device=device),
+                    t_row=renumber[t_row[t_keep]], t_pos=t_pos[t_keep], t_tok=t_tok[t_keep],
+                    row_tokens=row_counts[keep].float(),
+                    kl_rows=renumber[kl_rows[kl_keep]], kl_req=kl_req[kl_keep])
+
+    act = open_rows(~frozen)
 
     def add_delta(output: torch.Tensor, name: str) -> torch.Tensor:
         # Out-of-place: autograd must see delta enter at the subject token of each row.
         add = torch.zeros_like(output)
-        add[arange, subj] = delta_of[name][row_req].to(output.dtype)
+        add[act["arange"], act["subj"]] = delta_of[name][act["row_req"]].to(output.dtype)
         return output + add
 
     with _frozen(model.model):
         for step in range(steps):
             optimiser.zero_grad()
-            with start_at_layer(model.layers, layer, hidden_in, model.block_returns_tuple), \
+            with start_at_layer(model.layers, layer, act["hidden"], model.block_returns_tuple), \
                  TraceDict(model.model, site_names, edit_output=add_delta, detach=False):
-                hidden = base(input_ids=ids_t, attention_mask=mask_t, use_cache=False).last_hidden_state
-            logp_t = torch.log_softmax(model.head_logits(hidden[t_row, t_pos]).float(), dim=-1)
-            tok_nll = -logp_t.gather(1, t_tok.unsqueeze(1)).squeeze(1)
-            row_nll = torch.zeros(n_rows, device=device).index_add(0, t_row, tok_nll) / tokens_per_row
-            req_nll = torch.zeros(n_req, device=device).index_add(0, row_req, row_nll) / nll_rows_per_req
-            kl_logp = torch.log_softmax(model.head_logits(hidden[kl_rows, subj[kl_rows]]).float(), dim=-1)
-            if kl_init is None:
+                hidden = base(input_ids=act["ids"], attention_mask=act["mask"],
+                              use_cache=False).last_hidden_state
+            logits = model.head_logits(hidden[act["t_row"], act["t_pos"]]).float()
+            tok_nll = -torch.log_softmax(logits, dim=-1).gather(
+                1, act["t_tok"].unsqueeze(1)).squeeze(1)
+            row_nll = (torch.zeros(len(act["arange"]), device=device)
+                       .index_add(0, act["t_row"], tok_nll) / act["row_tokens"])
+            req_nll = (torch.zeros(n_req, device=device)
+                       .index_add(0, act["row_req"], row_nll) / nll_rows_per_req)
+            kl_rows_now = act["kl_rows"]
+            kl_logp = torch.log_softmax(
+                model.head_logits(hidden[kl_rows_now, act["subj"][kl_rows_now]]).float(), dim=-1)
+            if step == 0:  # every request is open: one KL row per request, in order
                 kl_init = kl_logp.detach()
-            req_kl = F.kl_div(kl_logp, kl_init, log_target=True, reduction="none").sum(-1)
+            req_kl = torch.zeros(n_req, device=device).index_add(
+                0, act["kl_req"], F.kl_div(kl_logp, kl_init[act["kl_req"]], log_target=True,
+                                           reduction="none").sum(-1))
             req_wd = sum(weight_decay * d.norm(dim=1) / i.norm(dim=1).clamp_min(1e-8) ** 2
                          for d, i in zip(deltas, inits))
-            last_nll = req_nll.detach()
+            last_nll = torch.where(frozen, last_nll, req_nll.detach())
             newly_done = (last_nll < early_stop_nll) & ~frozen
             for i in torch.nonzero(newly_done).flatten().tolist():
                 steps_taken[i] = step
-            frozen |= newly_done
-            if bool(frozen.all()) or step == steps - 1:
+            if bool((frozen | newly_done).all()) or step == steps - 1:
                 break
-            loss = (req_nll + kl_factor * req_kl + req_wd)[~frozen].sum()
+            loss = (req_nll + kl_factor * req_kl + req_wd)[~(frozen | newly_done)].sum()
+            frozen |= newly_done
             loss.backward()
             before = [d.detach().clone() for d in deltas]
             optimiser.step()
@@ -246,6 +293,8 @@ def optimise_joint_target_values(
                     delta[frozen] = old[frozen]  # Adam momentum must not move a converged request
                     norms = delta.norm(dim=1, keepdim=True)
                     delta.mul_(torch.where(norms > max_norm, max_norm / norms, torch.ones_like(norms)))
+            if bool(newly_done.any()):
+                act = open_rows(~frozen)
     log.debug("target values at layer %d (%s): nll %s", layer, sites, last_nll.tolist())
     return {site: TargetValues(layer=layer, site=site, delta=d.detach().to(torch.float64).cpu(),
                                init=i.to(torch.float64).cpu(), final_nll=last_nll.tolist(),

@@ -97,6 +97,13 @@ class Editor:
         """Deltas that write `requests` into the current weights (one edit; ids 0, 1, ...)."""
         raise NotImplementedError
 
+    # Whether an edit's computation ignores the edits before it (D4S computes on W_0), so the
+    # protocol may `prepare` a whole sequence ahead. Single and batch mode always may.
+    values_independent_of_history: ClassVar[bool] = False
+
+    def prepare(self, requests: Sequence[EditRequest], progress: bool = False) -> None:
+        """Optional: precompute what `compute` will need for `requests` (batched, faster)."""
+
     # Optional: methods that keep their history (d4s, ...) implement these three.
     def remove(self, edit_id: int) -> EditResult:
         """Deltas (to add to the current weights) that take edit `edit_id` out again."""

@@ -87,7 +87,11 @@ class D4SEditor(MemitEditor):
         W0 = self.original_weight(layer)
         return W0 + solve_update(S_RK, A, f"D4S system at layer {layer}"), A
 
-    def _start(self) -> dict[int, torch.Tensor] | None:
+    @property
+    def values_independent_of_history(self) -> bool:  # type: ignore[override]
+        return self.config.values_on == "original" and self.config.residual == "once"
+
+    def values_start(self) -> dict[int, torch.Tensor] | None:
         if self.config.values_on == "original":
             return {layer: self.original_weight(layer) for layer in self.layers}
         return None
@@ -108,7 +112,7 @@ class D4SEditor(MemitEditor):
             sums[layer] = self._sums_with(layer, K, R)
             return self.solve_sums(layer, *sums[layer])
 
-        result, terms = self.edit_layers(requests, solve, self.config.residual, self._start())
+        result, terms = self.edit_layers(requests, solve, self.config.residual, self.values_start())
         # The sums change only once the whole edit succeeded.
         edit_id = self.next_edit_id
         for layer, (S_RK, S_KK) in sums.items():

@@ -52,16 +52,19 @@ class PmetEditor(MemitEditor):
     value_site = "mlp_out"  # R_j is measured in the FFN output at the last edited layer
     spread_exponent = 0.5
 
-    def target(self, requests: Sequence[EditRequest]) -> TargetValues:
+    def compute_target(self, requests: Sequence[EditRequest]) -> TargetValues:
         """z^m: the FFN target of the joint (MHSA, FFN) optimisation at the last layer."""
         joint = self.joint_target_values(requests, self.layers[-1], ("attn_out", "mlp_out"))
         # Kept for diagnostics only: PMET never writes the attention target into weights.
-        self._attn_delta_norm = joint["attn_out"].delta.norm(dim=1).tolist()
+        norms = getattr(self, "_attn_delta_norm", {})
+        norms.update(zip((r.uid for r in requests), joint["attn_out"].delta.norm(dim=1).tolist()))
+        self._attn_delta_norm = norms
         return joint["mlp_out"]
 
     def compute(self, requests: Sequence[EditRequest]) -> EditResult:
         result = super().compute(requests)
-        result.info["attn_delta_norm"] = self._attn_delta_norm
+        norms = getattr(self, "_attn_delta_norm", {})
+        result.info["attn_delta_norm"] = [norms.pop(r.uid, None) for r in requests]
         return result
 
 

@@ -51,6 +51,7 @@ class RomeEditor(LocateEditor):
     config_cls = RomeConfig
     supports_batch = False
     layer_family = "rome"
+    value_site = "mlp_out"  # v* is the MLP output of the one edited layer
 
     def compute(self, requests: Sequence[EditRequest]) -> EditResult:
         if len(requests) != 1:
@@ -66,7 +67,7 @@ class RomeEditor(LocateEditor):
             k = k_mean if self.config.solve_key == "mean" else bare_keys(
                 self.model, requests, [layer])[layer][0]
         with result.timed("values"):
-            values = self.target_values(requests, layer, "mlp_out")
+            values = self.target(requests)
         with result.timed("solve"):
             u = spd_solve(C, k_mean.unsqueeze(1), what=f"rome covariance at layer {layer}")[:, 0]
             delta_w = torch.outer(values.delta[0], u) / (u @ k)  # (d_out, d_in), rank one

@@ -139,6 +139,15 @@ class EditHandle:
         return out
 
     # -- editing ------------------------------------------------------------------------------
+    def prepare(self, requests: Sequence[EditRequest], mode: str, progress: bool = True) -> None:
+        """Let the editor compute ahead, batched, what does not depend on earlier edits.
+
+        Single and batch mode: always (every edit starts from the same weights). Sequential
+        modes: only methods whose edits ignore the history (d4s with values_on="original").
+        """
+        if mode in ("single", "batch") or self.editor.values_independent_of_history:
+            self.editor.prepare(requests, progress=progress)
+
     def step(self, requests: Sequence[EditRequest]) -> EditRecord:
         """Compute and apply one edit (one request, or one batch)."""
         start = time.perf_counter()
@@ -181,6 +190,7 @@ class EditHandle:
             groups = [requests[i:i + batch_size] for i in range(0, len(requests), batch_size)]
         else:
             groups = [[r] for r in requests]
+        self.prepare(requests, mode, progress)
         bar = tqdm(groups, desc=f"{self.method} {mode}", unit="edit",
                    disable=not progress or len(groups) < 2)
         for group in bar:
