@@ -16,6 +16,7 @@ from .base import (
 )
 from .d4s import D4SConfig, D4SEditor
 from .d4s_alphaedit import D4SAlphaEditConfig, D4SAlphaEditEditor
+from .finetune import FineTuneConfig, FineTuneEditor, FtMConfig
 from .locate import LocateEditConfig, LocateEditor
 from .memit import MemitConfig, MemitEditor
 from .pmet import PmetConfig, PmetEditor
@@ -23,7 +24,8 @@ from .rome import RomeConfig, RomeEditor
 
 __all__ = [
     "METHODS", "AlphaEditConfig", "AlphaEditEditor", "ConfigError", "D4SAlphaEditConfig",
-    "D4SAlphaEditEditor", "D4SConfig", "D4SEditor", "EditResult", "Editor", "LocateEditConfig",
+    "D4SAlphaEditEditor", "D4SConfig", "D4SEditor", "EditResult", "Editor", "FineTuneConfig",
+    "FineTuneEditor", "FtMConfig", "LocateEditConfig",
     "LocateEditor", "MemitConfig", "MemitEditor", "MethodConfig", "PmetConfig", "PmetEditor",
     "RomeConfig", "RomeEditor", "get_method", "list_methods", "register_method",
 ]

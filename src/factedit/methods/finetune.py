@@ -1,0 +1,188 @@
+"""Fine-tuning baselines: FT-L and FT-M (one layer's MLP output weights, Adam on the edit).
+
+Both train only the MLP output projection of `layers` (default: the model's ROME layer) on
+the edit prompts, with every other parameter frozen, and return W_trained - W as the delta.
+They differ in the loss and the constraint:
+
+    ft-l  (EasyEdit's FT-L, after the ROME paper's FT+L baseline)
+          objective "prompt_last": at the prompt's last position, the mean over the target's
+          tokens of -log P(token): EasyEdit's objective, which scores every target token at
+          that one position. Each step ends by clamping W to W_0 +- norm_constraint
+          (the L-infinity ball of ROME's FT+L).
+    ft-m  (EasyEdit's FT-M, "fine-tuning with masking")
+          objective "target": prompt + target teacher-forced, the loss masked to the target
+          tokens (the prompt's tokens carry no loss). No norm constraint.
+
+`objective="all"` (the plain LM loss over prompt and target) is available to either. A
+request stops contributing once its target NLL (teacher forced) is below `early_stop_nll`;
+the whole edit stops when every request has.
+
+Cost: the blocks below the first trained layer never change, so their output is computed
+once and fed in with `start_at_layer`; the LM head runs only where the loss needs it; no
+gradient reaches any weight except the trained ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..models import EditableModel, Trace, start_at_layer
+from ..requests import EditRequest
+from ..text import continuation_ids, encode, pad_right
+from .base import ConfigError, Editor, EditResult, MethodConfig, register_method
+from .locate import check_choice, check_positive, default_layers
+
+OBJECTIVES = ("prompt_last", "target", "all")
+
+
+@dataclass
+class FineTuneConfig(MethodConfig):
+    """Fields of ft-l and ft-m (defaults below are ft-l's; FtMConfig changes them).
+
+    layers: layers whose MLP output weight is trained (None: the model's ROME layer).
+    steps, lr: Adam steps and learning rate (EasyEdit: 25 and 5e-4).
+    objective: "prompt_last" | "target" | "all" (module docstring).
+    norm_constraint: L-infinity radius around W_0 after every step (None: unconstrained).
+    early_stop_nll: a request is done once its teacher-forced target NLL is below this.
+    """
+
+    layers: list[int] | None = None
+    steps: int = 25
+    lr: float = 5e-4
+    objective: str = "prompt_last"
+    norm_constraint: float | None = 5e-4
+    early_stop_nll: float = 0.05
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layers, int):
+            self.layers = [self.layers]
+        if self.layers is not None and (
+                not self.layers or any(not isinstance(x, int) or x < 0 for x in self.layers)):
+            raise ConfigError(f"{type(self).__name__}.layers={self.layers!r}: give a non-empty "
+                              f"list of layer numbers")
+        check_positive(self, "steps", "lr")
+        check_positive(self, "norm_constraint", optional=True)
+        check_choice(self, "objective", OBJECTIVES)
+        if self.early_stop_nll < 0:
+            raise ConfigError(f"{type(self).__name__}.early_stop_nll must be >= 0")
+
+
+@dataclass
+class FtMConfig(FineTuneConfig):
+    objective: str = "target"
+    norm_constraint: float | None = None
+
+
+class FineTuneEditor(Editor):
+    config: FineTuneConfig
+
+    def __init__(self, model: EditableModel, config: FineTuneConfig) -> None:
+        super().__init__(model, config)
+        self.layers = sorted(config.layers) if config.layers else default_layers(model, "rome")
+        for layer in self.layers:
+            model.check_layer(layer, f"{type(config).__name__}.layers")
+
+    def _batch(self, requests: Sequence[EditRequest]) -> dict[str, torch.Tensor]:
+        """Token rows (prompt + target[:-1]) and where each loss term is read."""
+        tok, device = self.model.tokenizer, self.model.device
+        rows, loss_row, loss_pos, loss_tok, nll_row, nll_pos, nll_tok = [], [], [], [], [], [], []
+        for r, req in enumerate(requests):
+            prompt_ids = encode(tok, req.rewrite_prompt)
+            target = continuation_ids(tok, req.rewrite_prompt, req.target_new)
+            ids = prompt_ids + target[:-1]
+            rows.append(ids)
+            last = len(prompt_ids) - 1
+            target_positions = [last + j for j in range(len(target))]
+            nll_row += [r] * len(target)
+            nll_pos += target_positions
+            nll_tok += target
+            if self.config.objective == "prompt_last":
+                pairs = [(last, t) for t in target]
+            elif self.config.objective == "target":
+                pairs = list(zip(target_positions, target))
+            else:  # "all": every next-token prediction of the prompt and the target
+                pairs = list(zip(range(len(ids)), ids[1:] + [target[-1]]))
+            loss_row += [r] * len(pairs)
+            loss_pos += [p for p, _ in pairs]
+            loss_tok += [t for _, t in pairs]
+        ids, mask = pad_right(rows, tok.pad_token_id)
+
+        def t(x):
+            return torch.tensor(x, device=device)
+
+        return dict(ids=t(ids), mask=t(mask), loss_row=t(loss_row), loss_pos=t(loss_pos),
+                    loss_tok=t(loss_tok), nll_row=t(nll_row), nll_pos=t(nll_pos),
+                    nll_tok=t(nll_tok))
+
+    def compute(self, requests: Sequence[EditRequest]) -> EditResult:
+        c, model = self.config, self.model
+        result = EditResult()
+        batch = self._batch(requests)
+        n = len(requests)
+        params = [model.mlp_out(layer).weight for layer in self.layers]
+        originals = [p.detach().clone() for p in params]
+        first = self.layers[0]
+        with torch.inference_mode(), Trace(model.model, model.arch.layer(first),
+                                           retain_input=True, stop=True) as block_in:
+            model.model(input_ids=batch["ids"], attention_mask=batch["mask"], use_cache=False)
+        hidden_in = block_in.input.clone()  # outside inference mode: an ordinary tensor
+        flags = [(p, p.requires_grad) for p in model.model.parameters()]
+        for p, _ in flags:
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        optimiser = torch.optim.Adam(params, lr=c.lr)
+        base = model.model.base_model
+        per_request = torch.zeros(n, device=model.device)
+        nll = torch.full((n,), float("inf"))
+        steps_taken = c.steps
+        try:
+            with result.timed("train"):
+                for step in range(c.steps):
+                    with start_at_layer(model.layers, first, hidden_in, model.block_returns_tuple):
+                        hidden = base(input_ids=batch["ids"], attention_mask=batch["mask"],
+                                      use_cache=False).last_hidden_state
+                    nll = self._mean_nll(hidden, batch, "nll", n).detach().cpu()
+                    if bool((nll < c.early_stop_nll).all()):
+                        steps_taken = step
+                        break
+                    open_requests = (nll >= c.early_stop_nll).to(per_request.device)
+                    per_request = self._mean_nll(hidden, batch, "loss", n)
+                    loss = (per_request * open_requests).sum() / open_requests.sum()
+                    optimiser.zero_grad()
+                    loss.backward()
+                    optimiser.step()
+                    if c.norm_constraint is not None:
+                        with torch.no_grad():
+                            for p, w0 in zip(params, originals):
+                                p.copy_(torch.clamp(p, w0 - c.norm_constraint,
+                                                    w0 + c.norm_constraint))
+            for layer, p, w0 in zip(self.layers, params, originals):
+                result.deltas[self.weight_param_name(layer)] = (p.detach() - w0).clone()
+        finally:
+            with torch.no_grad():
+                for p, w0 in zip(params, originals):
+                    p.copy_(w0)
+            for p, flag in flags:
+                p.requires_grad_(flag)
+        result.info.update(target_nll=nll.tolist(), steps=steps_taken, layers=list(self.layers))
+        return result
+
+    def _mean_nll(self, hidden: torch.Tensor, batch: dict[str, torch.Tensor], kind: str,
+                  n: int) -> torch.Tensor:
+        """Per request mean -log P over the (row, position, token) triples of `kind`."""
+        rows, pos, toks = batch[f"{kind}_row"], batch[f"{kind}_pos"], batch[f"{kind}_tok"]
+        logp = torch.log_softmax(self.model.head_logits(hidden[rows, pos]).float(), dim=-1)
+        tok_nll = -logp.gather(1, toks.unsqueeze(1)).squeeze(1)
+        total = torch.zeros(n, device=hidden.device).index_add(0, rows, tok_nll)
+        count = torch.bincount(rows, minlength=n).clamp_min(1)
+        return total / count
+
+
+register_method("ft-l", FineTuneConfig, FineTuneEditor,
+                "fine-tune one MLP layer, L-infinity constrained (EasyEdit FT-L / ROME FT+L)")
+register_method("ft-m", FtMConfig, FineTuneEditor,
+                "fine-tune one MLP layer, loss masked to the target tokens (EasyEdit FT-M)")
