@@ -17,6 +17,7 @@ from .base import (
 from .d4s import D4SConfig, D4SEditor
 from .d4s_alphaedit import D4SAlphaEditConfig, D4SAlphaEditEditor
 from .finetune import FineTuneConfig, FineTuneEditor, FtMConfig
+from .kn import KnConfig, KnEditor
 from .locate import LocateEditConfig, LocateEditor
 from .memit import MemitConfig, MemitEditor
 from .pmet import PmetConfig, PmetEditor
@@ -25,7 +26,7 @@ from .rome import RomeConfig, RomeEditor
 __all__ = [
     "METHODS", "AlphaEditConfig", "AlphaEditEditor", "ConfigError", "D4SAlphaEditConfig",
     "D4SAlphaEditEditor", "D4SConfig", "D4SEditor", "EditResult", "Editor", "FineTuneConfig",
-    "FineTuneEditor", "FtMConfig", "LocateEditConfig",
+    "FineTuneEditor", "FtMConfig", "KnConfig", "KnEditor", "LocateEditConfig",
     "LocateEditor", "MemitConfig", "MemitEditor", "MethodConfig", "PmetConfig", "PmetEditor",
     "RomeConfig", "RomeEditor", "get_method", "list_methods", "register_method",
 ]

@@ -59,6 +59,9 @@ class Trace(contextlib.AbstractContextManager):
         retain_output: keep its (first) output as `.output`.
         detach: detach retained tensors (default True: capture is for reading).
         edit_output: fn(output, name) -> output applied to the module output.
+        edit_input: fn(input, name) -> input applied to the first positional input before
+            the module runs (KN scales the MLP's intermediate activations this way);
+            `.input` then holds the edited input.
         stop: raise StopForward after this module, ending the forward pass early.
     """
 
@@ -71,17 +74,27 @@ class Trace(contextlib.AbstractContextManager):
         detach: bool = True,
         edit_output: EditFn | None = None,
         stop: bool = False,
+        edit_input: EditFn | None = None,
     ) -> None:
         self.name = name
         self.input: torch.Tensor | None = None
         self.output: torch.Tensor | None = None
         module = get_module(model, name)
 
-        def pre_hook(_module: nn.Module, inputs: tuple, kwargs: dict) -> None:
+        def pre_hook(_module: nn.Module, inputs: tuple, kwargs: dict) -> Any:
             # A pre-hook, so the input is kept even if a module inside this one stops the
             # pass; blocks may receive hidden_states as a keyword.
             x = inputs[0] if inputs else kwargs.get("hidden_states")
-            self.input = x.detach() if (detach and x is not None) else x
+            changed = None
+            if edit_input is not None and x is not None:
+                x = edit_input(x, name)
+                if inputs:
+                    changed = ((x, *inputs[1:]), kwargs)
+                else:
+                    changed = (inputs, {**kwargs, "hidden_states": x})
+            if retain_input:
+                self.input = x.detach() if (detach and x is not None) else x
+            return changed
 
         def hook(_module: nn.Module, inputs: tuple, output: Any) -> Any:
             new_output = output
@@ -95,7 +108,7 @@ class Trace(contextlib.AbstractContextManager):
             return new_output
 
         self._handles = [module.register_forward_hook(hook)]
-        if retain_input:
+        if retain_input or edit_input is not None:
             self._handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
         self._stop = stop
 

@@ -1,0 +1,87 @@
+"""Knowledge Neurons on tiny random models: the attribution is integrated gradients, the
+edit writes only the value slots of the neurons found, bad configs fail by name."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny_model
+
+from factedit import EditRequest
+from factedit.methods import ConfigError, KnConfig
+from factedit.protocol import make_editor
+
+REQUEST = EditRequest(prompt="{} is located in the city of", subject="The Eiffel Tower",
+                      target_new="Rome", target_true="Paris",
+                      paraphrases=["Where is The Eiffel Tower? It is in the city of"])
+
+
+def test_attribution_matches_a_loop_over_interpolation_steps(tokenizer):
+    """The batched Riemann sum equals m separate forward/backward passes (float64)."""
+    model = make_tiny_model(tokenizer, layers=3)
+    editor = make_editor(model, "kn", ig_steps=4)
+    prompt, token = REQUEST.rewrite_prompt, 1234
+    batched = editor.attribution(prompt, token, layer=1)
+
+    ids = torch.tensor([editor.model.tokenizer(prompt)["input_ids"]])
+    down = model.mlp_out(1)
+    captured = {}
+    handle = down.register_forward_pre_hook(lambda mod, args: captured.setdefault("a", args[0]))
+    with torch.no_grad():
+        model.model(input_ids=ids)
+    handle.remove()
+    a = captured["a"][0, -1].clone()
+    total = torch.zeros_like(a)
+    for k in range(1, 5):
+        point = (k / 4 * a).clone().requires_grad_(True)
+
+        def swap(mod, args, point=point):
+            x = args[0].clone()
+            x[0, -1] = point
+            return (x,)
+
+        h = down.register_forward_pre_hook(swap)
+        logits = model.model(input_ids=ids).logits[0, -1]
+        h.remove()
+        (g,) = torch.autograd.grad(torch.softmax(logits.float(), -1)[token], point)
+        total += g
+    expected = a * total / 4
+    assert torch.allclose(batched.double(), expected.double(), rtol=1e-4, atol=1e-10)
+
+
+def test_edit_changes_only_the_value_slots_of_found_neurons(tokenizer):
+    model = make_tiny_model(tokenizer, layers=3)
+    result = make_editor(model, "kn", ig_steps=5, max_neurons=4, share_threshold=0.5
+                         ).compute([REQUEST])
+    (neurons,) = result.info["neurons"]
+    assert 0 < len(neurons) <= 4
+    for name, delta in result.deltas.items():
+        layer = int(name.split(".")[2])
+        touched = torch.nonzero(delta.abs().sum(0)).flatten().tolist()
+        assert sorted(touched) == sorted(i for at, i in neurons if at == layer)
+
+
+def test_edit_raises_the_new_target(tokenizer):
+    """After the edit, the new answer's first token gains probability at the prompt."""
+    from factedit.protocol import edit
+
+    model = make_tiny_model(tokenizer, layers=3)
+    tok = model.tokenizer
+    ids = torch.tensor([tok(REQUEST.rewrite_prompt)["input_ids"]])
+    new = tok(" Rome", add_special_tokens=False)["input_ids"][0]
+
+    def p_new():
+        with torch.no_grad():
+            return float(torch.softmax(model.model(input_ids=ids).logits[0, -1], -1)[new])
+
+    before = p_new()
+    edit(model, [REQUEST], method="kn", ig_steps=5, update_scale=20.0, progress=False)
+    assert p_new() > before
+
+
+@pytest.mark.parametrize(("field", "value"), [("adaptive_threshold", 0.0),
+                                              ("share_threshold", 1.5), ("ig_steps", 0),
+                                              ("layers", [])])
+def test_bad_config_names_the_field(field, value):
+    with pytest.raises(ConfigError, match=field):
+        KnConfig(**{field: value})
