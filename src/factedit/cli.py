@@ -5,6 +5,9 @@
                   --target-new Rome --target-true Paris [--method rome] [--save DIR] [--json]
     factedit methods                      list editing methods
     factedit info [--model M] [--method d4s]   layers, shapes, default edit layers, memory
+    factedit run EXPERIMENT.yaml [--out DIR]   run an experiment (docs/experiments.md)
+    factedit run --resume DIR             continue a run that was stopped or killed
+    factedit report DIR                   plots, tables and an HTML page of a run
 """
 
 from __future__ import annotations
@@ -172,6 +175,42 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from factedit.lab import load_experiment, run_experiment
+    from factedit.lab.report import format_tables, write_report
+
+    if args.resume:
+        out = Path(args.resume)
+        config = load_experiment(args.config) if args.config else None
+    elif args.config:
+        config = load_experiment(args.config)
+        out = Path(args.out or Path("runs") / (config.name or Path(args.config).stem))
+    else:
+        raise SystemExit("factedit run: give an experiment file, or --resume DIR")
+    run_experiment(config, out, resume=bool(args.resume))
+    print(f"run finished in {out}")
+    try:
+        report = write_report(out)
+    except ImportError as err:  # matplotlib is optional: the run itself is complete
+        print(f"no report: {err}")
+        return 0
+    print(format_tables(report))
+    print(f"report: {report.html}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from factedit.lab.report import format_tables, write_report
+
+    report = write_report(args.run_dir, args.out)
+    print(format_tables(report))
+    print(f"plots: {', '.join(str(p) for p in report.plots.values())}")
+    print(f"report: {report.html}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="factedit", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -219,6 +258,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--method", default="rome")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("run", help="run an experiment file (YAML/TOML), or resume a run")
+    p.add_argument("config", nargs="?", help="experiment file (see docs/experiments.md)")
+    p.add_argument("--out", help="run folder (default: runs/<experiment name>)")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR where it stopped")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("report", help="plots, tables and an HTML page of a run folder")
+    p.add_argument("run_dir", help="a folder written by `factedit run`")
+    p.add_argument("--out", help="where to write (default: RUN_DIR/report)")
+    p.set_defaults(func=cmd_report)
     return parser
 
 
@@ -237,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (InvalidRequestError, FileNotFoundError, KeyError, ValueError) as err:
+    except (InvalidRequestError, FileNotFoundError, KeyError, ValueError, ImportError) as err:
         print(f"factedit {args.command}: error: {err}", file=sys.stderr)
         return 2
 

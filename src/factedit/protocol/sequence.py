@@ -24,7 +24,7 @@ from ..methods.base import MethodConfig
 from ..metrics import Baseline, capture_baseline, evaluate
 from ..models import EditableModel
 from ..requests import EditRequest, as_requests
-from . import EditHandle, make_editor
+from . import EditHandle, EditRecord, make_editor
 
 SUMMARY_METRICS = ("efficacy", "generalization", "specificity", "rewrite_acc", "rephrase_acc",
                    "locality", "portability_acc")
@@ -107,12 +107,23 @@ def run_sequence(
     config: MethodConfig | dict | None = None,
     on_checkpoint: Callable[[SequenceReport, Checkpoint], None] | None = None,
     progress: bool = True,
+    baseline: Baseline | None = None,
+    handle: EditHandle | None = None,
+    on_edit: Callable[[SequenceReport, EditRecord], None] | None = None,
     **overrides: Any,
 ) -> SequenceReport:
     """Edit `requests` in order (mode "sequential" or "sequential-batch"), scoring on schedule.
 
     Checkpoints (every request edited so far, scored on the model as it is then) are taken
     every `eval_every` requests, at each count in `eval_at`, and after the last request.
+
+    `baseline`: a pre-edit baseline captured already (several runs can share one).
+    `handle`: continue this handle's sequence (e.g. `EditHandle.resume(model, folder)`); the
+    requests its records hold must be the first ones of `requests`, and editing goes on at
+    the next. `method` must then name the handle's method; config and overrides come from it.
+    `on_edit(report, record)` is called after each edit, its immediate scores (the last rows
+    of `report.immediate_rows`) and any checkpoint due at that count; the final checkpoint
+    comes after the last call.
 
     The model keeps the edits; `report.handle.restore()` undoes them.
     """
@@ -122,19 +133,28 @@ def run_sequence(
     if eval_every is not None and eval_every < 1:
         raise ValueError(f"eval_every must be >= 1 (or None), got {eval_every}")
     size = batch_size if mode == "sequential-batch" else 1
-    baseline: Baseline = capture_baseline(model, requests)
-    editor = make_editor(model, method, config, **overrides)
-    handle = EditHandle(model, editor)
-    report = SequenceReport(editor.config.method, mode, handle)
+    if baseline is None:
+        baseline = capture_baseline(model, requests)
+    if handle is None:
+        handle = EditHandle(model, make_editor(model, method, config, **overrides))
+    else:
+        _check_continuation(handle, requests, method, config, overrides)
+    report = SequenceReport(handle.method, mode, handle)
     if unedited:
         report.unedited = evaluate(model, requests, baseline)
-    done = 0
+    done = sum(len(r.request_ids) for r in handle.records)
     due = sorted(set(eval_at))
     if eval_every:
         due = sorted(set(due) | set(range(eval_every, len(requests), eval_every)))
-    groups = [requests[i:i + size] for i in range(0, len(requests), size)]
+    due = [n for n in due if n > done]
+    groups = [requests[i:i + size] for i in range(done, len(requests), size)]
     started = time.perf_counter()
-    handle.prepare(requests, mode, progress)
+    # A continued run prepares from the start of the value batch its next request fell in
+    # when the run began, so each request is optimised in the same batch as in an unbroken
+    # run (batched and single optimisation agree only to rounding; this keeps them exact).
+    align = getattr(handle.config, "value_batch_size", 1) or 1
+    if done < len(requests):
+        handle.prepare(requests[done - done % align:], mode, progress)
     report.prepare_seconds, report.n_total = time.perf_counter() - started, len(requests)
     from tqdm.auto import tqdm
 
@@ -149,10 +169,29 @@ def run_sequence(
         if due and done >= due[0] and done < len(requests):
             _checkpoint(report, requests[:done], baseline, on_checkpoint)
             due = [n for n in due if n > done]
+        if on_edit is not None:
+            on_edit(report, record)
     if final:
         _checkpoint(report, requests, baseline, on_checkpoint)
         report.final = report.checkpoints[-1].scores
     return report
+
+
+def _check_continuation(handle: EditHandle, requests: Sequence[EditRequest],
+                        method: str | MethodConfig, config: MethodConfig | dict | None,
+                        overrides: dict[str, Any]) -> None:
+    name = method.method if isinstance(method, MethodConfig) else method
+    if name != handle.method or config is not None or overrides:
+        raise ValueError(f"run_sequence(handle=...) continues a {handle.method!r} sequence: "
+                         f"pass method={handle.method!r} and no config or overrides")
+    if any(r.removed for r in handle.records):
+        raise ValueError("run_sequence(handle=...): the handle has removed edits; continue "
+                         "only a plain sequence")
+    edited = [uid for r in handle.records for uid in r.request_ids]
+    if edited != [r.uid for r in requests[:len(edited)]]:
+        raise ValueError(f"run_sequence(handle=...): the handle's {len(edited)} edited "
+                         f"requests are not the first {len(edited)} of `requests`; continue "
+                         f"with the same requests in the same order")
 
 
 def _checkpoint(report: SequenceReport, edited: Sequence[EditRequest], baseline: Baseline,

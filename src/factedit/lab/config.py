@@ -1,0 +1,371 @@
+"""The experiment file: one YAML or TOML document mapped onto the `Experiment` dataclass.
+
+    version: 1                    # schema version (this factedit reads 1)
+    name: d4s-vs-memit            # optional; names the run folder
+    model: smollm2-135m           # alias, HF folder, hub id or .gguf file
+    methods:                      # one sequence per entry, all on the same requests
+      - name: d4s                 # a registered method (`factedit methods`)
+        config: {layers: [4, 5, 6, 7, 8]}   # fields of the method's config dataclass
+      - name: memit
+        label: memit-l5000        # optional; tells two entries of one method apart
+        config: {mom2_update_weight: 5000}
+    dataset:
+      name: counterfact           # a known dataset name or the path of a .json file
+      data_dir: null              # default: $FACTEDIT_DATA, else ../shared/data
+      offset: 0                   # records skipped at the start of the file
+      limit: null                 # records read; default max(n_edits)
+    mode: sequential              # or sequential-batch (then batch_size edits per step)
+    batch_size: 1
+    n_edits: [100, 500, 1000]     # checkpoints of ONE sequence of max(n_edits) edits
+    eval:
+      immediate: true             # score each request right after its own edit
+      every: null                 # extra checkpoints every k edits
+    covariance:                   # shared by every method with covariance statistics
+      corpus: null                # text file/folder; null: text sampled from the model
+      tokens: null                # token positions; null: the method's default
+    checkpoint_every: 10          # save editing state + scores every k edits (resume point)
+    seed: 0                       # torch seed, and `seed` of every method config that has one
+    downstream: {}                # lm_eval tasks: reserved, not implemented yet
+
+Relative paths (dataset file, data_dir, covariance.corpus) are read from the working directory
+where the run starts; the run's config.json holds them absolute.
+
+Every error names the field by its path (`methods[1].name`, `dataset.limit`) and the fix.
+Method config fields are checked by the method's own config dataclass at load time, so a
+typo fails before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..methods.base import MethodConfig
+    from ..models import EditableModel
+
+SCHEMA_VERSION = 1
+MODES = ("sequential", "sequential-batch")
+# Where benchmark data lives when neither dataset.data_dir nor $FACTEDIT_DATA says.
+DEFAULT_DATA_DIR = Path("../shared/data")
+
+
+class ExperimentError(ValueError):
+    """An experiment file is invalid; the message names the field path and the fix."""
+
+
+@dataclass
+class MethodRun:
+    """One editing method of the experiment: its registered name and config overrides."""
+
+    name: str
+    config: dict[str, Any] = field(default_factory=dict)
+    label: str | None = None  # key in the results store; default: the method name
+
+    @property
+    def key(self) -> str:
+        return self.label or self.name
+
+
+@dataclass
+class DatasetSpec:
+    name: str = "counterfact"
+    data_dir: str | None = None
+    offset: int = 0
+    limit: int | None = None
+
+    def resolved_data_dir(self) -> str:
+        return self.data_dir or os.environ.get("FACTEDIT_DATA") or str(DEFAULT_DATA_DIR)
+
+
+@dataclass
+class EvalSpec:
+    immediate: bool = True
+    every: int | None = None
+
+
+@dataclass
+class CovarianceSpec:
+    corpus: str | None = None
+    tokens: int | None = None
+
+
+@dataclass
+class Experiment:
+    """A sequential-editing experiment; see the module docstring for the file format."""
+
+    methods: list[MethodRun]
+    model: Any = "smollm2-135m"  # a name, or (Python API only) an EditableModel
+    dataset: DatasetSpec = field(default_factory=DatasetSpec)
+    mode: str = "sequential"
+    batch_size: int = 1
+    n_edits: list[int] = field(default_factory=lambda: [100])
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    covariance: CovarianceSpec = field(default_factory=CovarianceSpec)
+    checkpoint_every: int = 10
+    seed: int = 0
+    downstream: dict[str, Any] = field(default_factory=dict)
+    name: str | None = None
+    version: int = SCHEMA_VERSION
+
+    @property
+    def max_edits(self) -> int:
+        return max(self.n_edits)
+
+    @property
+    def model_name(self) -> str:
+        return self.model if isinstance(self.model, str) else self.model.model_id
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able; a model object is written as its model_id."""
+        return dataclasses.asdict(dataclasses.replace(self, model=self.model_name))
+
+    def with_absolute_paths(self) -> Experiment:
+        """A copy whose corpus, data folder and dataset file are absolute paths, so that
+        config.json resumes from any working directory."""
+        def absolute(path: str | None) -> str | None:
+            return None if path is None else str(Path(path).expanduser().resolve())
+
+        ds = self.dataset
+        name = ds.name
+        if Path(name).expanduser().is_file():  # a file path, not a dataset name
+            name = absolute(name)
+        dataset = dataclasses.replace(ds, name=name, data_dir=absolute(ds.resolved_data_dir()))
+        corpus = self.covariance.corpus
+        covariance = dataclasses.replace(self.covariance, corpus=absolute(corpus))
+        return dataclasses.replace(self, dataset=dataset, covariance=covariance)
+
+    def method_config(self, run: MethodRun) -> MethodConfig:
+        """The method's config object: covariance and seed sections, then its own overrides."""
+        from ..methods.base import get_method
+
+        spec = get_method(run.name)
+        names = {f.name for f in dataclasses.fields(spec.config_cls)}
+        values: dict[str, Any] = {}
+        if "seed" in names:
+            values["seed"] = self.seed
+        if self.covariance.corpus is not None and "covariance_corpus" in names:
+            values["covariance_corpus"] = self.covariance.corpus
+        if self.covariance.tokens is not None and "covariance_tokens" in names:
+            values["covariance_tokens"] = self.covariance.tokens
+        values.update(run.config)
+        return spec.config_cls.from_dict(values)
+
+    @classmethod
+    def from_dict(cls, data: Any, model: EditableModel | None = None) -> Experiment:
+        """Validate a parsed file; `model` (Python API) replaces the model field."""
+        return _parse_experiment(data, model)
+
+
+def load_experiment(path: str | Path, model: EditableModel | None = None) -> Experiment:
+    """Read and validate a .yaml/.yml, .toml or .json experiment file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ExperimentError(f"experiment file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        elif suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        elif suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ExperimentError(f"{path}: unknown experiment file type {suffix!r}; use "
+                                  f".yaml, .toml or .json")
+    except ExperimentError:
+        raise
+    except Exception as err:  # the parsers raise their own error types
+        raise ExperimentError(f"{path} is not valid {suffix[1:].upper()}: {err}") from None
+    try:
+        return Experiment.from_dict(data, model)
+    except ExperimentError as err:
+        raise ExperimentError(f"{path}: {err}") from None
+
+
+# -- validation --------------------------------------------------------------------------------
+
+def _suggest(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _section(data: Any, path: str, cls: type) -> dict[str, Any]:
+    """`data` as a dict whose keys are all fields of `cls` (unknown keys named, with hints)."""
+    if not isinstance(data, dict):
+        raise ExperimentError(f"{path}: expected a mapping with keys "
+                              f"{[f.name for f in dataclasses.fields(cls)]}, got "
+                              f"{type(data).__name__}")
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            where = f"{path}.{key}" if path else str(key)
+            raise ExperimentError(f"{where}: unknown key{_suggest(str(key), names)} "
+                                  f"(valid keys: {', '.join(names)})")
+    return data
+
+
+def _int(value: Any, path: str, minimum: int, optional: bool = False) -> int | None:
+    if value is None and optional:
+        return None
+    # bool is an int subclass: `true` for a count is a typo, not 1.
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        hint = " or null" if optional else ""
+        raise ExperimentError(f"{path}={value!r}: give an integer >= {minimum}{hint}")
+    return value
+
+
+def _str(value: Any, path: str, optional: bool = False) -> str | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        hint = " or null" if optional else ""
+        raise ExperimentError(f"{path}={value!r}: give a non-empty string{hint}")
+    return value
+
+
+def _bool(value: Any, path: str) -> bool:
+    if not isinstance(value, bool):
+        raise ExperimentError(f"{path}={value!r}: give true or false")
+    return value
+
+
+def _parse_methods(data: Any) -> list[MethodRun]:
+    from ..methods.base import ConfigError, get_method, list_methods
+
+    if not isinstance(data, list) or not data:
+        raise ExperimentError("methods: give a non-empty list, e.g. [{name: d4s}, {name: memit}]")
+    runs = []
+    for i, item in enumerate(data):
+        path = f"methods[{i}]"
+        if isinstance(item, str):  # shorthand: `methods: [d4s, memit]`
+            item = {"name": item}
+        item = _section(item, path, MethodRun)
+        if "name" not in item:
+            raise ExperimentError(f"{path}.name: missing; give a method name "
+                                  f"({', '.join(list_methods())})")
+        name = _str(item["name"], f"{path}.name")
+        try:
+            spec = get_method(name)
+        except KeyError:
+            raise ExperimentError(f"{path}.name={name!r}: unknown method"
+                                  f"{_suggest(name.lower(), list_methods())} (available: "
+                                  f"{', '.join(list_methods())})") from None
+        overrides = item.get("config") or {}
+        if not isinstance(overrides, dict):
+            raise ExperimentError(f"{path}.config: expected a mapping of {spec.config_cls.__name__} "
+                                  f"fields, got {type(overrides).__name__}")
+        names = [f.name for f in dataclasses.fields(spec.config_cls)]
+        for key in overrides:
+            if key not in names:
+                raise ExperimentError(f"{path}.config.{key}: {spec.config_cls.__name__} has no "
+                                      f"such field{_suggest(str(key), names)} (fields: "
+                                      f"{', '.join(names)})")
+        try:
+            spec.config_cls.from_dict(overrides)
+        except (ConfigError, TypeError, ValueError) as err:
+            raise ExperimentError(f"{path}.config: {err}") from None
+        label = _str(item.get("label"), f"{path}.label", optional=True)
+        if label is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", label):
+            raise ExperimentError(f"{path}.label={label!r}: use letters, digits, '_', '.' and "
+                                  f"'-' only (it names a folder of the run)")
+        runs.append(MethodRun(name=spec.name, config=dict(overrides), label=label))
+    keys = [r.key for r in runs]
+    for i, key in enumerate(keys):
+        if key in keys[:i]:
+            raise ExperimentError(f"methods[{i}]: {key!r} appears twice; give one entry a "
+                                  f"`label` to tell their results apart")
+        if key == "unedited":
+            raise ExperimentError(f"methods[{i}].label='unedited' is reserved for the "
+                                  f"pre-edit scores; choose another label")
+    return runs
+
+
+def _parse_experiment(data: Any, model: EditableModel | None) -> Experiment:
+    data = _section(data if data is not None else {}, "", Experiment)
+    version = data.get("version", SCHEMA_VERSION)
+    if version != SCHEMA_VERSION:
+        raise ExperimentError(f"version={version!r}: this factedit reads experiment files of "
+                              f"version {SCHEMA_VERSION}")
+    if "methods" not in data:
+        raise ExperimentError("methods: missing; list the editing methods, e.g. "
+                              "methods: [{name: d4s}]")
+    methods = _parse_methods(data["methods"])
+
+    if model is None:
+        model = _str(data.get("model", "smollm2-135m"), "model")
+
+    ds = _section(data.get("dataset") or {}, "dataset", DatasetSpec)
+    dataset = DatasetSpec(
+        name=_str(ds.get("name", "counterfact"), "dataset.name"),
+        data_dir=_str(ds.get("data_dir"), "dataset.data_dir", optional=True),
+        offset=_int(ds.get("offset", 0), "dataset.offset", 0),
+        limit=_int(ds.get("limit"), "dataset.limit", 1, optional=True))
+
+    mode = data.get("mode", "sequential")
+    if mode not in MODES:
+        raise ExperimentError(f"mode={mode!r}: choose one of {', '.join(MODES)}"
+                              f"{_suggest(str(mode), list(MODES))}")
+    batch_size = _int(data.get("batch_size", 1), "batch_size", 1)
+    if mode == "sequential" and batch_size != 1:
+        raise ExperimentError(f"batch_size={batch_size} applies to mode 'sequential-batch'; "
+                              f"set mode: sequential-batch or batch_size: 1")
+
+    n_edits = data.get("n_edits", [100])
+    if isinstance(n_edits, int) and not isinstance(n_edits, bool):
+        n_edits = [n_edits]
+    if not isinstance(n_edits, list) or not n_edits:
+        raise ExperimentError(f"n_edits={n_edits!r}: give a list of edit counts, e.g. "
+                              f"[100, 500, 1000]")
+    n_edits = sorted({_int(n, f"n_edits[{i}]", 1) for i, n in enumerate(n_edits)})
+    for n in n_edits:
+        if n % batch_size:
+            raise ExperimentError(f"n_edits: {n} is not a multiple of batch_size={batch_size}; "
+                                  f"checkpoints fall between batches")
+    if dataset.limit is not None and dataset.limit < n_edits[-1]:
+        raise ExperimentError(f"dataset.limit={dataset.limit} is below max(n_edits)="
+                              f"{n_edits[-1]}; raise the limit or drop it (default: "
+                              f"max(n_edits))")
+
+    ev = _section(data.get("eval") or {}, "eval", EvalSpec)
+    evaluation = EvalSpec(immediate=_bool(ev.get("immediate", True), "eval.immediate"),
+                          every=_int(ev.get("every"), "eval.every", 1, optional=True))
+    cov = _section(data.get("covariance") or {}, "covariance", CovarianceSpec)
+    covariance = CovarianceSpec(
+        corpus=_str(cov.get("corpus"), "covariance.corpus", optional=True),
+        tokens=_int(cov.get("tokens"), "covariance.tokens", 1, optional=True))
+
+    downstream = data.get("downstream") or {}
+    if not isinstance(downstream, dict):
+        raise ExperimentError(f"downstream: expected a mapping, got {type(downstream).__name__}")
+    if downstream:
+        raise ExperimentError("downstream: lm_eval downstream tasks are not implemented yet in "
+                              "the lab; remove the section (or leave it empty) for now")
+
+    experiment = Experiment(
+        methods=methods, model=model, dataset=dataset, mode=mode, batch_size=batch_size,
+        n_edits=n_edits, eval=evaluation, covariance=covariance,
+        checkpoint_every=_int(data.get("checkpoint_every", 10), "checkpoint_every", 1),
+        seed=_int(data.get("seed", 0), "seed", 0),
+        downstream=downstream, name=_str(data.get("name"), "name", optional=True),
+        version=version)
+    # The merged configs (sections + overrides) must hold too, e.g. covariance.tokens > 0.
+    from ..methods.base import ConfigError
+
+    for i, run in enumerate(methods):
+        try:
+            experiment.method_config(run)
+        except (ConfigError, TypeError, ValueError) as err:
+            raise ExperimentError(f"methods[{i}] with the covariance/seed sections: {err}") from None
+    return experiment

@@ -1,0 +1,372 @@
+"""Run an experiment into a folder that a killed process can resume without losing work.
+
+    run_experiment("experiment.yaml", "runs/d4s-vs-memit")      # factedit run CONFIG --out DIR
+    run_experiment(None, "runs/d4s-vs-memit", resume=True)       # factedit run --resume DIR
+
+The run folder:
+    config.json        the validated experiment (what --resume runs)
+    requests.json      the edit requests, in order (resume does not re-read the dataset)
+    results.sqlite     the results store (see lab.store)
+    run.log            log of this run and every resume
+    state/<method>/edit-NNNNNN/   the editing state after NNNNNN requests (EditHandle.save):
+                       the latest resume point of each method; kept when the method finishes
+
+All methods run on the same requests, one after another, on one loaded model that is put
+back to W_0 between them; they share one pre-edit baseline and the on-disk covariance cache.
+Every `checkpoint_every` edits (and at each checkpoint N and the end) a method's state is
+saved first, then its immediate scores, weight statistics, finished edits and the new
+resume point are committed in one store transaction. A kill between the two leaves an
+unreferenced state folder (removed on resume) and the previous resume point: the edits
+after it are redone, deterministically, and their rows written again with the same values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..metrics import Baseline, capture_baseline, evaluate
+from ..models import EditableModel
+from ..protocol import EditHandle, EditRecord, make_editor
+from ..protocol.sequence import Checkpoint, SequenceReport, run_sequence
+from ..requests import EditRequest
+from .config import Experiment, ExperimentError, MethodRun, load_experiment
+from .store import MEAN, UNEDITED, ResultsStore, score_rows
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+REQUESTS_FILE = "requests.json"
+STORE_FILE = "results.sqlite"
+LOG_FILE = "run.log"
+STATE_DIR = "state"
+
+
+class RunInterrupted(RuntimeError):
+    """Raised by the `stop_after_edits` hook: stands in for a killed process in tests."""
+
+
+def checkpoint_counts(experiment: Experiment) -> list[int]:
+    """Every N at which the run scores all requests edited so far (as run_sequence does)."""
+    counts = set(experiment.n_edits)
+    if experiment.eval.every:
+        counts |= set(range(experiment.eval.every, experiment.max_edits, experiment.eval.every))
+    return sorted(counts)
+
+
+def run_experiment(
+    config: Experiment | dict | str | Path | None,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    model: EditableModel | None = None,
+    progress: bool = True,
+    stop_after_edits: int | None = None,
+) -> Path:
+    """Run (or with `resume=True` continue) an experiment in `out_dir`; returns the folder.
+
+    config: an Experiment, a parsed dict, or the path of a YAML/TOML/JSON file; with
+    `resume` it may be None (config.json of the folder is used) and must otherwise match it.
+    model: an already built EditableModel instead of loading `config.model` by name.
+    stop_after_edits: a test hook; raise RunInterrupted after that many edits of this call.
+    """
+    out = Path(out_dir)
+    experiment = _experiment_for(config, out, resume, model)
+    store = ResultsStore(out / STORE_FILE)
+    try:
+        with _run_log(out / LOG_FILE):
+            _run(store, out, experiment, resume, stop_after_edits, progress)
+    finally:
+        store.close()
+    return out
+
+
+@contextmanager
+def _run_log(path: Path) -> Iterator[None]:
+    """factedit's INFO messages into the run's log file; the console keeps its own level."""
+    package_log = logging.getLogger("factedit")
+    saved = package_log.level, package_log.propagate
+    console_level = package_log.getEffectiveLevel()
+    to_file = logging.FileHandler(path, encoding="utf-8")
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    # The logger must pass INFO for the file; records then go to the console (the root
+    # logger's handlers) only at the level the console had before.
+    to_console = _ForwardToRoot(console_level)
+    package_log.addHandler(to_file)
+    package_log.addHandler(to_console)
+    package_log.setLevel(logging.INFO)
+    package_log.propagate = False
+    try:
+        yield
+    finally:
+        package_log.removeHandler(to_file)
+        package_log.removeHandler(to_console)
+        package_log.setLevel(saved[0])
+        package_log.propagate = saved[1]
+        to_file.close()
+
+
+class _ForwardToRoot(logging.Handler):
+    """Hands records at or above `level` to the root logger's handlers."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logging.getLogger().handle(record)
+
+
+def _run(store: ResultsStore, out: Path, experiment: Experiment, resume: bool,
+         stop_after_edits: int | None, progress: bool) -> None:
+    log.info("%s run in %s (%s)", "resuming" if resume else "starting", out,
+             ", ".join(r.key for r in experiment.methods))
+    if isinstance(experiment.model, str):
+        from ..models import load_model
+
+        model = load_model(experiment.model)
+    else:
+        model = experiment.model
+    requests = _requests(experiment, out)
+    # One pre-edit baseline for every method (locality compares against it); it is a
+    # pure function of the unedited model, so a resumed run captures it again.
+    baseline = capture_baseline(model, requests)
+    _score_unedited(store, experiment, model, requests, baseline)
+    budget = _Budget(stop_after_edits)
+    for i, run in enumerate(experiment.methods):
+        log.info("method %d/%d: %s", i + 1, len(experiment.methods), run.key)
+        _run_method(store, out, experiment, run, model, requests, baseline, budget, progress)
+    log.info("run finished: %s", store.counts())
+
+
+def resume_experiment(out_dir: str | Path, *, model: EditableModel | None = None,
+                      progress: bool = True) -> Path:
+    """Continue the run in `out_dir` where it stopped (`factedit run --resume DIR`)."""
+    return run_experiment(None, out_dir, resume=True, model=model, progress=progress)
+
+
+# -- set-up ----------------------------------------------------------------------------------
+
+def _experiment_for(config: Experiment | dict | str | Path | None, out: Path, resume: bool,
+                    model: EditableModel | None) -> Experiment:
+    if isinstance(config, str | Path):
+        config = load_experiment(config, model)
+    elif isinstance(config, dict):
+        config = Experiment.from_dict(config, model)
+    elif isinstance(config, Experiment) and model is not None:
+        config = dataclasses.replace(config, model=model)
+    if resume:
+        path = out / CONFIG_FILE
+        if not path.is_file():
+            raise ExperimentError(f"--resume {out}: no {CONFIG_FILE} there, so no run to "
+                                  f"continue; start one with `factedit run CONFIG --out {out}`")
+        saved = json.loads(path.read_text())
+        if model is not None and model.model_id != saved.get("model"):
+            raise ExperimentError(f"--resume {out}: the run used model {saved.get('model')!r}, "
+                                  f"the model given is {model.model_id!r}")
+        experiment = Experiment.from_dict(saved, model)
+        if config is not None and config.with_absolute_paths().to_dict() != experiment.to_dict():
+            raise ExperimentError(f"--resume {out}: the config given differs from the run's "
+                                  f"{CONFIG_FILE}; resume without a config, or start a new run")
+        return experiment
+    if config is None:
+        raise ExperimentError("run_experiment: give an experiment config (or resume=True)")
+    if (out / STORE_FILE).exists() or (out / CONFIG_FILE).exists():
+        raise ExperimentError(f"{out} already holds a run: continue it with `factedit run "
+                              f"--resume {out}`, or choose another --out folder")
+    config = config.with_absolute_paths()
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / CONFIG_FILE, config.to_dict())
+    return config
+
+
+def _write_json(path: Path, data: Any) -> None:
+    """Write via a temporary name and rename, so a kill never leaves half a file."""
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False))
+    tmp.replace(path)
+
+
+def _requests(experiment: Experiment, out: Path) -> list[EditRequest]:
+    """The run's requests: read once from the dataset, then always from requests.json."""
+    path = out / REQUESTS_FILE
+    if path.is_file():
+        return [EditRequest.from_dict(d) for d in json.loads(path.read_text())]
+    from ..data import load_dataset
+
+    ds = experiment.dataset
+    limit = ds.limit or experiment.max_edits
+    requests = load_dataset(ds.name, limit=limit, offset=ds.offset,
+                            data_dir=ds.resolved_data_dir())[:experiment.max_edits]
+    if len(requests) < experiment.max_edits:
+        raise ExperimentError(f"dataset {ds.name!r} gave {len(requests)} requests (offset "
+                              f"{ds.offset}, limit {limit}), fewer than max(n_edits)="
+                              f"{experiment.max_edits}; raise dataset.limit or lower n_edits")
+    uids = [r.uid for r in requests]
+    if len(set(uids)) != len(uids):
+        dup = next(u for u in uids if uids.count(u) > 1)
+        raise ExperimentError(f"dataset {ds.name!r}: request id {dup!r} occurs twice; the "
+                              f"results store keys rows by request id (give unique case_ids)")
+    _write_json(path, [r.to_dict() for r in requests])
+    return requests
+
+
+def _mean_row(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Per metric, the mean over rows where it is a number (as metrics.evaluate does)."""
+    values: dict[str, list[float]] = {}
+    for row in rows:
+        for metric, value in row.items():
+            if isinstance(value, bool):
+                value = float(value)
+            if isinstance(value, int | float) and metric != "case_id" and not math.isnan(value):
+                values.setdefault(metric, []).append(float(value))
+    return {k: sum(v) / len(v) for k, v in values.items()}
+
+
+def _score_unedited(store: ResultsStore, experiment: Experiment, model: EditableModel,
+                    requests: list[EditRequest], baseline: Baseline) -> None:
+    done = store.progress(UNEDITED)
+    if done and done["finished"]:
+        return
+    log.info("scoring the unedited model on %d requests", len(requests))
+    per_request = evaluate(model, requests, baseline)["per_request"]
+    rows = [row for r in per_request for row in score_rows(UNEDITED, 0, "unedited", r)]
+    for n in checkpoint_counts(experiment):
+        rows += score_rows(UNEDITED, n, "unedited", _mean_row(per_request[:n]), uid=MEAN)
+    store.write(scores=rows, progress=(UNEDITED, 0, None, True))
+
+
+# -- one method ------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class _Budget:
+    """Edits left before the test hook interrupts the run (None: no limit)."""
+
+    left: int | None
+
+    def spend(self) -> None:
+        if self.left is None:
+            return
+        self.left -= 1
+        if self.left <= 0:
+            raise RunInterrupted("stop_after_edits reached (test hook)")
+
+
+def _run_method(store: ResultsStore, out: Path, experiment: Experiment, run: MethodRun,
+                model: EditableModel, requests: list[EditRequest], baseline: Baseline,
+                budget: _Budget, progress: bool) -> None:
+    key = run.key
+    point = store.progress(key)
+    if point and point["finished"]:
+        log.info("%s: finished in an earlier session, skipped", key)
+        return
+    state_dir = point["state_dir"] if point else None
+    _remove_stale_states(out, key, keep=state_dir)
+    # Methods are deterministic given their config seed; the global seed covers any code
+    # that draws from torch's generator, the same on every resume.
+    torch.manual_seed(experiment.seed)
+    if state_dir:
+        handle = EditHandle.resume(model, out / state_dir)
+        log.info("%s: resumed after %d of %d requests", key, point["n_done"], len(requests))
+    else:
+        handle = EditHandle(model, make_editor(model, run.name, experiment.method_config(run)))
+    recorder = _Recorder(store, out, key, experiment, len(requests), budget, state_dir)
+    try:
+        run_sequence(
+            model, requests, run.name, mode=experiment.mode, batch_size=experiment.batch_size,
+            eval_every=experiment.eval.every, eval_at=experiment.n_edits,
+            immediate=experiment.eval.immediate, unedited=False, baseline=baseline,
+            handle=handle, on_edit=recorder.on_edit, on_checkpoint=recorder.on_checkpoint,
+            progress=progress)
+    finally:
+        handle.restore()  # W_0 again for the next method (or the next resume)
+
+
+def _remove_stale_states(out: Path, key: str, keep: str | None) -> None:
+    """State folders that no committed resume point names (a kill between save and commit)."""
+    folder = out / STATE_DIR / key
+    if not folder.is_dir():
+        return
+    for child in folder.iterdir():
+        if keep is None or child.resolve() != (out / keep).resolve():
+            shutil.rmtree(child, ignore_errors=True)
+
+
+class _Recorder:
+    """run_sequence's callbacks: gathers rows, saves state and commits on schedule."""
+
+    def __init__(self, store: ResultsStore, out: Path, key: str, experiment: Experiment,
+                 total: int, budget: _Budget, state_dir: str | None) -> None:
+        self.store, self.out, self.key = store, out, key
+        self.every = experiment.checkpoint_every
+        self.immediate = experiment.eval.immediate
+        self.total = total
+        self.budget = budget
+        self.state_dir = state_dir
+        self._clear()
+
+    def _clear(self) -> None:
+        self.scores: list[tuple] = []
+        self.weights: list[tuple] = []
+        self.edits: list[tuple] = []
+        self.means_at: list[tuple[str, int]] = []
+        self.steps = 0
+        self.checkpoint_due = False
+
+    def on_edit(self, report: SequenceReport, record: EditRecord) -> None:
+        handle = report.handle
+        done = sum(len(r.request_ids) for r in handle.records)
+        first = done - len(record.request_ids) + 1
+        if self.immediate:
+            rows = report.immediate_rows[-len(record.request_ids):]
+            for position, row in zip(range(first, done + 1), rows):
+                self.scores += score_rows(self.key, position, "immediate", row)
+        if record.edit_id == 0:
+            # n_edits 0: the unedited weights, the start of every weight-norm curve.
+            with torch.no_grad():
+                for name, w0 in handle.originals.items():
+                    self.weights.append((self.key, 0, name, float(w0.double().abs().mean()), 0.0))
+        self.weights += [(self.key, done, name, s["mean_abs"], s["fro_change"])
+                         for name, s in record.weight_stats.items()]
+        self.edits.append((self.key, record.edit_id, done, record.request_ids, record.seconds,
+                           record.timings, record.info))
+        self.steps += 1
+        if self.steps >= self.every or self.checkpoint_due or done == self.total:
+            self._flush(handle, done)
+        self.budget.spend()
+
+    def on_checkpoint(self, report: SequenceReport, checkpoint: Checkpoint) -> None:
+        n = checkpoint.n_edits
+        for row in checkpoint.scores["per_request"]:
+            self.scores += score_rows(self.key, n, "checkpoint", row)
+        means = {k: v for k, v in checkpoint.scores.items() if k != "per_request"}
+        means["edit_seconds"] = checkpoint.seconds
+        self.scores += score_rows(self.key, n, "checkpoint", means, uid=MEAN)
+        if self.immediate:
+            self.means_at.append((self.key, n))
+        if n == self.total:
+            # The final checkpoint follows the last edit, whose state is saved already.
+            self._flush(report.handle, n, finished=True, save_state=False)
+        else:
+            self.checkpoint_due = True  # on_edit of this same edit comes next and commits
+
+    def _flush(self, handle: EditHandle, done: int, finished: bool = False,
+               save_state: bool = True) -> None:
+        if save_state:
+            started = time.perf_counter()
+            self.state_dir = f"{STATE_DIR}/{self.key}/edit-{done:06d}"
+            handle.save(self.out / self.state_dir)
+            log.info("%s: %d/%d requests edited; state saved in %.1f s", self.key, done,
+                     self.total, time.perf_counter() - started)
+        self.store.write(scores=self.scores, weight_stats=self.weights, edits=self.edits,
+                         immediate_means_at=self.means_at,
+                         progress=(self.key, done, self.state_dir, finished))
+        if save_state:  # the committed point is the only one a resume may use now
+            _remove_stale_states(self.out, self.key, keep=self.state_dir)
+        self._clear()

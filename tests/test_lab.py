@@ -1,0 +1,273 @@
+"""The lab on tiny random models: schema errors, the results store, kill-and-resume, report."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+from conftest import make_tiny_model
+
+import factedit as fe
+from factedit.lab import (
+    Experiment,
+    ExperimentError,
+    ResultsStore,
+    RunInterrupted,
+    load_experiment,
+    run_experiment,
+    write_report,
+)
+from factedit.lab.report import pearson, ranks, spearman
+
+FACTS = [
+    fe.EditRequest(prompt="{} is located in the city of", subject="The Eiffel Tower",
+                   target_new="Rome", target_true="Paris", case_id="eiffel",
+                   paraphrases=["The Eiffel Tower stands in"],
+                   neighborhood=[("The Louvre is located in the city of", "Paris")]),
+    fe.EditRequest(prompt="{} plays the sport of", subject="Lionel Messi",
+                   target_new="tennis", target_true="football", case_id="messi",
+                   paraphrases=["Lionel Messi is a professional"],
+                   neighborhood=[("Cristiano Ronaldo plays the sport of", "football")]),
+    fe.EditRequest(prompt="{} was written in the language", subject="Don Quixote",
+                   target_new="German", target_true="Spanish", case_id="quixote",
+                   neighborhood=[("One Hundred Years of Solitude was written in", "Spanish")]),
+    fe.EditRequest(prompt="The capital of {} is", subject="Italy", target_new="Milan",
+                   target_true="Rome", case_id="italy",
+                   paraphrases=["{} has its capital in".format("Italy")]),
+    fe.EditRequest(prompt="{} is a product of", subject="The iPhone", target_new="Nokia",
+                   target_true="Apple", case_id="iphone",
+                   neighborhood=[("The Macintosh is a product of", "Apple")]),
+]
+TINY = dict(layers=[1, 2], v_steps=3, context_prefixes=0, covariance_seq_len=32)
+TEXT = ("The river runs past the old mill and the children walk to school along its bank. "
+        "In spring the fields turn green, farmers sow wheat and the market fills with people. "
+        "Scientists measured the temperature of the lake every morning for three years. ")
+
+
+@pytest.fixture
+def lab_env(tmp_path, monkeypatch):
+    """A tiny corpus and dataset in tmp_path; caches there too (nothing shared is touched)."""
+    monkeypatch.setenv("FACTEDIT_CACHE", str(tmp_path / "cache"))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT * 12)
+    dataset = tmp_path / "facts.json"
+    dataset.write_text(json.dumps([f.to_dict() for f in FACTS]))
+    return tmp_path, corpus, dataset
+
+
+def experiment_dict(corpus, dataset, **changes):
+    data = {
+        "name": "tiny",
+        "methods": [{"name": "d4s", "config": dict(TINY)},
+                    {"name": "memit", "config": dict(TINY)}],
+        "dataset": {"name": str(dataset)},
+        "n_edits": [2, 4, 5],
+        "eval": {"immediate": True},
+        "covariance": {"corpus": str(corpus), "tokens": 256},
+        "checkpoint_every": 2,
+        "seed": 0,
+    }
+    data.update(changes)
+    return data
+
+
+def table(path, name):
+    with sqlite3.connect(path) as conn:
+        return sorted(conn.execute(f"SELECT * FROM {name}").fetchall())
+
+
+# -- schema ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("change, message", [
+    ({"methods": [{"name": "d4s"}, {"name": "memt"}]},
+     r"methods\[1\]\.name='memt': unknown method; did you mean 'memit'\?"),
+    ({"methds": []}, r"methds: unknown key; did you mean 'methods'\?"),
+    ({"dataset": {"name": "x.json", "limt": 3}}, r"dataset\.limt: unknown key; did you mean 'limit'"),
+    ({"methods": [{"name": "d4s", "config": {"v_step": 3}}]},
+     r"methods\[0\]\.config\.v_step: D4SConfig has no such field; did you mean 'v_steps'"),
+    ({"mode": "batch"}, r"mode='batch': choose one of sequential, sequential-batch"),
+    ({"n_edits": [0]}, r"n_edits\[0\]=0: give an integer >= 1"),
+    ({"batch_size": 2}, r"batch_size=2 applies to mode 'sequential-batch'"),
+    ({"eval": {"immediate": "yes"}}, r"eval\.immediate='yes': give true or false"),
+    ({"downstream": {"tasks": ["arc_easy"]}}, r"downstream: .*not implemented yet"),
+    ({"methods": [{"name": "d4s"}, {"name": "d4s"}]}, r"methods\[1\]: 'd4s' appears twice"),
+])
+def test_schema_errors_name_the_field(change, message):
+    data = experiment_dict("c.txt", "d.json")
+    data.update(change)
+    with pytest.raises(ExperimentError, match=message):
+        Experiment.from_dict(data)
+
+
+def test_yaml_and_toml_load_the_same_experiment(tmp_path):
+    (tmp_path / "e.yaml").write_text(
+        "methods:\n  - name: d4s\n    config: {v_steps: 3}\n  - memit\n"
+        "dataset: {name: counterfact, limit: 10}\nn_edits: [5, 10]\n")
+    (tmp_path / "e.toml").write_text(
+        'n_edits = [5, 10]\n[[methods]]\nname = "d4s"\nconfig = {v_steps = 3}\n'
+        '[[methods]]\nname = "memit"\n[dataset]\nname = "counterfact"\nlimit = 10\n')
+    a, b = load_experiment(tmp_path / "e.yaml"), load_experiment(tmp_path / "e.toml")
+    assert a.to_dict() == b.to_dict()
+    assert [m.key for m in a.methods] == ["d4s", "memit"] and a.max_edits == 10
+    assert a.method_config(a.methods[0]).v_steps == 3
+    (tmp_path / "bad.yaml").write_text("methods: [d4s]\nn_edits: [5, 10]\ndataset: {limit: 3}\n")
+    with pytest.raises(ExperimentError, match=r"bad\.yaml: dataset\.limit=3 is below"):
+        load_experiment(tmp_path / "bad.yaml")
+
+
+def test_shipped_example_is_valid():
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "experiment.yaml"
+    experiment = load_experiment(example)
+    assert experiment.methods and experiment.max_edits >= 1
+
+
+# -- runs ------------------------------------------------------------------------------------
+
+def test_run_writes_the_store(lab_env, tokenizer):
+    tmp, corpus, dataset = lab_env
+    model = make_tiny_model(tokenizer)
+    out = run_experiment(experiment_dict(corpus, dataset), tmp / "run", model=model,
+                         progress=False)
+    assert {p.name for p in out.iterdir()} >= {"config.json", "requests.json",
+                                               "results.sqlite", "run.log", "state"}
+    with ResultsStore(out / "results.sqlite") as store:
+        assert store.methods() == ["d4s", "memit"]
+        for method in ("d4s", "memit"):
+            assert store.progress(method)["finished"] and store.progress(method)["n_done"] == 5
+            immediate = store.scores(method=method, view="immediate", metric="efficacy")
+            assert sorted(r["n_edits"] for r in immediate if r["uid"] != "*") == [1, 2, 3, 4, 5]
+            means = store.means("checkpoint", "efficacy")[method]
+            assert sorted(means) == [2, 4, 5]
+            rows = store.scores(method=method, view="checkpoint", metric="efficacy", n_edits=4)
+            per_request = [r for r in rows if r["uid"] != "*"]
+            assert [r["uid"] for r in per_request] == sorted(["eiffel", "messi", "quixote", "italy"])
+            assert means[4] == pytest.approx(sum(r["value"] for r in per_request) / 4)
+            # Immediate means over the first N requests, next to the checkpoint ones.
+            assert sorted(store.means("immediate", "efficacy")[method]) == [2, 4, 5]
+            edits = store.edits(method)
+            assert [e["request_uids"] for e in edits] == [[f.uid] for f in FACTS]
+            stats = store.weight_stats(method)
+            assert {r["layer"] for r in stats} == {1, 2}
+            assert sorted({r["n_edits"] for r in stats}) == [0, 1, 2, 3, 4, 5]
+        unedited = store.means("unedited", "efficacy")["unedited"]
+        assert sorted(unedited) == [2, 4, 5]
+    # The model is back at W_0 after the run, and the run's final state resumes.
+    assert all(p.exists() for p in (out / "state" / "d4s").iterdir())
+    assert "finished" in (out / "run.log").read_text()
+    with pytest.raises(ExperimentError, match="already holds a run"):
+        run_experiment(experiment_dict(corpus, dataset), out, model=model)
+
+
+@pytest.mark.parametrize("stop_after", [3, 4, 7])
+def test_interrupted_run_resumes_to_the_same_rows(lab_env, tokenizer, stop_after):
+    """Killed after `stop_after` edits (3: between commits; 4: right after one; 7: inside
+    the second method), resumed: the store equals an unbroken run's, number for number."""
+    tmp, corpus, dataset = lab_env
+    config = experiment_dict(corpus, dataset)
+    model = make_tiny_model(tokenizer)
+    straight = run_experiment(config, tmp / "straight", model=model, progress=False)
+
+    model = make_tiny_model(tokenizer)  # a fresh process: a fresh model
+    with pytest.raises(RunInterrupted):
+        run_experiment(config, tmp / "broken", model=model, progress=False,
+                       stop_after_edits=stop_after)
+    partial = table(tmp / "broken" / "results.sqlite", "edits")
+    assert 0 < len(partial) < 10
+    model = make_tiny_model(tokenizer)
+    run_experiment(None, tmp / "broken", resume=True, model=model, progress=False)
+    # It went on from the saved state, not from the start (that would give the same rows).
+    log = (tmp / "broken" / "run.log").read_text()
+    resumed = {3: "d4s: resumed after 2 of 5", 4: "d4s: resumed after 4 of 5",
+               7: "memit: resumed after 2 of 5"}[stop_after]
+    assert resumed in log
+    assert ("d4s: finished in an earlier session" in log) == (stop_after == 7)
+
+    for name in ("scores", "weight_stats"):
+        got, expected = table(tmp / "broken" / "results.sqlite", name), \
+            table(straight / "results.sqlite", name)
+        # Seconds differ between runs; every measured number must not.
+        if name == "scores":
+            got = [r for r in got if r[4] != "edit_seconds"]
+            expected = [r for r in expected if r[4] != "edit_seconds"]
+        assert got == expected
+    got_edits = [r[:4] for r in table(tmp / "broken" / "results.sqlite", "edits")]
+    assert got_edits == [r[:4] for r in table(straight / "results.sqlite", "edits")]
+    assert len(list((tmp / "broken" / "state" / "d4s").iterdir())) == 1
+
+
+def test_resume_refuses_a_different_config(lab_env, tokenizer):
+    tmp, corpus, dataset = lab_env
+    model = make_tiny_model(tokenizer)
+    config = experiment_dict(corpus, dataset, methods=[{"name": "memit", "config": dict(TINY)}],
+                             n_edits=[2])
+    with pytest.raises(RunInterrupted):
+        run_experiment(config, tmp / "run", model=model, progress=False, stop_after_edits=1)
+    other = dict(config, seed=1)
+    with pytest.raises(ExperimentError, match="differs from the run's config.json"):
+        run_experiment(other, tmp / "run", resume=True, model=model)
+    with pytest.raises(ExperimentError, match="no config.json there"):
+        run_experiment(None, tmp / "nothing", resume=True, model=model)
+
+
+# -- report ----------------------------------------------------------------------------------
+
+def test_report_writes_plots_and_html(lab_env, tokenizer):
+    tmp, corpus, dataset = lab_env
+    model = make_tiny_model(tokenizer)
+    out = run_experiment(experiment_dict(corpus, dataset, eval={"every": 1}), tmp / "run",
+                         model=model, progress=False)
+    report = write_report(out)
+    assert set(report.plots) == {"scores vs edits", "weight norms", "forgetting",
+                                 "edit-success bottleneck"}
+    for path in report.plots.values():
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = report.html.read_text()
+    assert page.count("data:image/png;base64,") == 4
+    assert "src='http" not in page and "<link" not in page  # self-contained
+    assert "<table>" in page and "<td>d4s</td>" in page and "<td>memit</td>" in page
+    assert "<b>" in page and "Eff" in page and "Spearman" in page
+    assert sorted(report.tables) == [2, 4, 5]
+    assert [r["method"] for r in report.tables[5]] == ["unedited", "d4s", "memit"]
+    assert "efficacy" in report.correlations and report.correlations["efficacy"]["n"] == 10
+
+
+def test_cli_report_and_config_errors(lab_env, tokenizer, capsys):
+    from factedit.cli import main
+
+    tmp, corpus, dataset = lab_env
+    config = experiment_dict(corpus, dataset, methods=[{"name": "memit", "config": dict(TINY)}],
+                             n_edits=[2])
+    out = run_experiment(config, tmp / "run", model=make_tiny_model(tokenizer), progress=False)
+    assert main(["report", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "after 2 edits" in printed and "memit" in printed and "Spearman" in printed
+    assert (out / "report" / "report.html").is_file()
+    (tmp / "bad.yaml").write_text("methods: [{name: memt}]\n")
+    assert main(["run", str(tmp / "bad.yaml")]) == 2
+    assert "did you mean 'memit'" in capsys.readouterr().err
+    assert main(["report", str(tmp / "nothing")]) == 2
+
+
+def test_correlations_match_known_values():
+    assert pearson([1, 2, 3, 4], [2, 4, 6, 8]) == pytest.approx(1.0)
+    assert pearson([1, 2, 3], [1, 1, 1]) is None
+    assert ranks([10, 20, 20, 5]) == [2, 3.5, 3.5, 1]
+    # Monotone but not linear: Spearman 1, Pearson below 1.
+    xs, ys = [1, 2, 3, 4, 5], [1, 4, 9, 16, 100]
+    assert spearman(xs, ys) == pytest.approx(1.0) and pearson(xs, ys) < 0.95
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+
+
+def test_run_sequence_continues_only_its_own_prefix(tokenizer):
+    from factedit.protocol import EditHandle, EditRecord, make_editor
+
+    model = make_tiny_model(tokenizer)
+    handle = EditHandle(model, make_editor(model, "memit", **TINY))
+    handle.records.append(EditRecord(edit_id=0, request_ids=["messi"], timings={}))
+    with pytest.raises(ValueError, match="not the first 1 of `requests`"):
+        fe.run_sequence(model, FACTS, "memit", handle=handle, progress=False)
+    with pytest.raises(ValueError, match="pass method='memit' and no config"):
+        fe.run_sequence(model, FACTS[1:], "d4s", handle=handle, progress=False)
