@@ -53,7 +53,7 @@ class FineTuneConfig(MethodConfig):
     steps: int = 25
     lr: float = 5e-4
     objective: str = "prompt_last"
-    norm_constraint: float | None = 5e-4
+    norm_constraint: float | None = 5e-3
     early_stop_nll: float = 0.05
 
     def __post_init__(self) -> None:
