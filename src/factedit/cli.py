@@ -211,6 +211,32 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    import factedit as fe
+    from factedit.data import load_dataset
+    from factedit.methods.mend import MendConfig, train_mend
+
+    if args.kind != "mend":
+        raise ValueError(f"factedit train {args.kind}: only 'mend' can be trained so far")
+    model = fe.load_model(args.model)
+    train = load_dataset(args.data, limit=args.limit, data_dir=args.data_dir)
+    validation = load_dataset(args.val_data, limit=args.val_limit, data_dir=args.data_dir)
+    config = MendConfig(layers=_layers(args.layers), train={
+        k: v for k, v in dict(steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                              checkpoint_every=args.checkpoint_every,
+                              validate_every=args.validate_every).items() if v is not None})
+    result = train_mend(model, train, validation, args.out, config, resume=not args.restart)
+    last = result["history"][-1] if result["history"] else {}
+    print(f"trained mend for {model.model_id} on {len(train)} edits in "
+          f"{result['train_seconds']:.0f} s; last validation: {last}")
+    print(f"edit with: factedit edit --method mend ... (config checkpoint={args.out})")
+    return 0
+
+
+def _layers(text: str | None) -> list[int] | None:
+    return [int(x) for x in text.split(",")] if text else None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="factedit", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -264,6 +290,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run folder (default: runs/<experiment name>)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR where it stopped")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("train", help="train a hypernetwork editor (mend) for a model")
+    p.add_argument("kind", choices=["mend"], help="which hypernetwork")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--data", default="counterfact-train", help="dataset name or file")
+    p.add_argument("--val-data", default="counterfact-val")
+    p.add_argument("--data-dir", default=None, help="benchmark data folder ($FACTEDIT_DATA)")
+    p.add_argument("--limit", type=int, default=None, help="training edits to use")
+    p.add_argument("--val-limit", type=int, default=50, help="validation edits")
+    p.add_argument("--layers", help="comma-separated edited layers (default: top three)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--validate-every", type=int)
+    p.add_argument("--out", required=True, help="folder for checkpoints and the trained net")
+    p.add_argument("--restart", action="store_true", help="ignore a checkpoint in --out")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("report", help="plots, tables and an HTML page of a run folder")
     p.add_argument("run_dir", help="a folder written by `factedit run`")

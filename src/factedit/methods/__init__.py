@@ -20,6 +20,7 @@ from .finetune import FineTuneConfig, FineTuneEditor, FtMConfig
 from .kn import KnConfig, KnEditor
 from .locate import LocateEditConfig, LocateEditor
 from .memit import MemitConfig, MemitEditor
+from .mend import MendConfig, MendEditor
 from .pmet import PmetConfig, PmetEditor
 from .rome import RomeConfig, RomeEditor
 
@@ -27,6 +28,6 @@ __all__ = [
     "METHODS", "AlphaEditConfig", "AlphaEditEditor", "ConfigError", "D4SAlphaEditConfig",
     "D4SAlphaEditEditor", "D4SConfig", "D4SEditor", "EditResult", "Editor", "FineTuneConfig",
     "FineTuneEditor", "FtMConfig", "KnConfig", "KnEditor", "LocateEditConfig",
-    "LocateEditor", "MemitConfig", "MemitEditor", "MethodConfig", "PmetConfig", "PmetEditor",
+    "LocateEditor", "MemitConfig", "MemitEditor", "MendConfig", "MendEditor", "MethodConfig", "PmetConfig", "PmetEditor",
     "RomeConfig", "RomeEditor", "get_method", "list_methods", "register_method",
 ]

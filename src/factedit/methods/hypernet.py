@@ -1,0 +1,315 @@
+"""What the hypernetwork editors (MEND, KE) share: token rows, the forward pass of the
+edited layers only, per-layer gradient pieces, and one resumable training loop.
+
+Both edit the MLP output projections of a few top layers. Everything below the first
+edited layer never changes, so its output is computed once per batch (inference mode) and
+fed in with `start_at_layer`: a training step runs only the top blocks, which on the
+built-in model is a tenth of a full forward.
+
+`layer_gradients` returns, per edited layer, the two factors of the fine-tuning gradient,
+dL/dW = sum_t g_t u_t^T (u_t: the layer's input at token t, g_t: dL/d output): what MEND
+transforms and what KE conditions on. `EditedForward` adds a delta to a layer's output as
+x @ delta^T in a forward hook, so the weights are never written and autograd reaches the
+hypernetwork through the delta.
+
+`train_hypernetwork` is the single training loop (checkpoints, resume, progress bar,
+validation edit success), used by `factedit train mend` and `factedit train ke`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from ..models import EditableModel, Trace, start_at_layer
+from ..requests import EditRequest
+from ..text import continuation_ids, encode, pad_right
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TokenRows:
+    """Teacher-forced rows (prompt + answer[:-1]) and where each answer token is predicted."""
+
+    ids: torch.Tensor  # (B, T)
+    mask: torch.Tensor  # (B, T)
+    row: torch.Tensor  # (N,) row of each answer token
+    pos: torch.Tensor  # (N,) position that predicts it
+    tok: torch.Tensor  # (N,) the token
+
+    @property
+    def n_rows(self) -> int:
+        return self.ids.shape[0]
+
+
+def token_rows(model: EditableModel, pairs: Sequence[tuple[str, str]]) -> TokenRows:
+    """Rows for (prompt, answer) pairs, answers scored as continuations (factedit.text)."""
+    tok = model.tokenizer
+    rows, row, pos, toks = [], [], [], []
+    for r, (prompt, answer) in enumerate(pairs):
+        prompt_ids = encode(tok, prompt)
+        target = continuation_ids(tok, prompt, answer)
+        rows.append(prompt_ids + target[:-1])
+        for j, t in enumerate(target):
+            row.append(r)
+            pos.append(len(prompt_ids) - 1 + j)
+            toks.append(t)
+    ids, mask = pad_right(rows, tok.pad_token_id)
+    device = model.device
+
+    def t(x: list) -> torch.Tensor:
+        return torch.tensor(x, device=device)
+
+    return TokenRows(t(ids), t(mask), t(row), t(pos), t(toks))
+
+
+class EditedForward:
+    """Forward passes of blocks `layers[0]`.. with optional deltas on their MLP outputs."""
+
+    def __init__(self, model: EditableModel, layers: Sequence[int]) -> None:
+        self.model = model
+        self.layers = sorted(layers)
+        for layer in self.layers:
+            model.check_layer(layer, "layers")
+
+    def block_input(self, rows: TokenRows) -> torch.Tensor:
+        """What enters the first edited block (constant: nothing below it is edited)."""
+        model = self.model
+        with torch.inference_mode(), Trace(model.model, model.arch.layer(self.layers[0]),
+                                           retain_input=True, stop=True) as block:
+            model.model(input_ids=rows.ids, attention_mask=rows.mask, use_cache=False)
+        return block.input.clone()
+
+    @contextmanager
+    def _hooks(self, deltas: dict[int, torch.Tensor] | None,
+               outputs: list[torch.Tensor] | None, inputs: list[torch.Tensor] | None
+               ) -> Iterator[None]:
+        handles = []
+        for layer in self.layers:
+            delta = (deltas or {}).get(layer)
+
+            def hook(_module, args, out, delta=delta):
+                x = args[0]
+                if inputs is not None:
+                    inputs.append(x.detach())
+                if delta is not None:  # W + delta without writing W: x @ delta^T
+                    out = out + x @ delta.to(x.dtype).T
+                if outputs is not None:
+                    outputs.append(out)
+                return out
+
+            handles.append(self.model.mlp_out(layer).register_forward_hook(hook))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def hidden(self, rows: TokenRows, block_in: torch.Tensor,
+               deltas: dict[int, torch.Tensor] | None = None,
+               outputs: list[torch.Tensor] | None = None,
+               inputs: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Last hidden state (B, T, d) with `deltas` (layer -> (d_out, d_in)) applied."""
+        model = self.model
+        with start_at_layer(model.layers, self.layers[0], block_in, model.block_returns_tuple), \
+             self._hooks(deltas, outputs, inputs):
+            return model.model.base_model(input_ids=rows.ids, attention_mask=rows.mask,
+                                          use_cache=False).last_hidden_state
+
+    def answer_logp(self, hidden: torch.Tensor, rows: TokenRows) -> torch.Tensor:
+        """log-softmax at every answer position: (N, vocab)."""
+        return torch.log_softmax(self.model.head_logits(hidden[rows.row, rows.pos]).float(), -1)
+
+    def nll(self, hidden: torch.Tensor, rows: TokenRows) -> torch.Tensor:
+        """Mean over rows of each row's mean answer-token NLL (a scalar)."""
+        tok_nll = -self.answer_logp(hidden, rows).gather(1, rows.tok.unsqueeze(1)).squeeze(1)
+        per_row = torch.zeros(rows.n_rows, device=hidden.device).index_add(0, rows.row, tok_nll)
+        counts = torch.bincount(rows.row, minlength=rows.n_rows).clamp_min(1)
+        return (per_row / counts).mean()
+
+    def layer_gradients(self, rows: TokenRows, block_in: torch.Tensor
+                        ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """layer -> (u (N, d_in), g (N, d_out)) over the real tokens: dNLL/dW = g^T u."""
+        outputs: list[torch.Tensor] = []
+        inputs: list[torch.Tensor] = []
+        flags = [(p, p.requires_grad) for p in self.model.model.parameters()]
+        for p, _ in flags:
+            p.requires_grad_(False)
+        try:
+            with torch.enable_grad():
+                # The block input needs a gradient only so autograd records the blocks above
+                # it; no weight gradient is computed.
+                start = block_in.detach().requires_grad_(True)
+                hidden = self.hidden(rows, start, outputs=outputs, inputs=inputs)
+                loss = self.nll(hidden, rows) * rows.n_rows  # sum over rows: one edit each
+                grads = torch.autograd.grad(loss, outputs)
+        finally:
+            for p, flag in flags:
+                p.requires_grad_(flag)
+        real = rows.mask.bool()
+        return {layer: (x[real].detach(), g[real].detach())
+                for layer, x, g in zip(self.layers, inputs, grads)}
+
+
+def kl_from(reference_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """Mean KL(reference || current) over positions (both log-probabilities)."""
+    return F.kl_div(logp, reference_logp, log_target=True, reduction="batchmean")
+
+
+def edit_pairs(request: EditRequest) -> tuple[tuple[str, str], tuple[str, str],
+                                              tuple[str, str] | None]:
+    """(edit pair, equivalence pair, locality pair or None) of one training request."""
+    edit = (request.rewrite_prompt, request.target_new)
+    equivalence = (request.paraphrases[0], request.target_new) if request.paraphrases else edit
+    locality = tuple(request.neighborhood[0]) if request.neighborhood else None
+    return edit, equivalence, locality  # type: ignore[return-value]
+
+
+# -- one training loop for both hypernetworks --------------------------------------------------
+
+@dataclass
+class TrainConfig:
+    """steps, lr, batch_size (edits per step), edit_weight/locality_weight (MEND's c_edit and
+    c_loc), checkpoint_every and validate_every (steps), seed."""
+
+    steps: int = 2000
+    lr: float = 1e-4
+    batch_size: int = 8
+    edit_weight: float = 0.1
+    locality_weight: float = 1.0
+    checkpoint_every: int = 100
+    validate_every: int = 250
+    seed: int = 0
+
+
+StepLoss = Callable[[Sequence[EditRequest]], dict[str, torch.Tensor]]
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], manifest: dict[str, Any], folder: Path,
+                 stem: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{stem}.safetensors.tmp"
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, folder / f"{stem}.safetensors")
+    tmp_json = folder / f".{stem}.json.tmp"
+    tmp_json.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp_json, folder / f"{stem}.json")
+
+
+def _optimiser_tensors(optimiser: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    state = optimiser.state_dict()
+    tensors, steps = {}, {}
+    for index, entry in state["state"].items():
+        for key, value in entry.items():
+            if key == "step":
+                steps[str(index)] = float(value)
+            else:
+                tensors[f"opt.{index}.{key}"] = value
+    return tensors, {"steps": steps, "param_groups": state["param_groups"]}
+
+
+def _load_optimiser(optimiser: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                    meta: dict) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("opt."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    for index, step in meta["steps"].items():
+        state.setdefault(int(index), {})["step"] = torch.tensor(step)
+    optimiser.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def train_hypernetwork(
+    net: torch.nn.Module,
+    step_loss: StepLoss,
+    train: Sequence[EditRequest],
+    out_dir: str | Path,
+    config: TrainConfig,
+    manifest: dict[str, Any],
+    validate: Callable[[], dict[str, float]] | None = None,
+    resume: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train `net` (its parameters) on `step_loss` over batches of `train`; resumable.
+
+    `step_loss(batch)` returns {"loss": scalar to minimise, ...diagnostics}. A checkpoint
+    (the net, Adam's state, the step) is written atomically to out_dir/checkpoint.* every
+    `checkpoint_every` steps; with resume=True a run continues from it, and batches are
+    drawn from a generator seeded by (seed, step), so a resumed run sees the same batches.
+    The final weights go to out_dir/hypernet.safetensors with `manifest` (+ history) in
+    out_dir/hypernet.json.
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir)
+    params = [p for p in net.parameters() if p.requires_grad]
+    optimiser = torch.optim.Adam(params, lr=config.lr)
+    start, history = 0, []
+    ckpt = out / "checkpoint.safetensors"
+    if resume and ckpt.is_file():
+        tensors = load_file(str(ckpt))
+        meta = json.loads((out / "checkpoint.json").read_text())
+        net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
+        _load_optimiser(optimiser, tensors, meta["optimiser"])
+        start, history = int(meta["step"]), meta.get("history", [])
+        log.info("resuming hypernetwork training at step %d from %s", start, out)
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps,
+               desc="training", unit="step", disable=not progress)
+    started = time.perf_counter()
+    for step in bar:
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+        batch_index = torch.randperm(len(train), generator=generator)[:config.batch_size]
+        losses = step_loss([train[i] for i in batch_index.tolist()])
+        optimiser.zero_grad()
+        losses["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(params, 100.0)
+        optimiser.step()
+        values = {k: float(v.detach()) for k, v in losses.items()}
+        bar.set_postfix({k: f"{v:.3f}" for k, v in values.items()})
+        done = step + 1
+        if validate is not None and (done % config.validate_every == 0 or done == config.steps):
+            scores = validate()
+            history.append({"step": done, **values, **{f"val_{k}": v for k, v in scores.items()}})
+            tqdm.write(f"step {done}: " + ", ".join(f"{k} {v:.3f}" for k, v in
+                                                     history[-1].items() if k != "step"))
+        if done % config.checkpoint_every == 0 or done == config.steps:
+            tensors = {f"net.{k}": v for k, v in net.state_dict().items()}
+            opt_tensors, opt_meta = _optimiser_tensors(optimiser)
+            tensors.update(opt_tensors)
+            _atomic_save(tensors, {"step": done, "optimiser": opt_meta, "history": history},
+                         out, "checkpoint")
+    final = dict(manifest, history=history, steps=config.steps,
+                 train_seconds=time.perf_counter() - started)
+    _atomic_save(dict(net.state_dict()), final, out, "hypernet")
+    return final
+
+
+def load_hypernet(folder: str | Path, kind: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """The trained weights and manifest in `folder`, or a clear error saying how to make them."""
+    path = Path(folder) / "hypernet.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no trained {kind} hypernetwork at {path}: train one with `factedit train {kind} "
+            f"--model M --data counterfact-train --out {folder}`")
+    manifest = json.loads((Path(folder) / "hypernet.json").read_text())
+    if manifest.get("kind") != kind:
+        raise ValueError(f"{path} holds a {manifest.get('kind')!r} hypernetwork, not {kind!r}")
+    return load_file(str(path)), manifest
+
+
+def mean_or_nan(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else math.nan

@@ -1,0 +1,100 @@
+"""MEND and the shared hypernetwork code on tiny random float64 models: the gradient pieces
+are the true weight gradient, an untrained MEND is a fine-tuning step, training lowers the
+loss and resumes exactly, editing loads the trained network."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny_model
+
+import factedit as fe
+from factedit import EditRequest
+from factedit.methods import ConfigError, MendConfig
+from factedit.methods.hypernet import EditedForward, token_rows
+from factedit.methods.mend import MendEditor, build_net, train_mend
+
+FACTS = [
+    ("{} is located in the city of", "The Eiffel Tower", "Rome", "Paris"),
+    ("{} plays the sport of", "Serena Williams", "cricket", "tennis"),
+    ("The mother tongue of {} is", "Vladimir Putin", "French", "Russian"),
+    ("{} was developed by", "Windows XP", "Apple", "Microsoft"),
+]
+REQUESTS = [EditRequest(prompt=p, subject=s, target_new=n, target_true=t,
+                        paraphrases=[f"In short, {p.format(s)}"],
+                        neighborhood=[("The capital of Japan is", "Tokyo")])
+            for p, s, n, t in FACTS]
+TRAIN = {"steps": 6, "batch_size": 2, "lr": 1e-3, "checkpoint_every": 3, "validate_every": 6}
+
+
+def small_config(**train):
+    return MendConfig(layers=[2, 3], rank=8, train=dict(TRAIN, **train))
+
+
+def test_layer_gradients_are_the_weight_gradient(tokenizer):
+    model = make_tiny_model(tokenizer)
+    rows = token_rows(model, [(r.rewrite_prompt, r.target_new) for r in REQUESTS[:2]])
+    fwd = EditedForward(model, [2, 3])
+    pieces = fwd.layer_gradients(rows, fwd.block_input(rows))
+    weights = [model.mlp_out(layer).weight for layer in (2, 3)]
+    for w in weights:
+        w.requires_grad_(True)
+    hidden = model.model.base_model(input_ids=rows.ids, attention_mask=rows.mask).last_hidden_state
+    loss = fwd.nll(hidden, rows) * rows.n_rows
+    grads = torch.autograd.grad(loss, weights)
+    for layer, grad in zip((2, 3), grads):
+        u, g = pieces[layer]
+        assert torch.allclose(g.T @ u, grad, rtol=1e-8, atol=1e-12), layer
+
+
+def test_untrained_mend_is_one_fine_tuning_step(tokenizer):
+    model = make_tiny_model(tokenizer)
+    net = build_net(model, [2, 3], rank=8, n_hidden=1, edit_lr_init=1e-3).double()
+    net.normalised.fill_(1.0)  # mean 0, std 1: no normalisation
+    editor = MendEditor(model, MendConfig(layers=[2, 3]), net=net)
+    rows = token_rows(model, [(REQUESTS[0].rewrite_prompt, REQUESTS[0].target_new)])
+    deltas = editor.deltas_for(rows)
+    pieces = editor.forward.layer_gradients(rows, editor.forward.block_input(rows))
+    for layer in (2, 3):
+        u, g = pieces[layer]
+        assert torch.allclose(deltas[layer], -1e-3 * g.T @ u)
+
+
+def test_training_moves_the_network_and_resumes_exactly(tokenizer, tmp_path):
+    model = make_tiny_model(tokenizer, dtype=torch.float32)
+    full = train_mend(model, REQUESTS, REQUESTS[:2], tmp_path / "full", small_config(),
+                      progress=False)
+    assert len(full["history"]) == 1 and "val_edit_success" in full["history"][0]
+    # Interrupted after 3 steps (the checkpoint), then resumed to 6.
+    train_mend(model, REQUESTS, [], tmp_path / "split", small_config(steps=3), progress=False)
+    train_mend(model, REQUESTS, [], tmp_path / "split", small_config(), progress=False)
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "full" / "hypernet.safetensors"))
+    b = load_file(str(tmp_path / "split" / "hypernet.safetensors"))
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
+    assert any(not torch.equal(a[k], torch.zeros_like(a[k])) for k in a if k.startswith("up."))
+
+
+def test_edit_loads_the_trained_network(tokenizer, tmp_path):
+    model = make_tiny_model(tokenizer, dtype=torch.float32)
+    train_mend(model, REQUESTS, [], tmp_path / "net", small_config(steps=2), progress=False)
+    before = model.weight(3).clone()
+    handle = fe.edit(model, REQUESTS[:1], method="mend", checkpoint=str(tmp_path / "net"),
+                     progress=False)
+    assert not torch.equal(model.weight(3), before)
+    assert set(handle.originals) == {"model.layers.2.mlp.down_proj.weight",
+                                     "model.layers.3.mlp.down_proj.weight"}
+    handle.restore()
+    assert torch.equal(model.weight(3), before)
+
+
+def test_missing_or_foreign_checkpoint_is_explained(tokenizer, tmp_path):
+    model = make_tiny_model(tokenizer)
+    with pytest.raises(ConfigError, match="checkpoint"):
+        fe.edit(model, REQUESTS[:1], method="mend")
+    with pytest.raises(FileNotFoundError, match="factedit train mend"):
+        fe.edit(model, REQUESTS[:1], method="mend", checkpoint=str(tmp_path))
+    with pytest.raises(ConfigError, match="train"):
+        MendConfig(train={"stepz": 3})
