@@ -29,6 +29,16 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def editor_state_mib(editor) -> dict[str, float]:
+    """MiB the editor keeps, by kind: "history.*" grows with the edits, the rest must not."""
+    tensors, _manifest = editor.state_dict()
+    sizes: dict[str, float] = {}
+    for name, t in tensors.items():
+        kind = name.split(".")[0]
+        sizes[kind] = sizes.get(kind, 0.0) + t.numel() * t.element_size() / 2**20
+    return sizes
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -77,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def save(report, _checkpoint=None, complete=False, path=path, method=method):
             data = report.summary()
+            data["editor_state_mib"] = editor_state_mib(report.handle.editor)
             data.update(complete=complete, dataset=args.dataset, model=model.model_id,
                         load_model_seconds=load_seconds, peak_rss_mib=peak_rss_mib(),
                         overrides=overrides.get(method, {}), config=report.handle.config.to_dict())
@@ -93,16 +104,18 @@ def main(argv: list[str] | None = None) -> int:
         results[method] = save(report, complete=True)
         report.handle.restore()
 
-    header = ["method", "N", *COLUMNS, "s/edit", "peak RSS MiB"]
+    header = ["method", "N", *COLUMNS, "s/edit", "peak RSS MiB", "state MiB"]
     rows = [header]
     for method, data in results.items():
         unedited = data["unedited"]
-        rows.append([method, "0", *[f"{unedited[c]:.3f}" for c in COLUMNS], "-", "-"])
+        rows.append([method, "0", *[f"{unedited[c]:.3f}" for c in COLUMNS], "-", "-", "-"])
+        state = data.get("editor_state_mib", {})
         for c in data["checkpoints"]:
             rows.append([method, str(c["n_edits"]),
                          *[f"{c['scores'][k]:.3f}" if c["scores"][k] is not None else "-"
                            for k in COLUMNS],
-                         f"{c['seconds'] / c['n_edits']:.2f}", f"{data['peak_rss_mib']:.0f}"])
+                         f"{c['seconds'] / c['n_edits']:.2f}", f"{data['peak_rss_mib']:.0f}",
+                         f"{sum(state.values()):.0f}"])
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     for r in rows:
         print(" | ".join(x.ljust(w) for x, w in zip(r, widths)))
