@@ -85,9 +85,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{method}: done earlier ({path})", flush=True)
             continue
 
-        def save(report, _checkpoint=None, complete=False, path=path, method=method):
+        state_by_n: dict[int, dict[str, float]] = {}
+
+        def save(report, _checkpoint=None, complete=False, path=path, method=method,
+                 state_by_n=state_by_n):
             data = report.summary()
-            data["editor_state_mib"] = editor_state_mib(report.handle.editor)
+            n_done = sum(len(r.request_ids) for r in report.handle.records)
+            state_by_n[n_done] = editor_state_mib(report.handle.editor)
+            data["editor_state_mib"] = state_by_n[n_done]
+            data["editor_state_mib_by_n"] = dict(state_by_n)
             data.update(complete=complete, dataset=args.dataset, model=model.model_id,
                         load_model_seconds=load_seconds, peak_rss_mib=peak_rss_mib(),
                         overrides=overrides.get(method, {}), config=report.handle.config.to_dict())
