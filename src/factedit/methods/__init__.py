@@ -17,9 +17,13 @@ from .base import (
 from .d4s import D4SConfig, D4SEditor
 from .d4s_alphaedit import D4SAlphaEditConfig, D4SAlphaEditEditor
 from .finetune import FineTuneConfig, FineTuneEditor, FtMConfig
+from .grace import GraceConfig, GraceEditor
+from .ike import IkeConfig, IkeEditor
 from .kn import KnConfig, KnEditor
 from .locate import LocateEditConfig, LocateEditor
 from .memit import MemitConfig, MemitEditor
+from .memory import MemoryConfig, MemoryEditor
+from .memprompt import MemPromptConfig, MemPromptEditor
 from .mend import MendConfig, MendEditor
 from .pmet import PmetConfig, PmetEditor
 from .rome import RomeConfig, RomeEditor
@@ -27,7 +31,8 @@ from .rome import RomeConfig, RomeEditor
 __all__ = [
     "METHODS", "AlphaEditConfig", "AlphaEditEditor", "ConfigError", "D4SAlphaEditConfig",
     "D4SAlphaEditEditor", "D4SConfig", "D4SEditor", "EditResult", "Editor", "FineTuneConfig",
-    "FineTuneEditor", "FtMConfig", "KnConfig", "KnEditor", "LocateEditConfig",
+    "FineTuneEditor", "FtMConfig", "GraceConfig", "GraceEditor", "IkeConfig", "IkeEditor",
+    "MemPromptConfig", "MemPromptEditor", "MemoryConfig", "MemoryEditor", "KnConfig", "KnEditor", "LocateEditConfig",
     "LocateEditor", "MemitConfig", "MemitEditor", "MendConfig", "MendEditor", "MethodConfig", "PmetConfig", "PmetEditor",
     "RomeConfig", "RomeEditor", "get_method", "list_methods", "register_method",
 ]

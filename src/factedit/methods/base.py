@@ -3,6 +3,9 @@
 A method is `XConfig(MethodConfig)` + `XEditor(Editor)` + one `register_method(...)` line in
 its own file. An Editor *computes* weight deltas and leaves the model as it found it
 (MEMIT's invariant); `factedit.protocol` applies them, keeps the originals, and restores.
+Editors that keep the weights (grace, ike, memprompt) return no deltas: their edits act
+through an `Attachment` (forward hooks, `factedit.models.attach`) that the protocol installs
+after the first edit and removes on restore.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..models import EditableModel
+from ..models.attach import Attachment
 from ..requests import EditRequest
 
 
@@ -125,6 +129,14 @@ class Editor:
         if not manifest.get("stateless") or tensors:
             raise ValueError(f"{type(self).__name__}: this saved state holds a method history "
                              f"that method {self.config.method!r} cannot read")
+
+    def attachment(self) -> Attachment | None:
+        """Hooks through which this editor's edits act, for editors that keep the weights.
+
+        Weight editors return None (their deltas are the edit). The hooks must read the
+        editor's live state, so later edits and `remove` need no re-installation.
+        """
+        return None
 
     def fresh(self) -> Editor:
         """A new editor of the same method and config with no edit history (single mode)."""

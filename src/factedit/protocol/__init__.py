@@ -9,7 +9,9 @@ Modes:
     sequential       one request after another, each on the already-edited model.
     sequential-batch batches of `batch_size`, one after another.
 The model keeps the edits except in single mode. Originals of touched weights are copied
-once (only the matrices that change), so `restore()` is exact and cheap.
+once (only the matrices that change), so `restore()` is exact and cheap. Editors that keep
+the weights (grace, ike, memprompt) act through an attachment (forward hooks) that the
+handle installs after their first edit and removes in `restore()`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from tqdm.auto import tqdm
 
 from ..methods.base import Editor, EditResult, MethodConfig, get_method
 from ..models import EditableModel
+from ..models.attach import Attachment
 from ..requests import EditRequest, as_requests
 
 log = logging.getLogger(__name__)
@@ -78,6 +81,7 @@ class EditHandle:
         self.originals: dict[str, torch.Tensor] = {}
         self.records: list[EditRecord] = []
         self.last_result: EditResult | None = None
+        self.attachment: Attachment | None = None  # hooks of an editor that keeps the weights
 
     @property
     def method(self) -> str:
@@ -103,12 +107,22 @@ class EditHandle:
                     self.originals[name] = params[name].detach().clone()
                 params[name].copy_(new)
 
+    def attach(self) -> None:
+        """Install the editor's attachment, if it has one and it is not installed yet."""
+        if self.attachment is None:
+            self.attachment = self.editor.attachment()
+        if self.attachment is not None:
+            self.attachment.install()
+
     def restore(self) -> None:
-        """Put back every original weight this handle touched."""
+        """Put back every original weight this handle touched and remove its attachment."""
         with torch.no_grad():
             for name, original in self.originals.items():
                 self.model.model.get_parameter(name).copy_(original)
         self.originals.clear()
+        if self.attachment is not None:
+            self.attachment.remove()
+            self.attachment = None
 
     @contextmanager
     def disabled(self) -> Iterator[None]:
@@ -117,12 +131,17 @@ class EditHandle:
         with torch.no_grad():
             for name, original in self.originals.items():
                 self.model.model.get_parameter(name).copy_(original)
+        attached = self.attachment is not None and self.attachment.installed
+        if attached:
+            self.attachment.remove()
         try:
             yield
         finally:
             with torch.no_grad():
                 for name, value in current.items():
                     self.model.model.get_parameter(name).copy_(value)
+            if attached:
+                self.attachment.install()
 
     def weight_change(self) -> dict[str, float]:
         """||W - W_0||_F of every weight this handle touched."""
@@ -154,6 +173,7 @@ class EditHandle:
         result = self.editor.compute(requests)
         with result.timed("apply"):
             self.apply(result.deltas)
+            self.attach()
         self.last_result = result
         record = EditRecord(
             edit_id=len(self.records),

@@ -2,7 +2,8 @@
 
     state.safetensors   weights/<param>    the edited weights as they are now
                         originals/<param>  W_0 of the same weights (restore() needs them)
-                        editor/<name>      the method's own state (D4S's sums, C, history)
+                        editor/<name>      the method's own state (D4S's sums, C, history;
+                                           GRACE's codebook; the memory of IKE / MemPrompt)
     manifest.json       format, factedit version, model id, method config, edit records,
                         the editor's JSON state, and the blake2b digest of state.safetensors
 
@@ -116,4 +117,5 @@ def load_handle(cls: type[EditHandle], model: EditableModel, folder: str | Path)
             param.copy_(saved.to(param.device, param.dtype))
     editor.load_state_dict(groups["editor"], manifest["editor"])
     handle.records = [EditRecord(**r) for r in manifest["records"]]
+    handle.attach()  # editors that keep the weights act through hooks, not saved weights
     return handle

@@ -1,0 +1,56 @@
+"""MemPrompt (Madaan et al., "Memory-assisted prompt editing to improve GPT-3 after
+deployment", EMNLP 2022): a growing memory of corrections, retrieved and prepended.
+
+Each edit adds (question key, correction) pairs to the memory: the key is the edit prompt,
+the correction the fact written out, `template.format(prompt=..., target=...)`. At query
+time the nearest stored question (cosine similarity of the model's own mean-pooled hidden
+states, `MemoryEditor`) is retrieved if its score reaches `threshold`, and its correction
+alone is prepended to the query. Retrieval, prepending, removal and save/resume are shared
+with IKE in `methods/memory.py`.
+
+Departures from the paper: the memory holds fact corrections (the user feedback of the
+paper's clarification setting becomes the edited fact), and retrieval uses the edited
+model's hidden states instead of a separate sentence encoder (no download).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..requests import EditRequest
+from ..text import continuation_text
+from .base import ConfigError, register_method
+from .memory import MemoryConfig, MemoryEditor
+
+
+@dataclass
+class MemPromptConfig(MemoryConfig):
+    """MemPrompt's fields (plus retrieval_layer and threshold of MemoryConfig).
+
+    template: the correction prepended; {prompt} is the stored edit prompt (subject filled
+        in) and {target} its new answer, with the space scoring puts before an answer.
+    """
+
+    template: str = "Correction: {prompt}{target}.\n"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        try:
+            self.template.format(prompt="p", target="t")
+        except (KeyError, IndexError, ValueError, AttributeError) as err:
+            raise ConfigError(f"MemPromptConfig.template={self.template!r}: only {{prompt}} "
+                              f"and {{target}} may appear in braces ({err!r})") from None
+
+
+class MemPromptEditor(MemoryEditor):
+    config: MemPromptConfig
+
+    def context(self, best: EditRequest, ranked: Sequence[EditRequest]) -> str:
+        prompt = best.rewrite_prompt
+        return self.config.template.format(
+            prompt=prompt, target=continuation_text(prompt, best.target_new))
+
+
+register_method("memprompt", MemPromptConfig, MemPromptEditor,
+                "memory of corrections, the nearest prepended at query time (MemPrompt)")

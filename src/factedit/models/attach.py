@@ -1,0 +1,85 @@
+"""Attachments: hooks through which an editor that keeps the weights acts on every forward.
+
+GRACE's codebook and the memories of IKE and MemPrompt change no parameter: they act through
+forward hooks on the model's own modules, so `model(...)`, `model.generate`, the batched
+scoring of `factedit.metrics` (which calls `model.model.base_model` and the LM head) and any
+downstream harness all see the edited behaviour without knowing about it.
+
+    attachment = Attachment(model, needs_full_sequence=True)
+    attachment.add_pre_hook(model.model.base_model, rewrite_inputs)    # fn(module, args, kwargs)
+    attachment.add_forward_hook(model.model.base_model, slice_output)  # fn(module, args, kwargs, out)
+    attachment.install(); ...; attachment.remove()
+
+The hook functions read the editor's live state, so adding or removing one edit never
+re-installs anything. `EditHandle` installs an editor's attachment after its first edit and
+removes it in `restore()` (and for the duration of `disabled()`).
+
+`needs_full_sequence`: a hook that must see the whole token row at every call (a memory
+prepends context tokens; GRACE's "from_key" replacement needs the row from the key token on)
+cannot work on the one-token steps of a KV-cached generation. While installed, such an
+attachment sets `generation_config.use_cache = False`, so `generate` re-runs the full row at
+every step (quadratic in the generated length, exact); `remove()` puts the old value back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+PreHookFn = Callable[[nn.Module, tuple, dict], "tuple[tuple, dict] | None"]
+ForwardHookFn = Callable[[nn.Module, tuple, dict, Any], Any]
+
+
+class AttachmentError(RuntimeError):
+    """A forward pass an attachment cannot serve (e.g. a continued KV cache); says the fix."""
+
+
+class Attachment:
+    """A set of forward hooks installed and removed together (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, needs_full_sequence: bool = False) -> None:
+        self.model = model  # the transformers model (EditableModel.model)
+        self.needs_full_sequence = needs_full_sequence
+        self._specs: list[tuple[str, nn.Module, Callable]] = []
+        self._handles: list[RemovableHandle] = []
+        self._saved_use_cache: Any = None
+
+    def add_pre_hook(self, module: nn.Module, fn: PreHookFn) -> Attachment:
+        """fn(module, args, kwargs) -> None (unchanged) or new (args, kwargs)."""
+        self._specs.append(("pre", module, fn))
+        return self
+
+    def add_forward_hook(self, module: nn.Module, fn: ForwardHookFn) -> Attachment:
+        """fn(module, args, kwargs, output) -> None (unchanged) or the new output."""
+        self._specs.append(("forward", module, fn))
+        return self
+
+    @property
+    def installed(self) -> bool:
+        return bool(self._handles)
+
+    def install(self) -> None:
+        if self.installed:
+            return
+        for kind, module, fn in self._specs:
+            if kind == "pre":
+                self._handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
+            else:
+                self._handles.append(module.register_forward_hook(fn, with_kwargs=True))
+        generation_config = getattr(self.model, "generation_config", None)
+        if self.needs_full_sequence and generation_config is not None:
+            self._saved_use_cache = generation_config.use_cache
+            generation_config.use_cache = False
+
+    def remove(self) -> None:
+        if not self.installed:
+            return
+        for handle in reversed(self._handles):
+            handle.remove()
+        self._handles.clear()
+        generation_config = getattr(self.model, "generation_config", None)
+        if self.needs_full_sequence and generation_config is not None:
+            generation_config.use_cache = self._saved_use_cache

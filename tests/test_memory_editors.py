@@ -1,0 +1,140 @@
+"""IKE and MemPrompt on tiny random models: prepend-and-slice is exact, padding-safe, reversible."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny_model
+
+from factedit import EditRequest
+from factedit.methods import ConfigError, IkeConfig, MemPromptConfig
+from factedit.metrics.scoring import score_pairs
+from factedit.protocol import EditHandle, edit
+from factedit.text import encode
+
+EIFFEL = EditRequest(prompt="{} is located in the city of", subject="The Eiffel Tower",
+                     target_new="Rome", target_true="Paris",
+                     paraphrases=["The Eiffel Tower stands in"],
+                     neighborhood=[("The Louvre is located in the city of", "Paris")])
+COLOSSEUM = EditRequest(prompt="{} was built by", subject="The Colosseum",
+                        target_new="the Vikings", target_true="the Romans")
+BIGBEN = EditRequest(prompt="The bell {} rings in", subject="Big Ben", target_new="Berlin",
+                     neighborhood=[("Tower Bridge crosses the river", "Thames")])
+UNRELATED = "My favourite breakfast is"
+METHODS = ["memprompt", "ike"]
+# A random model's mean-pooled states are alike for any text: a strict threshold keeps
+# retrieval to the stored prompts themselves (and prompts that start with them).
+SETTINGS = dict(threshold=0.99999, retrieval_layer=1)
+
+
+def ids_of(model, text: str) -> torch.Tensor:
+    return torch.tensor([encode(model.tokenizer, text)])
+
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.model(input_ids=ids).logits
+
+
+def edited(tokenizer, method: str, requests=(EIFFEL, COLOSSEUM), **overrides):
+    model = make_tiny_model(tokenizer, layers=2)
+    handle = edit(model, list(requests), method=method, progress=False,
+                  **{**SETTINGS, **overrides})
+    return model, handle
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_unmatched_is_bit_identical_and_matched_reads_context_plus_prompt(tokenizer, method):
+    model = make_tiny_model(tokenizer, layers=2)
+    unrelated, prompt = ids_of(model, UNRELATED), ids_of(model, EIFFEL.rewrite_prompt)
+    before_unrelated, before_prompt = logits(model, unrelated), logits(model, prompt)
+    handle = edit(model, [EIFFEL, COLOSSEUM], method=method, progress=False, **SETTINGS)
+    assert torch.equal(logits(model, unrelated), before_unrelated)
+
+    ranked = handle.editor.retrieve(prompt, torch.ones_like(prompt))[0]
+    assert ranked[0].request is EIFFEL
+    context = torch.tensor([handle.editor.context_ids(ranked)])
+    assert "Rome" in tokenizer.decode(context[0])
+    with handle.disabled():
+        reference = logits(model, torch.cat([context, prompt], 1))[:, context.shape[1]:]
+    after = logits(model, prompt)
+    assert after.shape == before_prompt.shape
+    torch.testing.assert_close(after, reference, rtol=0, atol=1e-12)
+    assert not torch.allclose(after, before_prompt)
+    handle.restore()
+    assert torch.equal(logits(model, prompt), before_prompt)
+    assert model.model.generation_config.use_cache is True
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_padded_batch_scores_agree_with_one_pair_at_a_time(tokenizer, method):
+    model, _ = edited(tokenizer, method)
+    pairs = [(EIFFEL.rewrite_prompt, "Rome"), (EIFFEL.rewrite_prompt, "Paris"),
+             (COLOSSEUM.rewrite_prompt, "the Vikings"), (UNRELATED, "toast with jam"),
+             ("The Louvre is located in the city of", "Paris")]
+    batched = score_pairs(model, pairs)
+    for pair in pairs:
+        alone = score_pairs(model, [pair])[pair]
+        assert batched[pair].logprob == pytest.approx(alone.logprob, abs=1e-9), pair
+        assert batched[pair].argmax == alone.argmax
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_generate_equals_greedy_decoding_of_context_plus_prompt(tokenizer, method):
+    model, handle = edited(tokenizer, method)
+    pad = tokenizer.pad_token_id
+    prompt = ids_of(model, EIFFEL.rewrite_prompt)
+    context = torch.tensor([handle.editor.context_ids(
+        handle.editor.retrieve(prompt, torch.ones_like(prompt))[0])])
+    out = model.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=pad)
+    with handle.disabled():
+        full = torch.cat([context, prompt], 1)
+        reference = model.generate(full, max_new_tokens=4, do_sample=False, pad_token_id=pad)
+    assert out[0, prompt.shape[1]:].tolist() == reference[0, full.shape[1]:].tolist()
+    # text generation with left padding runs through the same hooks
+    texts = model.generate([EIFFEL.rewrite_prompt, UNRELATED], max_new_tokens=3)
+    assert len(texts) == 2
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_remove_and_save_resume(tokenizer, method, tmp_path):
+    model, handle = edited(tokenizer, method)
+    prompts = {r.uid: ids_of(model, r.rewrite_prompt) for r in (EIFFEL, COLOSSEUM)}
+    edited_logits = {uid: logits(model, ids) for uid, ids in prompts.items()}
+    with handle.disabled():
+        unedited = {uid: logits(model, ids) for uid, ids in prompts.items()}
+    handle.save(tmp_path / method)
+
+    fresh = make_tiny_model(tokenizer, layers=2)
+    resumed = EditHandle.resume(fresh, tmp_path / method)
+    for uid, ids in prompts.items():
+        assert torch.equal(logits(fresh, ids), edited_logits[uid])
+    assert [e.edit_id for e in resumed.editor.entries] == [0, 0]
+
+    one_by_one, one_handle = edited(tokenizer, method, mode="sequential")
+    assert [e.edit_id for e in one_handle.editor.entries] == [0, 1]
+    one_handle.remove(0)
+    assert torch.equal(logits(one_by_one, prompts[EIFFEL.uid]), unedited[EIFFEL.uid])
+    assert not torch.equal(logits(one_by_one, prompts[COLOSSEUM.uid]), unedited[COLOSSEUM.uid])
+
+
+def test_ike_context_holds_demonstrations_and_the_new_fact_last(tokenizer):
+    _, handle = edited(tokenizer, "ike", requests=(EIFFEL, COLOSSEUM, BIGBEN), num_demos=2)
+    text = handle.editor.context(COLOSSEUM, [COLOSSEUM])
+    assert text.count("New Fact:") == 3
+    assert text.endswith("New Fact: The Colosseum was built by the Vikings\n")
+    assert "The Eiffel Tower stands in Rome" in text or "Tower Bridge crosses the river Thames" in text
+
+
+def test_memprompt_context_is_the_correction(tokenizer):
+    _, handle = edited(tokenizer, "memprompt", requests=(EIFFEL,))
+    assert handle.editor.context(EIFFEL, [EIFFEL]) == (
+        "Correction: The Eiffel Tower is located in the city of Rome.\n")
+
+
+@pytest.mark.parametrize(("cls", "field", "value"), [
+    (MemPromptConfig, "threshold", 1.5), (IkeConfig, "retrieval_layer", -1),
+    (IkeConfig, "num_demos", -2), (MemPromptConfig, "template", "{question} {target}")])
+def test_bad_config_names_the_field(cls, field, value):
+    with pytest.raises(ConfigError, match=field):
+        cls(**{field: value})
