@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..models import EditableModel, Trace, TraceDict, start_at_layer
+from ..models import EditableModel, Trace, TraceDict, frozen, start_at_layer
 from ..requests import EditRequest
 from ..text import continuation_ids, pad_right, subject_last_index
 
@@ -131,15 +131,10 @@ def site_module_name(model: EditableModel, layer: int, site: str) -> str:
 def _frozen(module: torch.nn.Module) -> Iterator[None]:
     """No parameter gradients while inside: only the deltas are optimised. Without this,
     every step also back-propagates into each weight above `layer` and the (vocab x d)
-    embedding/head matrix, which is most of the backward pass."""
-    flags = [(p, p.requires_grad) for p in module.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
+    embedding/head matrix, which is most of the backward pass. (Flags are restored by name:
+    offload hooks swap parameter objects, see models.params.frozen.)"""
+    with frozen(module):
         yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
 
 
 def optimise_target_values(

@@ -24,6 +24,7 @@ import torch
 
 from ..models import EditableModel
 from ..models.attach import Attachment
+from ..models.params import OFFLOAD_STORE_DEVICE
 from ..requests import EditRequest
 
 
@@ -146,10 +147,15 @@ class Editor:
         return self.model.arch.mlp_out_at(layer) + ".weight"
 
     def as_param_delta(self, delta: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """A (d_out, d_in) delta in the parameter's orientation, dtype and device."""
+        """A (d_out, d_in) delta in the parameter's orientation, dtype and device.
+
+        An offloaded parameter (on `meta`, its value in accelerate's CPU/disk store) gets
+        its delta on the CPU, where the value is read and written (`models.params`).
+        """
         if self.model.arch.conv1d:
             delta = delta.T
-        return delta.to(dtype=like.dtype, device=like.device)
+        device = like.device if like.device.type != "meta" else OFFLOAD_STORE_DEVICE
+        return delta.to(dtype=like.dtype, device=device)
 
 
 @dataclass(frozen=True)

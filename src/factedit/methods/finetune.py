@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models import EditableModel, Trace, start_at_layer
+from ..models import EditableModel, Trace, frozen, onloaded, start_at_layer
 from ..requests import EditRequest
 from ..text import continuation_ids, encode, pad_right
 from .base import ConfigError, Editor, EditResult, MethodConfig, register_method
@@ -118,58 +118,67 @@ class FineTuneEditor(Editor):
                     nll_tok=t(nll_tok))
 
     def compute(self, requests: Sequence[EditRequest]) -> EditResult:
-        c, model = self.config, self.model
+        model = self.model
         result = EditResult()
         batch = self._batch(requests)
         n = len(requests)
-        params = [model.mlp_out(layer).weight for layer in self.layers]
-        originals = [p.detach().clone() for p in params]
         first = self.layers[0]
         with torch.inference_mode(), Trace(model.model, model.arch.layer(first),
                                            retain_input=True, stop=True) as block_in:
             model.model(input_ids=batch["ids"], attention_mask=batch["mask"], use_cache=False)
         hidden_in = block_in.input.clone()  # outside inference mode: an ordinary tensor
-        flags = [(p, p.requires_grad) for p in model.model.parameters()]
-        for p, _ in flags:
-            p.requires_grad_(False)
-        for p in params:
-            p.requires_grad_(True)
+        names = [self.weight_param_name(layer) for layer in self.layers]
+        # Offloaded weights become ordinary parameters for the training loop (Adam must hold
+        # the same objects across steps); the weights are put back below, so no write-back.
+        with onloaded(model.model, names, write_back=False) as live, frozen(model.model):
+            params = [live[name] for name in names]
+            originals = [p.detach().clone() for p in params]
+            for p in params:
+                p.requires_grad_(True)
+            try:
+                nll, steps_taken = self._train(result, batch, params, originals, hidden_in, n)
+                for name, p, w0 in zip(names, params, originals):
+                    result.deltas[name] = (p.detach() - w0).clone()
+            finally:
+                with torch.no_grad():
+                    for p, w0 in zip(params, originals):
+                        p.copy_(w0)
+        result.info.update(target_nll=nll.tolist(), steps=steps_taken, layers=list(self.layers))
+        return result
+
+    def _train(self, result: EditResult, batch: dict[str, torch.Tensor],
+               params: list[torch.Tensor], originals: list[torch.Tensor],
+               hidden_in: torch.Tensor, n: int) -> tuple[torch.Tensor, int]:
+        """Adam on `params` until every request's target NLL is below the threshold (or the
+        step budget ends); returns the last NLL per request and the steps taken."""
+        c, model = self.config, self.model
         optimiser = torch.optim.Adam(params, lr=c.lr)
         base = model.model.base_model
         per_request = torch.zeros(n, device=model.device)
         nll = torch.full((n,), float("inf"))
         steps_taken = c.steps
-        try:
-            with result.timed("train"):
-                for step in range(c.steps):
-                    with start_at_layer(model.layers, first, hidden_in, model.block_returns_tuple):
-                        hidden = base(input_ids=batch["ids"], attention_mask=batch["mask"],
-                                      use_cache=False).last_hidden_state
-                    nll = self._mean_nll(hidden, batch, "nll", n).detach().cpu()
-                    if bool((nll < c.early_stop_nll).all()):
-                        steps_taken = step
-                        break
-                    open_requests = (nll >= c.early_stop_nll).to(per_request.device)
-                    per_request = self._mean_nll(hidden, batch, "loss", n)
-                    loss = (per_request * open_requests).sum() / open_requests.sum()
-                    optimiser.zero_grad()
-                    loss.backward()
-                    optimiser.step()
-                    if c.norm_constraint is not None:
-                        with torch.no_grad():
-                            for p, w0 in zip(params, originals):
-                                p.copy_(torch.clamp(p, w0 - c.norm_constraint,
-                                                    w0 + c.norm_constraint))
-            for layer, p, w0 in zip(self.layers, params, originals):
-                result.deltas[self.weight_param_name(layer)] = (p.detach() - w0).clone()
-        finally:
-            with torch.no_grad():
-                for p, w0 in zip(params, originals):
-                    p.copy_(w0)
-            for p, flag in flags:
-                p.requires_grad_(flag)
-        result.info.update(target_nll=nll.tolist(), steps=steps_taken, layers=list(self.layers))
-        return result
+        with result.timed("train"):
+            for step in range(c.steps):
+                with start_at_layer(model.layers, self.layers[0], hidden_in,
+                                    model.block_returns_tuple):
+                    hidden = base(input_ids=batch["ids"], attention_mask=batch["mask"],
+                                  use_cache=False).last_hidden_state
+                nll = self._mean_nll(hidden, batch, "nll", n).detach().cpu()
+                if bool((nll < c.early_stop_nll).all()):
+                    steps_taken = step
+                    break
+                open_requests = (nll >= c.early_stop_nll).to(per_request.device)
+                per_request = self._mean_nll(hidden, batch, "loss", n)
+                loss = (per_request * open_requests).sum() / open_requests.sum()
+                optimiser.zero_grad()
+                loss.backward()
+                optimiser.step()
+                if c.norm_constraint is not None:
+                    with torch.no_grad():
+                        for p, w0 in zip(params, originals):
+                            p.copy_(torch.clamp(p, w0 - c.norm_constraint,
+                                                w0 + c.norm_constraint))
+        return nll, steps_taken
 
     def _mean_nll(self, hidden: torch.Tensor, batch: dict[str, torch.Tensor], kind: str,
                   n: int) -> torch.Tensor:

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models import EditableModel, Trace, start_at_layer
+from ..models import EditableModel, Trace, frozen, read_param, start_at_layer
 from ..requests import EditRequest
 from ..text import continuation_ids, encode
 from .base import ConfigError, Editor, EditResult, MethodConfig, register_method
@@ -120,18 +120,12 @@ class KnEditor(Editor):
             x[:, last] = point
             return x
 
-        flags = [(p, p.requires_grad) for p in model.model.parameters()]
-        for p, _ in flags:
-            p.requires_grad_(False)
-        try:
+        with frozen(model.model):
             with start_at_layer(model.layers, layer, hidden_in, model.block_returns_tuple), \
                  Trace(model.model, model.arch.mlp_out_at(layer), edit_input=scale_last):
                 hidden = model.model.base_model(input_ids=ids, use_cache=False).last_hidden_state
             probs = torch.softmax(model.head_logits(hidden[:, last]).float(), dim=-1)
             (grad,) = torch.autograd.grad(probs[:, answer_token].sum(), scaled[0])
-        finally:
-            for p, flag in flags:
-                p.requires_grad_(flag)
         return (activation[0].float() * grad.float().mean(0)).detach()
 
     def find_neurons(self, request: EditRequest) -> list[tuple[int, int]]:
@@ -168,13 +162,14 @@ class KnEditor(Editor):
             return int(self.model.head_logits(hidden[0, -1]).argmax())
 
     def _embedding(self, token: int) -> torch.Tensor:
-        head = self.model.model.get_output_embeddings()
-        return head.weight[token].detach().to(torch.float64).cpu()
+        head = read_param(self.model.model, self.model.arch.lm_head + ".weight")
+        return head[token].to("cpu", torch.float64)
 
     def compute(self, requests: Sequence[EditRequest]) -> EditResult:
         c, tok = self.config, self.model.tokenizer
         result = EditResult()
         slots: dict[int, torch.Tensor] = {}
+        slot_norm: dict[int, float] = {}  # mean value-slot norm per layer, read once
         found = []
         for request in requests:
             with result.timed("attribution"):
@@ -184,11 +179,14 @@ class KnEditor(Editor):
             old = self._embedding(self._answer_token(request.rewrite_prompt, request))
             with result.timed("update"):
                 for layer, i in neurons:
-                    W = self.model.weight(layer).detach().to("cpu", torch.float64)
-                    delta = slots.setdefault(layer, torch.zeros_like(W))
+                    if layer not in slots:
+                        W = self.model.weight(layer).to("cpu", torch.float64)  # (d_out, d_ff)
+                        slots[layer] = torch.zeros_like(W)
+                        slot_norm[layer] = float(W.norm(dim=0).mean())
+                    delta = slots[layer]
                     scale = 1.0
                     if c.normalise_embeddings:
-                        scale = float(W.norm(dim=0).mean()) / float(new.norm().clamp_min(1e-12))
+                        scale = slot_norm[layer] / float(new.norm().clamp_min(1e-12))
                     delta[:, i] += scale * (c.update_scale * new - c.erase_scale * old)
         for layer, delta in slots.items():
             param = self.model.mlp_out(layer).weight

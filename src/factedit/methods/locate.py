@@ -29,7 +29,7 @@ from ..linalg import (
     spread_residual,
     weight_stats,
 )
-from ..models import EditableModel
+from ..models import EditableModel, write_param
 from ..requests import EditRequest
 from .base import ConfigError, Editor, EditResult, MethodConfig
 
@@ -287,10 +287,10 @@ class LocateEditor(Editor):
         return self.model.weight(layer).detach().to("cpu", torch.float64, copy=True)
 
     def set_weight(self, layer: int, W: torch.Tensor) -> None:
-        """Write a (d_out, d_in) matrix into the layer's parameter (Conv1D: transposed)."""
-        param = self.model.mlp_out(layer).weight
-        with torch.no_grad():
-            param.copy_(self.as_param_delta(W, param))
+        """Write a (d_out, d_in) matrix into the layer's parameter (Conv1D: transposed),
+        wherever it lives (an offloaded one: into accelerate's store, see models.params)."""
+        write_param(self.model.model, self.model.weight_name(layer),
+                    self.as_param_delta(W, self.model.mlp_out(layer).weight))
 
     def original_weight(self, layer: int) -> torch.Tensor:
         """W_0 of `layer` (d_out, d_in), float64: the weight at this editor's first edit."""

@@ -73,7 +73,7 @@ class MemitEditor(LocateEditor):
         if self.config.mom2_update_weight is not None:
             return float(self.config.mom2_update_weight)
         table = model_default(self.model, self.layer_family, "mom2_update_weight")
-        return float(table) if table is not None else float(self.model.weight(layer).shape[1])
+        return float(table) if table is not None else float(self.model.weight_shape(layer)[1])
 
     def solve_layer(self, j: int, layer: int, K: torch.Tensor, R: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,6 +17,7 @@ from torch import nn
 
 from .arch import ArchSpec
 from .hooks import get_module
+from .params import module_device, read_param
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,8 @@ class EditableModel:
 
     @property
     def device(self) -> torch.device:
-        return get_module(self.model, self.arch.embed).weight.device
+        """Where inputs go: the embedding's device (its execution device when offloaded)."""
+        return module_device(get_module(self.model, self.arch.embed))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -73,10 +75,23 @@ class EditableModel:
     def mlp_out(self, layer: int) -> nn.Module:
         return self.module(self.arch.mlp_out_at(self.check_layer(layer)))
 
+    def weight_name(self, layer: int) -> str:
+        """The parameter name of `layer`'s MLP output projection weight."""
+        return self.arch.mlp_out_at(self.check_layer(layer)) + ".weight"
+
     def weight(self, layer: int) -> torch.Tensor:
-        """The MLP output projection of `layer` as a (d_out, d_in) view (Conv1D transposed)."""
-        w = self.mlp_out(layer).weight
+        """The MLP output projection of `layer` as a (d_out, d_in) view (Conv1D transposed).
+
+        Its current value wherever it lives (offloaded to CPU/disk included, see
+        `models.params`); it may share memory with the parameter, so clone before changing.
+        """
+        w = read_param(self.model, self.weight_name(layer))
         return w.T if self.arch.conv1d else w
+
+    def weight_shape(self, layer: int) -> tuple[int, int]:
+        """(d_out, d_in) of `layer`'s edited matrix, without reading an offloaded value."""
+        shape = tuple(self.mlp_out(layer).weight.shape)
+        return (shape[1], shape[0]) if self.arch.conv1d else (shape[0], shape[1])
 
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The LM head on final hidden states, with the soft cap Gemma applies to its logits,

@@ -174,7 +174,8 @@ def load_model(
         dtype: torch dtype or its name; default float32 (editing numerics want it on CPU).
         device: move the model there ("cpu", "cuda:0"); ignored with device_map.
         device_map: passed to transformers/accelerate ("auto" or a dict) for models that
-            span devices or offload to CPU/disk.
+            span devices or offload to CPU/disk (give `offload_folder=` for "disk"); the
+            result is edited in place wherever its weights live (see `models.params`).
         arch: override or complete the module table for an unknown family.
         trust_remote_code: off unless you pass True (runs code shipped with the model).
     """

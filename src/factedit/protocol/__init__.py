@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..methods.base import Editor, EditResult, MethodConfig, get_method
-from ..models import EditableModel
+from ..models import EditableModel, read_param, write_param
 from ..models.attach import Attachment
 from ..requests import EditRequest, as_requests
 
@@ -93,19 +93,23 @@ class EditHandle:
 
     # -- applying ---------------------------------------------------------------------------
     def apply(self, deltas: dict[str, torch.Tensor]) -> None:
-        """Add deltas to the named parameters (all or nothing: non-finite results raise)."""
-        params = {name: self.model.model.get_parameter(name) for name in deltas}
+        """Add deltas to the named parameters (all or nothing: non-finite results raise).
+
+        Parameters are read and written through `models.params`, so weights on other
+        devices or offloaded to CPU/disk by accelerate are edited where they live.
+        """
         updated = {}
         with torch.no_grad():
             for name, delta in deltas.items():
-                new = params[name] + delta.to(params[name].device, params[name].dtype)
+                current = read_param(self.model.model, name)
+                new = current + delta.to(current.device, current.dtype)
                 if not torch.isfinite(new).all():
                     raise NonFiniteEditError(f"edit of {name} produced NaN/inf; not applied")
-                updated[name] = new
-            for name, new in updated.items():
+                updated[name] = (current, new)
+            for name, (current, new) in updated.items():
                 if name not in self.originals:
-                    self.originals[name] = params[name].detach().clone()
-                params[name].copy_(new)
+                    self.originals[name] = current.clone()
+                write_param(self.model.model, name, new)
 
     def attach(self) -> None:
         """Install the editor's attachment, if it has one and it is not installed yet."""
@@ -116,9 +120,8 @@ class EditHandle:
 
     def restore(self) -> None:
         """Put back every original weight this handle touched and remove its attachment."""
-        with torch.no_grad():
-            for name, original in self.originals.items():
-                self.model.model.get_parameter(name).copy_(original)
+        for name, original in self.originals.items():
+            write_param(self.model.model, name, original)
         self.originals.clear()
         if self.attachment is not None:
             self.attachment.remove()
@@ -127,19 +130,17 @@ class EditHandle:
     @contextmanager
     def disabled(self) -> Iterator[None]:
         """Temporarily run the unedited model: `with handle.disabled(): ...`."""
-        current = {n: self.model.model.get_parameter(n).detach().clone() for n in self.originals}
-        with torch.no_grad():
-            for name, original in self.originals.items():
-                self.model.model.get_parameter(name).copy_(original)
+        current = {n: read_param(self.model.model, n).clone() for n in self.originals}
+        for name, original in self.originals.items():
+            write_param(self.model.model, name, original)
         attached = self.attachment is not None and self.attachment.installed
         if attached:
             self.attachment.remove()
         try:
             yield
         finally:
-            with torch.no_grad():
-                for name, value in current.items():
-                    self.model.model.get_parameter(name).copy_(value)
+            for name, value in current.items():
+                write_param(self.model.model, name, value)
             if attached:
                 self.attachment.install()
 
@@ -152,7 +153,7 @@ class EditHandle:
         out = {}
         with torch.no_grad():
             for name, original in self.originals.items():
-                w = self.model.model.get_parameter(name).double()
+                w = read_param(self.model.model, name).double()
                 out[name] = {"mean_abs": float(w.abs().mean()),
                              "fro_change": float((w - original.double()).norm())}
         return out

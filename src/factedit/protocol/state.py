@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..models import EditableModel
+from ..models import EditableModel, read_param, write_param
 from ..models.loading import file_digest
 
 if TYPE_CHECKING:
@@ -45,8 +45,7 @@ def save_handle(handle: EditHandle, folder: str | Path) -> Path:
     tensors: dict[str, torch.Tensor] = {}
     for name, original in handle.originals.items():
         tensors[f"originals/{name}"] = original.detach().cpu().contiguous()
-        tensors[f"weights/{name}"] = (
-            handle.model.model.get_parameter(name).detach().cpu().contiguous())
+        tensors[f"weights/{name}"] = read_param(handle.model.model, name).cpu().contiguous()
     for name, t in editor_tensors.items():
         tensors[f"editor/{name}"] = t.detach().cpu().contiguous()
     # Write to temporary names, then rename: a crash mid-save leaves the old state intact.
@@ -103,18 +102,17 @@ def load_handle(cls: type[EditHandle], model: EditableModel, folder: str | Path)
     for key, t in tensors.items():
         group, name = key.split("/", 1)
         groups[group][name] = t
-    with torch.no_grad():
-        for name, original in groups["originals"].items():
-            param = model.model.get_parameter(name)
-            saved = groups["weights"][name]
-            current = param.detach().cpu()
-            if not (torch.equal(current, original.to(current.dtype))
-                    or torch.equal(current, saved.to(current.dtype))):
-                raise StateFileError(f"{name} of this model is neither the saved original nor "
-                                     f"the saved edited weight: resume on the model the run "
-                                     f"started from")
-            handle.originals[name] = original.to(param.device, param.dtype)
-            param.copy_(saved.to(param.device, param.dtype))
+    for name, original in groups["originals"].items():
+        saved = groups["weights"][name]
+        live = read_param(model.model, name)  # offloaded weights included (models.params)
+        current = live.cpu()
+        if not (torch.equal(current, original.to(current.dtype))
+                or torch.equal(current, saved.to(current.dtype))):
+            raise StateFileError(f"{name} of this model is neither the saved original nor "
+                                 f"the saved edited weight: resume on the model the run "
+                                 f"started from")
+        handle.originals[name] = original.to(live.device, live.dtype)
+        write_param(model.model, name, saved)
     editor.load_state_dict(groups["editor"], manifest["editor"])
     handle.records = [EditRecord(**r) for r in manifest["records"]]
     handle.attach()  # editors that keep the weights act through hooks, not saved weights
