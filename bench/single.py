@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
                                           / "shared" / "data"))
     ap.add_argument("--covariance-tokens", type=int, default=100_000)
     ap.add_argument("--layers", default=None)
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
+                    help="config override, e.g. context_prefixes=0")
     ap.add_argument("--out", default="bench/out/single")
     args = ap.parse_args(argv)
 
@@ -48,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
                      covariance_tokens=args.covariance_tokens)
     if args.layers:
         overrides["layers"] = [int(x) for x in args.layers.split(",")]
+    for item in args.set:
+        field, value = item.split("=", 1)
+        overrides[field] = json.loads(value)
     from factedit.protocol import EditHandle, make_editor
 
     editor = make_editor(model, args.method, **overrides)
@@ -82,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     tag = f"{args.method}_{args.dataset}_n{len(requests)}"
     if args.layers:
         tag += "_L" + args.layers.replace(",", "-")
+    for item in args.set:
+        tag += "_" + item.replace("=", "-").replace('"', "")
     (out / f"{tag}.json").write_text(json.dumps(result, indent=1, default=float))
     print(f"{args.method} on {len(requests)} {args.dataset} records, one at a time "
           f"(layers {handle.editor.layers})")
