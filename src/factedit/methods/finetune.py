@@ -33,7 +33,7 @@ from ..models import EditableModel, Trace, frozen, onloaded, start_at_layer
 from ..requests import EditRequest
 from ..text import continuation_ids, encode, pad_right
 from .base import ConfigError, Editor, EditResult, MethodConfig, register_method
-from .locate import check_choice, check_positive, default_layers
+from .locate import check_choice, check_layer_list, check_positive, default_layers
 
 OBJECTIVES = ("prompt_last", "target", "all")
 
@@ -57,12 +57,7 @@ class FineTuneConfig(MethodConfig):
     early_stop_nll: float = 0.05
 
     def __post_init__(self) -> None:
-        if isinstance(self.layers, int):
-            self.layers = [self.layers]
-        if self.layers is not None and (
-                not self.layers or any(not isinstance(x, int) or x < 0 for x in self.layers)):
-            raise ConfigError(f"{type(self).__name__}.layers={self.layers!r}: give a non-empty "
-                              f"list of layer numbers")
+        check_layer_list(self)
         check_positive(self, "steps", "lr")
         check_positive(self, "norm_constraint", optional=True)
         check_choice(self, "objective", OBJECTIVES)

@@ -42,7 +42,7 @@ from ..models import EditableModel, Trace, frozen, read_param, start_at_layer
 from ..requests import EditRequest
 from ..text import continuation_ids, encode
 from .base import ConfigError, Editor, EditResult, MethodConfig, register_method
-from .locate import check_positive
+from .locate import check_layer_list, check_positive
 
 
 @dataclass
@@ -72,12 +72,7 @@ class KnConfig(MethodConfig):
     use_paraphrases: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.layers, int):
-            self.layers = [self.layers]
-        if self.layers is not None and (
-                not self.layers or any(not isinstance(x, int) or x < 0 for x in self.layers)):
-            raise ConfigError(f"KnConfig.layers={self.layers!r}: give a non-empty list of "
-                              f"layer numbers")
+        check_layer_list(self)
         check_positive(self, "ig_steps", "max_neurons")
         for name in ("adaptive_threshold", "share_threshold"):
             value = getattr(self, name)

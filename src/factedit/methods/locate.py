@@ -103,13 +103,7 @@ class LocateEditConfig(MethodConfig):
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.layers is not None:
-            if isinstance(self.layers, int):
-                self.layers = [self.layers]
-            if not self.layers or any(not isinstance(x, int) or x < 0 for x in self.layers):
-                raise ConfigError(f"layers={self.layers!r}: give a non-empty list of layer numbers")
-            if sorted(set(self.layers)) != list(self.layers):
-                raise ConfigError(f"layers={self.layers!r}: list them once each, ascending")
+        check_layer_list(self)
         for name in ("v_steps", "context_length", "covariance_tokens", "covariance_seq_len",
                      "value_batch_size"):
             if getattr(self, name) <= 0:
@@ -131,6 +125,23 @@ def check_choice(config: MethodConfig, name: str, choices: Sequence[str]) -> Non
     if value not in choices:
         raise ConfigError(f"{type(config).__name__}.{name}={value!r}: choose one of "
                           f"{', '.join(repr(c) for c in choices)}")
+
+
+def check_layer_list(config: MethodConfig, name: str = "layers") -> None:
+    """Normalise `config.<name>` (an int becomes [int]; None stays None) and reject what is
+    not a non-empty, ascending list of distinct layer numbers, naming the field."""
+    layers = getattr(config, name)
+    if layers is None:
+        return
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        layers = [layers]
+        setattr(config, name, layers)
+    where = f"{type(config).__name__}.{name}={layers!r}"
+    if (not isinstance(layers, list) or not layers
+            or any(not isinstance(x, int) or isinstance(x, bool) or x < 0 for x in layers)):
+        raise ConfigError(f"{where}: give a non-empty list of layer numbers")
+    if sorted(set(layers)) != layers:
+        raise ConfigError(f"{where}: list them once each, ascending")
 
 
 def check_positive(config: MethodConfig, *names: str, optional: bool = False) -> None:

@@ -49,7 +49,7 @@ from .hypernet import (
     token_rows,
     train_hypernetwork,
 )
-from .locate import check_positive
+from .locate import check_layer_list, check_positive
 
 
 @dataclass
@@ -72,8 +72,7 @@ class MendConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         check_positive(self, "rank", "n_hidden", "edit_lr_init")
-        if isinstance(self.layers, int):
-            self.layers = [self.layers]
+        check_layer_list(self)
         unknown = set(self.train) - set(TrainConfig.__dataclass_fields__)
         if unknown:
             raise ConfigError(f"MendConfig.train has unknown field(s) {sorted(unknown)}; "
