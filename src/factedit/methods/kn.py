@@ -26,8 +26,8 @@ paper uses the ground-truth answer y*, we attribute target_true when the request
 else the model's current greedy answer.
 
 Departures from the paper: it studies BERT's fill-in-the-blank; here the attribution is at
-the causal LM's next-token position. Scales default to 1 (the paper gives no values for
-GPT-style models) and, because LM-head rows and value slots differ in norm between models,
+the causal LM's next-token position. Scales default to 0.5 (the paper gives no values for
+GPT-style models; see KnConfig for the measurement) and, because LM-head rows and value slots differ in norm between models,
 e(.) is rescaled to the mean value-slot norm of its layer (`normalise_embeddings`).
 """
 
@@ -66,8 +66,11 @@ class KnConfig(MethodConfig):
     adaptive_threshold: float = 0.2
     share_threshold: float = 0.5
     max_neurons: int = 10
-    erase_scale: float = 1.0
-    update_scale: float = 1.0
+    # Measured on SmolLM2-135M, Eiffel Tower -> Rome (10 neurons, layers 16-29): 0.35 leaves
+    # "Paris", 0.5 says "Rome" while the Louvre keeps "Paris", 0.7 moves the Louvre to Rome
+    # too. Value-slot edits are blunt: the window between no effect and collateral is narrow.
+    erase_scale: float = 0.5
+    update_scale: float = 0.5
     normalise_embeddings: bool = True
     use_paraphrases: bool = True
 
