@@ -16,7 +16,7 @@ def test_fifty_sequential_d4s_edits_keep_efficacy(builtin_model, shared_data):
     report = fe.run_sequence(
         builtin_model, requests, "d4s", immediate=False, unedited=False, progress=False,
         covariance_corpus=str(shared_data / "corpus" / "wikitext-2-raw"),
-        covariance_tokens=20_000, context_prefixes=0)
+        covariance_tokens=20_000, context_prefixes=0, condition_every=25)
     try:
         final = report.final
         assert final["efficacy"] > 0.9, final
