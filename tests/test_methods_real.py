@@ -30,7 +30,7 @@ def test_single_edit_flips_eiffel_keeps_louvre(builtin_model, method):
     assert answer(model, EIFFEL.rewrite_prompt).startswith("Paris")
 
 
-# KN is left out of the sequence test: its attribution costs ~100 s per edit on two cores.
+# KN is left out of the sequence test: its attribution costs ~30 s per edit on two cores.
 @pytest.mark.parametrize("method", ["ft-m"])
 def test_sequence_of_two_edits_keeps_both(builtin_model, method):
     model = builtin_model
