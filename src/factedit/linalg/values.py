@@ -25,8 +25,7 @@ fed in with `start_at_layer`; the LM head runs only at target-token positions.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -127,16 +126,6 @@ def site_module_name(model: EditableModel, layer: int, site: str) -> str:
     raise ValueError(f"site must be one of {SITES}, got {site!r}")
 
 
-@contextmanager
-def _frozen(module: torch.nn.Module) -> Iterator[None]:
-    """No parameter gradients while inside: only the deltas are optimised. Without this,
-    every step also back-propagates into each weight above `layer` and the (vocab x d)
-    embedding/head matrix, which is most of the backward pass. (Flags are restored by name:
-    offload hooks swap parameter objects, see models.params.frozen.)"""
-    with frozen(module):
-        yield
-
-
 def optimise_target_values(
     model: EditableModel,
     requests: Sequence[EditRequest],
@@ -214,7 +203,7 @@ def optimise_joint_target_values(
     delta_of = dict(zip(site_names, deltas))
 
     optimiser = torch.optim.Adam(deltas, lr=lr)
-    frozen = torch.zeros(n_req, dtype=torch.bool, device=device)
+    converged = torch.zeros(n_req, dtype=torch.bool, device=device)
     steps_taken = [steps] * n_req
     kl_req = row_req[kl_rows]  # the request of each KL row
     kl_init = torch.empty(0)
@@ -240,7 +229,7 @@ def optimise_joint_target_values(
                     row_tokens=row_counts[keep].float(),
                     kl_rows=renumber[kl_rows[kl_keep]], kl_req=kl_req[kl_keep])
 
-    act = open_rows(~frozen)
+    act = open_rows(~converged)
 
     def add_delta(output: torch.Tensor, name: str) -> torch.Tensor:
         # Out-of-place: autograd must see delta enter at the subject token of each row.
@@ -248,7 +237,10 @@ def optimise_joint_target_values(
         add[act["arange"], act["subj"]] = delta_of[name][act["row_req"]].to(output.dtype)
         return output + add
 
-    with _frozen(model.model):
+    # No parameter gradients: only the deltas are optimised. Without this, every step also
+    # back-propagates into each weight above `layer` and the (vocab x d) embedding/head
+    # matrix, which is most of the backward pass.
+    with frozen(model.model):
         for step in range(steps):
             optimiser.zero_grad()
             with start_at_layer(model.layers, layer, act["hidden"], model.block_returns_tuple), \
@@ -272,24 +264,24 @@ def optimise_joint_target_values(
                                            reduction="none").sum(-1))
             req_wd = sum(weight_decay * d.norm(dim=1) / i.norm(dim=1).clamp_min(1e-8) ** 2
                          for d, i in zip(deltas, inits))
-            last_nll = torch.where(frozen, last_nll, req_nll.detach())
-            newly_done = (last_nll < early_stop_nll) & ~frozen
+            last_nll = torch.where(converged, last_nll, req_nll.detach())
+            newly_done = (last_nll < early_stop_nll) & ~converged
             for i in torch.nonzero(newly_done).flatten().tolist():
                 steps_taken[i] = step
-            if bool((frozen | newly_done).all()) or step == steps - 1:
+            if bool((converged | newly_done).all()) or step == steps - 1:
                 break
-            loss = (req_nll + kl_factor * req_kl + req_wd)[~(frozen | newly_done)].sum()
-            frozen |= newly_done
+            loss = (req_nll + kl_factor * req_kl + req_wd)[~(converged | newly_done)].sum()
+            converged |= newly_done
             loss.backward()
             before = [d.detach().clone() for d in deltas]
             optimiser.step()
             with torch.no_grad():
                 for delta, old, max_norm in zip(deltas, before, max_norms):
-                    delta[frozen] = old[frozen]  # Adam momentum must not move a converged request
+                    delta[converged] = old[converged]  # Adam momentum must not move a converged request
                     norms = delta.norm(dim=1, keepdim=True)
                     delta.mul_(torch.where(norms > max_norm, max_norm / norms, torch.ones_like(norms)))
             if bool(newly_done.any()):
-                act = open_rows(~frozen)
+                act = open_rows(~converged)
     log.debug("target values at layer %d (%s): nll %s", layer, sites, last_nll.tolist())
     return {site: TargetValues(layer=layer, site=site, delta=d.detach().to(torch.float64).cpu(),
                                init=i.to(torch.float64).cpu(), final_nll=last_nll.tolist(),

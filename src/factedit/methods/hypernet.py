@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from ..models import EditableModel, Trace, start_at_layer
+from ..models import EditableModel, Trace, frozen, start_at_layer
 from ..requests import EditRequest
 from ..text import continuation_ids, encode, pad_right
 
@@ -145,20 +145,13 @@ class EditedForward:
         """layer -> (u (N, d_in), g (N, d_out)) over the real tokens: dNLL/dW = g^T u."""
         outputs: list[torch.Tensor] = []
         inputs: list[torch.Tensor] = []
-        flags = [(p, p.requires_grad) for p in self.model.model.parameters()]
-        for p, _ in flags:
-            p.requires_grad_(False)
-        try:
-            with torch.enable_grad():
-                # The block input needs a gradient only so autograd records the blocks above
-                # it; no weight gradient is computed.
-                start = block_in.detach().requires_grad_(True)
-                hidden = self.hidden(rows, start, outputs=outputs, inputs=inputs)
-                loss = self.nll(hidden, rows) * rows.n_rows  # sum over rows: one edit each
-                grads = torch.autograd.grad(loss, outputs)
-        finally:
-            for p, flag in flags:
-                p.requires_grad_(flag)
+        with frozen(self.model.model), torch.enable_grad():
+            # The block input needs a gradient only so autograd records the blocks above it;
+            # no weight gradient is computed.
+            start = block_in.detach().requires_grad_(True)
+            hidden = self.hidden(rows, start, outputs=outputs, inputs=inputs)
+            loss = self.nll(hidden, rows) * rows.n_rows  # sum over rows: one edit each
+            grads = torch.autograd.grad(loss, outputs)
         real = rows.mask.bool()
         return {layer: (x[real].detach(), g[real].detach())
                 for layer, x, g in zip(self.layers, inputs, grads)}

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..models import EditableModel
+from ..models import EditableModel, frozen
 from ..requests import EditRequest
 from .base import ConfigError, Editor, EditResult, MethodConfig, register_method
 from .hypernet import (
@@ -241,16 +241,10 @@ def train_mend(model: EditableModel, train: Sequence[EditRequest],
         with torch.no_grad():
             return {"edit_success": edit_success(editor, validation)}
 
-    flags = [(p, p.requires_grad) for p in model.model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
+    with frozen(model.model):  # only the hypernetwork trains
         return train_hypernetwork(net, lambda batch: editor.step_loss(batch, train_config),
                                   train, out_dir, train_config, manifest,
                                   validate if validation else None, resume, progress)
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
 
 
 register_method("mend", MendConfig, MendEditor,
