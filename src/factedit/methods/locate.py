@@ -271,8 +271,9 @@ class LocateEditor(Editor):
         single mode starts from the same model, and D4S computes them on W_0. The protocol
         calls it in those cases (and only then); `compute` then takes each request's values
         from here (used once) instead of optimising them alone. The batched optimisation
-        gives each request the same values as alone (see linalg.values), but runs one forward
-        per step for the whole batch, which is several times faster per request on a CPU.
+        gives each request the same values as alone to rounding (see linalg.values) with one
+        forward per step for the whole batch: on two CPU cores 2.2 s instead of 3.1 s per
+        bare-prompt request, no gain with context prefixes (bench/RESULTS.md).
         """
         todo = list({_request_key(r): r for r in requests
                      if _request_key(r) not in self._prepared}.values())
@@ -282,14 +283,12 @@ class LocateEditor(Editor):
         batches = [todo[i:i + size] for i in range(0, len(todo), size)]
         from tqdm.auto import tqdm
 
-        sessions = self._sessions  # this session is no edit: keep condition_every's count
-        with self.edit_session(EditResult(), self.values_start()):
+        with self.edit_session(EditResult(), self.values_start(), is_edit=False):
             for batch in tqdm(batches, desc=f"{self.config.method} target values", unit="batch",
                               disable=not progress or len(batches) < 2):
                 values = self.compute_target(batch)
                 for request, one in zip(batch, values.split()):
                     self._prepared[_request_key(request)] = one
-        self._sessions = sessions
 
     # -- weights --------------------------------------------------------------------------------
     def weight64(self, layer: int) -> torch.Tensor:
@@ -310,16 +309,17 @@ class LocateEditor(Editor):
         return self._originals[layer].to(torch.float64)
 
     @contextmanager
-    def edit_session(self, result: EditResult, start: dict[int, torch.Tensor] | None = None
-                     ) -> Iterator[dict[int, torch.Tensor]]:
+    def edit_session(self, result: EditResult, start: dict[int, torch.Tensor] | None = None,
+                     is_edit: bool = True) -> Iterator[dict[int, torch.Tensor]]:
         """Work on the model's edited layers and put them back afterwards, whatever happens.
 
         `start` (layer -> (d_out, d_in)) is written into the layers first (D4S computes on
         W_0). The body fills the yielded dict with new weights; on success each becomes
         `result.deltas[name] = W_new - W_entry`, with mean |W| and ||W - W_0||_F in
-        `result.info["layers"][layer]`.
+        `result.info["layers"][layer]`. `is_edit=False` (prepare) does not count towards
+        `condition_every`.
         """
-        self._sessions += 1
+        self._sessions += int(is_edit)
         entry = {layer: self.weight64(layer) for layer in self.layers}
         for layer in self.layers:
             self.original_weight(layer)
