@@ -12,7 +12,7 @@ import factedit as fe
 from factedit import EditRequest
 from factedit.methods import ConfigError, MendConfig
 from factedit.methods.hypernet import EditedForward, token_rows
-from factedit.methods.mend import MendEditor, build_net, train_mend
+from factedit.methods.mend import MendEditor, train_mend
 
 FACTS = [
     ("{} is located in the city of", "The Eiffel Tower", "Rome", "Paris"),
@@ -49,7 +49,8 @@ def test_layer_gradients_are_the_weight_gradient(tokenizer):
 
 def test_untrained_mend_is_one_fine_tuning_step(tokenizer):
     model = make_tiny_model(tokenizer)
-    net = build_net(model, [2, 3], rank=8, n_hidden=1, edit_lr_init=1e-3).double()
+    net = MendEditor.build_net(model, [2, 3], {"rank": 8, "n_hidden": 1,
+                                               "edit_lr_init": 1e-3}).double()
     net.normalised.fill_(1.0)  # mean 0, std 1: no normalisation
     editor = MendEditor(model, MendConfig(layers=[2, 3]), net=net)
     rows = token_rows(model, [(REQUESTS[0].rewrite_prompt, REQUESTS[0].target_new)])

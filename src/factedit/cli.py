@@ -57,6 +57,14 @@ def _method_overrides(args: argparse.Namespace) -> dict[str, Any]:
         overrides["covariance_corpus"] = args.corpus
     if getattr(args, "covariance_tokens", None):
         overrides["covariance_tokens"] = args.covariance_tokens
+    for item in getattr(args, "set", None) or []:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: write FIELD=VALUE, e.g. --set checkpoint=nets/mend")
+        name, value = item.split("=", 1)
+        try:
+            overrides[name.strip()] = json.loads(value)
+        except json.JSONDecodeError:  # a bare word such as a path is a string
+            overrides[name.strip()] = value
     return overrides
 
 
@@ -214,22 +222,23 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     import factedit as fe
     from factedit.data import load_dataset
-    from factedit.methods.mend import MendConfig, train_mend
+    from factedit.methods import get_method
+    from factedit.methods.hypernet import train_editor
 
-    if args.kind != "mend":
-        raise ValueError(f"factedit train {args.kind}: only 'mend' can be trained so far")
+    spec = get_method(args.kind)
     model = fe.load_model(args.model)
     train = load_dataset(args.data, limit=args.limit, data_dir=args.data_dir)
     validation = load_dataset(args.val_data, limit=args.val_limit, data_dir=args.data_dir)
-    config = MendConfig(layers=_layers(args.layers), train={
+    config = spec.config_cls(layers=_layers(args.layers), train={
         k: v for k, v in dict(steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                               checkpoint_every=args.checkpoint_every,
                               validate_every=args.validate_every).items() if v is not None})
-    result = train_mend(model, train, validation, args.out, config, resume=not args.restart)
+    result = train_editor(spec.editor_cls, model, train, validation, args.out, config,
+                          resume=not args.restart)
     last = result["history"][-1] if result["history"] else {}
-    print(f"trained mend for {model.model_id} on {len(train)} edits in "
+    print(f"trained {args.kind} for {model.model_id} on {len(train)} edits in "
           f"{result['train_seconds']:.0f} s; last validation: {last}")
-    print(f"edit with: factedit edit --method mend ... (config checkpoint={args.out})")
+    print(f"edit with: factedit edit --method {args.kind} --set checkpoint={args.out} ...")
     return 0
 
 
@@ -251,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--corpus", help="text file/folder for covariance statistics "
                        "(default: text sampled from the model)")
         p.add_argument("--covariance-tokens", type=int, help="token positions for covariance")
+        p.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                       help="any method config field, VALUE as JSON or a bare string "
+                            "(repeatable), e.g. --set checkpoint=nets/mend")
 
     p = sub.add_parser("demo", help="edit the built-in model and show before/after")
     common(p)
@@ -291,8 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR where it stopped")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("train", help="train a hypernetwork editor (mend) for a model")
-    p.add_argument("kind", choices=["mend"], help="which hypernetwork")
+    p = sub.add_parser("train", help="train a hypernetwork editor (mend, ke) for a model")
+    p.add_argument("kind", choices=["mend", "ke"], help="which hypernetwork")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--data", default="counterfact-train", help="dataset name or file")
     p.add_argument("--val-data", default="counterfact-val")

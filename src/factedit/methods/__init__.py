@@ -19,6 +19,7 @@ from .d4s_alphaedit import D4SAlphaEditConfig, D4SAlphaEditEditor
 from .finetune import FineTuneConfig, FineTuneEditor, FtMConfig
 from .grace import GraceConfig, GraceEditor
 from .ike import IkeConfig, IkeEditor
+from .ke import KeConfig, KeEditor
 from .kn import KnConfig, KnEditor
 from .locate import LocateEditConfig, LocateEditor
 from .memit import MemitConfig, MemitEditor
@@ -32,7 +33,8 @@ __all__ = [
     "METHODS", "AlphaEditConfig", "AlphaEditEditor", "ConfigError", "D4SAlphaEditConfig",
     "D4SAlphaEditEditor", "D4SConfig", "D4SEditor", "EditResult", "Editor", "FineTuneConfig",
     "FineTuneEditor", "FtMConfig", "GraceConfig", "GraceEditor", "IkeConfig", "IkeEditor",
-    "MemPromptConfig", "MemPromptEditor", "MemoryConfig", "MemoryEditor", "KnConfig", "KnEditor", "LocateEditConfig",
-    "LocateEditor", "MemitConfig", "MemitEditor", "MendConfig", "MendEditor", "MethodConfig", "PmetConfig", "PmetEditor",
+    "KeConfig", "KeEditor", "KnConfig", "KnEditor", "LocateEditConfig", "LocateEditor",
+    "MemPromptConfig", "MemPromptEditor", "MemitConfig", "MemitEditor", "MemoryConfig",
+    "MemoryEditor", "MendConfig", "MendEditor", "MethodConfig", "PmetConfig", "PmetEditor",
     "RomeConfig", "RomeEditor", "get_method", "list_methods", "register_method",
 ]

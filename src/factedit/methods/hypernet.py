@@ -12,12 +12,16 @@ transforms and what KE conditions on. `EditedForward` adds a delta to a layer's 
 x @ delta^T in a forward hook, so the weights are never written and autograd reaches the
 hypernetwork through the delta.
 
-`train_hypernetwork` is the single training loop (checkpoints, resume, progress bar,
-validation edit success), used by `factedit train mend` and `factedit train ke`.
+`HypernetEditor` is what both editors share around their networks: loading a trained
+checkpoint, turning a batch of requests into deltas, and the edit/locality losses.
+`train_editor` builds a fresh network for either and runs `train_hypernetwork`, the single
+training loop (checkpoints, resume, progress bar, validation edit success) behind
+`factedit train mend` and `factedit train ke`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -25,17 +29,20 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from ..models import EditableModel, Trace, frozen, start_at_layer
 from ..requests import EditRequest
 from ..text import continuation_ids, encode, pad_right
+from .base import ConfigError, Editor, EditResult, MethodConfig
+from .locate import check_layer_list, check_positive
 
 log = logging.getLogger(__name__)
 
@@ -291,7 +298,8 @@ def train_hypernetwork(
     return final
 
 
-def load_hypernet(folder: str | Path, kind: str) -> tuple[dict[str, torch.Tensor], dict]:
+def load_hypernet(folder: str | Path, kind: str, model_id: str | None = None
+                  ) -> tuple[dict[str, torch.Tensor], dict]:
     """The trained weights and manifest in `folder`, or a clear error saying how to make them."""
     path = Path(folder) / "hypernet.safetensors"
     if not path.is_file():
@@ -301,8 +309,170 @@ def load_hypernet(folder: str | Path, kind: str) -> tuple[dict[str, torch.Tensor
     manifest = json.loads((Path(folder) / "hypernet.json").read_text())
     if manifest.get("kind") != kind:
         raise ValueError(f"{path} holds a {manifest.get('kind')!r} hypernetwork, not {kind!r}")
+    if model_id is not None and manifest.get("model_id") != model_id:
+        raise ValueError(f"checkpoint={str(folder)!r} was trained for "
+                         f"{manifest.get('model_id')}, not {model_id}")
     return load_file(str(path)), manifest
 
 
 def mean_or_nan(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else math.nan
+
+
+# -- the editor around a network ---------------------------------------------------------------
+
+@dataclass
+class HypernetConfig(MethodConfig):
+    """What every hypernetwork editor has.
+
+    checkpoint: folder written by `factedit train <method>` (hypernet.safetensors + .json).
+    layers: edited layers (None: the top three; editing reads them from the checkpoint).
+    edit_lr_init: initial per-layer edit step size (training only).
+    train: the training loop's settings (TrainConfig's fields).
+    """
+
+    checkpoint: str | None = None
+    layers: list[int] | None = None
+    edit_lr_init: float = 1e-4
+    train: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_positive(self, "edit_lr_init")
+        check_layer_list(self)
+        unknown = set(self.train) - set(TrainConfig.__dataclass_fields__)
+        if unknown:
+            raise ConfigError(f"{type(self).__name__}.train has unknown field(s) "
+                              f"{sorted(unknown)}; valid: {sorted(TrainConfig.__dataclass_fields__)}")
+
+
+def edited_shape(model: EditableModel, layers: Sequence[int]) -> tuple[int, int]:
+    """(d_out, d_in) shared by the edited weights: one network serves all of them."""
+    shapes = {model.weight_shape(layer) for layer in layers}
+    if len(shapes) != 1:
+        raise ConfigError(f"layers={list(layers)}: the edited weights have different shapes "
+                          f"{sorted(shapes)}; choose layers of one shape")
+    return next(iter(shapes))
+
+
+class HypernetEditor(Editor):
+    """An editor whose deltas come from a trained network (MEND, KE).
+
+    Subclasses set `kind`, and implement `net_settings` (what `build_net` needs, saved in the
+    manifest), `build_net`, `deltas_for` and `step_loss`.
+    """
+
+    kind: ClassVar[str]
+    config: HypernetConfig
+
+    def __init__(self, model: EditableModel, config: HypernetConfig,
+                 net: nn.Module | None = None) -> None:
+        super().__init__(model, config)
+        if net is None:
+            if config.checkpoint is None:
+                raise ConfigError(
+                    f"{type(config).__name__}.checkpoint is not set: {self.kind} edits with a "
+                    f"trained hypernetwork; train one with `factedit train {self.kind} --model M "
+                    f"--data counterfact-train --out DIR` and pass checkpoint=DIR")
+            tensors, manifest = load_hypernet(config.checkpoint, self.kind, model.model_id)
+            self.layers = list(manifest["layers"])
+            net = self.build_net(model, self.layers, manifest["net"])
+            net.load_state_dict(tensors)
+        else:
+            self.layers = list(config.layers or default_layers(model))
+        self.net = net
+        self.forward = EditedForward(model, self.layers)
+
+    @classmethod
+    def net_settings(cls, config: HypernetConfig) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def build_net(cls, model: EditableModel, layers: Sequence[int], settings: dict[str, Any],
+                  seed: int = 0) -> nn.Module:
+        raise NotImplementedError
+
+    def deltas_for(self, rows: TokenRows) -> dict[int, torch.Tensor]:
+        """layer -> the edit (d_out, d_in) for the edit rows (graph kept to the net)."""
+        raise NotImplementedError
+
+    def step_loss(self, batch: Sequence[EditRequest], train: TrainConfig
+                  ) -> dict[str, torch.Tensor]:
+        """{"loss": ..., diagnostics} of one training batch of edits applied together."""
+        raise NotImplementedError
+
+    def compute(self, requests: Sequence[EditRequest]) -> EditResult:
+        result = EditResult()
+        rows = token_rows(self.model, [(r.rewrite_prompt, r.target_new) for r in requests])
+        with result.timed("hypernet"), torch.no_grad():
+            deltas = self.deltas_for(rows)
+        for layer, delta in deltas.items():
+            param = self.model.mlp_out(layer).weight
+            result.deltas[self.weight_param_name(layer)] = self.as_param_delta(delta, param)
+        result.info["delta_norm"] = {layer: float(d.norm()) for layer, d in deltas.items()}
+        return result
+
+    def edit_and_locality(self, batch: Sequence[EditRequest]
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's edits applied together: (NLL of target_new on the equivalence prompts,
+        KL(unedited || edited) on the neighbourhood prompts), both differentiable in the net."""
+        pairs = [edit_pairs(r) for r in batch]
+        edit_rows = token_rows(self.model, [p[0] for p in pairs])
+        equivalence = token_rows(self.model, [p[1] for p in pairs])
+        local_pairs = [p[2] for p in pairs if p[2] is not None]
+        deltas = self.deltas_for(edit_rows)
+        fwd = self.forward
+        edit_loss = fwd.nll(fwd.hidden(equivalence, fwd.block_input(equivalence), deltas),
+                            equivalence)
+        locality = torch.zeros((), device=self.model.device)
+        if local_pairs:
+            local = token_rows(self.model, local_pairs)
+            local_in = fwd.block_input(local)
+            with torch.no_grad():
+                reference = fwd.answer_logp(fwd.hidden(local, local_in), local)
+            locality = kl_from(reference, fwd.answer_logp(fwd.hidden(local, local_in, deltas),
+                                                          local))
+        return edit_loss, locality
+
+
+def default_layers(model: EditableModel) -> list[int]:
+    return list(range(model.num_layers - 3, model.num_layers))
+
+
+def edit_success(editor: Editor, requests: Sequence[EditRequest]) -> float:
+    """Share of requests whose single edit makes P(target_new) > P(target_true) (efficacy)."""
+    from ..metrics import evaluate
+    from ..protocol import EditHandle
+
+    scores = []
+    for request in requests:
+        handle = EditHandle(editor.model, editor)
+        handle.step([request])
+        try:
+            scores.append(evaluate(editor.model, [request])["efficacy"])
+        finally:
+            handle.restore()
+    kept = [s for s in scores if s is not None]
+    return sum(kept) / len(kept) if kept else float("nan")
+
+
+def train_editor(editor_cls: type[HypernetEditor], model: EditableModel,
+                 train: Sequence[EditRequest], validation: Sequence[EditRequest],
+                 out_dir: str | Path, config: HypernetConfig, resume: bool = True,
+                 progress: bool = True) -> dict[str, Any]:
+    """Train a fresh `editor_cls` network for `model` on `train`; writes out_dir/hypernet.*."""
+    train_config = TrainConfig(**config.train)
+    layers = list(config.layers or default_layers(model))
+    settings = editor_cls.net_settings(config)
+    net = editor_cls.build_net(model, layers, settings, seed=train_config.seed)
+    editor = editor_cls(model, dataclasses.replace(config, layers=layers), net=net)
+    manifest = {"kind": editor_cls.kind, "model_id": model.model_id, "layers": layers,
+                "net": settings, "train": train_config.__dict__, "n_train": len(train)}
+
+    def validate() -> dict[str, float]:
+        with torch.no_grad():
+            return {"edit_success": edit_success(editor, validation)}
+
+    with frozen(model.model):  # only the hypernetwork trains
+        return train_hypernetwork(net, lambda batch: editor.step_loss(batch, train_config),
+                                  train, out_dir, train_config, manifest,
+                                  validate if validation else None, resume, progress)

@@ -29,54 +29,40 @@ has none); the norms are fixed after the first batch rather than running average
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..models import EditableModel, frozen
+from ..models import EditableModel
 from ..requests import EditRequest
-from .base import ConfigError, Editor, EditResult, MethodConfig, register_method
+from .base import register_method
 from .hypernet import (
-    EditedForward,
+    HypernetConfig,
+    HypernetEditor,
     TokenRows,
     TrainConfig,
-    edit_pairs,
-    kl_from,
-    load_hypernet,
-    token_rows,
-    train_hypernetwork,
+    edited_shape,
+    train_editor,
 )
-from .locate import check_layer_list, check_positive
+from .locate import check_positive
 
 
 @dataclass
-class MendConfig(MethodConfig):
-    """MEND.
+class MendConfig(HypernetConfig):
+    """MEND (checkpoint, layers, edit_lr_init, train: see HypernetConfig).
 
-    checkpoint: folder written by `factedit train mend` (hypernet.safetensors + .json).
-    layers: edited layers (None: the top three; must match the trained network).
     rank, n_hidden: the editor network's shape (training only; editing reads the manifest).
-    edit_lr_init: initial per-layer edit step size.
-    train: the training loop's settings.
     """
 
-    checkpoint: str | None = None
-    layers: list[int] | None = None
     rank: int = 256
     n_hidden: int = 1
-    edit_lr_init: float = 1e-4
-    train: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        check_positive(self, "rank", "n_hidden", "edit_lr_init")
-        check_layer_list(self)
-        unknown = set(self.train) - set(TrainConfig.__dataclass_fields__)
-        if unknown:
-            raise ConfigError(f"MendConfig.train has unknown field(s) {sorted(unknown)}; "
-                              f"valid: {sorted(TrainConfig.__dataclass_fields__)}")
+        super().__post_init__()
+        check_positive(self, "rank", "n_hidden")
 
 
 class MendNet(nn.Module):
@@ -119,48 +105,26 @@ class MendNet(nn.Module):
         return -self.edit_lr[index] * (g_t.T @ u_t)
 
 
-def _default_layers(model: EditableModel) -> list[int]:
-    return list(range(model.num_layers - 3, model.num_layers))
-
-
-def build_net(model: EditableModel, layers: Sequence[int], rank: int, n_hidden: int,
-              edit_lr_init: float, seed: int = 0) -> MendNet:
-    shapes = {tuple(model.weight(layer).shape) for layer in layers}
-    if len(shapes) != 1:
-        raise ConfigError(f"MendConfig.layers={list(layers)}: the edited weights have different "
-                          f"shapes {sorted(shapes)}; choose layers of one shape")
-    ((d_out, d_in),) = shapes
-    return MendNet(d_in, d_out, len(layers), rank, n_hidden, edit_lr_init, seed).to(
-        model.device)
-
-
-class MendEditor(Editor):
+class MendEditor(HypernetEditor):
     config_cls = MendConfig
     config: MendConfig
+    kind = "mend"
+    net: MendNet
 
-    def __init__(self, model: EditableModel, config: MendConfig,
-                 net: MendNet | None = None) -> None:
-        super().__init__(model, config)
-        if net is None:
-            if config.checkpoint is None:
-                raise ConfigError("MendConfig.checkpoint is not set: MEND edits with a trained "
-                                  "hypernetwork; train one with `factedit train mend --model M "
-                                  "--data counterfact-train --out DIR` and pass checkpoint=DIR")
-            tensors, manifest = load_hypernet(config.checkpoint, "mend")
-            if manifest["model_id"] != model.model_id:
-                raise ValueError(f"MendConfig.checkpoint={config.checkpoint!r} was trained for "
-                                 f"{manifest['model_id']}, not {model.model_id}")
-            self.layers = list(manifest["layers"])
-            net = build_net(model, self.layers, manifest["rank"], manifest["n_hidden"],
-                            config.edit_lr_init)
-            net.load_state_dict(tensors)
-        else:
-            self.layers = list(config.layers or _default_layers(model))
-        self.net = net
-        self.forward = EditedForward(model, self.layers)
+    @classmethod
+    def net_settings(cls, config: HypernetConfig) -> dict[str, Any]:
+        assert isinstance(config, MendConfig)
+        return {"rank": config.rank, "n_hidden": config.n_hidden,
+                "edit_lr_init": config.edit_lr_init}
+
+    @classmethod
+    def build_net(cls, model: EditableModel, layers: Sequence[int], settings: dict[str, Any],
+                  seed: int = 0) -> MendNet:
+        d_out, d_in = edited_shape(model, layers)
+        return MendNet(d_in, d_out, len(layers), settings["rank"], settings["n_hidden"],
+                       settings["edit_lr_init"], seed).to(model.device)
 
     def deltas_for(self, rows: TokenRows) -> dict[int, torch.Tensor]:
-        """layer -> MEND's edit (d_out, d_in) for the edit rows (graph kept to the net)."""
         block_in = self.forward.block_input(rows)
         pieces = self.forward.layer_gradients(rows, block_in)
         if not bool(self.net.normalised):
@@ -168,56 +132,12 @@ class MendEditor(Editor):
             self.net.set_norms(u, g)
         return {layer: self.net.delta(i, *pieces[layer]) for i, layer in enumerate(self.layers)}
 
-    def compute(self, requests: Sequence[EditRequest]) -> EditResult:
-        result = EditResult()
-        rows = token_rows(self.model, [(r.rewrite_prompt, r.target_new) for r in requests])
-        with result.timed("hypernet"), torch.no_grad():
-            deltas = self.deltas_for(rows)
-        for layer, delta in deltas.items():
-            param = self.model.mlp_out(layer).weight
-            result.deltas[self.weight_param_name(layer)] = self.as_param_delta(delta, param)
-        result.info["delta_norm"] = {layer: float(d.norm()) for layer, d in deltas.items()}
-        return result
-
-    # -- training ---------------------------------------------------------------------------
     def step_loss(self, batch: Sequence[EditRequest], train: TrainConfig
                   ) -> dict[str, torch.Tensor]:
-        """MEND's loss for one batch of edits applied together."""
-        pairs = [edit_pairs(r) for r in batch]
-        edit_rows = token_rows(self.model, [p[0] for p in pairs])
-        equivalence = token_rows(self.model, [p[1] for p in pairs])
-        local_pairs = [p[2] for p in pairs if p[2] is not None]
-        deltas = self.deltas_for(edit_rows)
-        fwd = self.forward
-        edit_loss = fwd.nll(fwd.hidden(equivalence, fwd.block_input(equivalence), deltas),
-                            equivalence)
-        locality = torch.zeros((), device=self.model.device)
-        if local_pairs:
-            local = token_rows(self.model, local_pairs)
-            local_in = fwd.block_input(local)
-            with torch.no_grad():
-                reference = fwd.answer_logp(fwd.hidden(local, local_in), local)
-            locality = kl_from(reference, fwd.answer_logp(fwd.hidden(local, local_in, deltas),
-                                                          local))
+        """MEND's loss: c_edit * edit NLL + c_loc * locality KL."""
+        edit_loss, locality = self.edit_and_locality(batch)
         loss = train.edit_weight * edit_loss + train.locality_weight * locality
         return {"loss": loss, "edit_nll": edit_loss.detach(), "locality_kl": locality.detach()}
-
-
-def edit_success(editor: Editor, requests: Sequence[EditRequest]) -> float:
-    """Share of requests whose single edit makes P(target_new) > P(target_true) (efficacy)."""
-    from ..metrics import evaluate
-    from ..protocol import EditHandle
-
-    scores = []
-    for request in requests:
-        handle = EditHandle(editor.model, editor)
-        handle.step([request])
-        try:
-            scores.append(evaluate(editor.model, [request])["efficacy"])
-        finally:
-            handle.restore()
-    kept = [s for s in scores if s is not None]
-    return sum(kept) / len(kept) if kept else float("nan")
 
 
 def train_mend(model: EditableModel, train: Sequence[EditRequest],
@@ -225,26 +145,8 @@ def train_mend(model: EditableModel, train: Sequence[EditRequest],
                config: MendConfig | None = None, resume: bool = True,
                progress: bool = True) -> dict[str, Any]:
     """Train MEND for `model` on `train`; writes out_dir/hypernet.* (see hypernet.py)."""
-    config = config or MendConfig()
-    train_config = TrainConfig(**config.train)
-    layers = list(config.layers or _default_layers(model))
-    net = build_net(model, layers, config.rank, config.n_hidden, config.edit_lr_init,
-                    train_config.seed)
-    editor = MendEditor(model, MendConfig(layers=layers, rank=config.rank,
-                                          n_hidden=config.n_hidden,
-                                          edit_lr_init=config.edit_lr_init), net=net)
-    manifest = {"kind": "mend", "model_id": model.model_id, "layers": layers,
-                "rank": config.rank, "n_hidden": config.n_hidden,
-                "train": train_config.__dict__, "n_train": len(train)}
-
-    def validate() -> dict[str, float]:
-        with torch.no_grad():
-            return {"edit_success": edit_success(editor, validation)}
-
-    with frozen(model.model):  # only the hypernetwork trains
-        return train_hypernetwork(net, lambda batch: editor.step_loss(batch, train_config),
-                                  train, out_dir, train_config, manifest,
-                                  validate if validation else None, resume, progress)
+    return train_editor(MendEditor, model, train, validation, out_dir, config or MendConfig(),
+                        resume, progress)
 
 
 register_method("mend", MendConfig, MendEditor,
