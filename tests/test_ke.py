@@ -116,3 +116,15 @@ def test_bad_ke_configs_are_explained(tokenizer, tmp_path):
         KeConfig(kl_margin=0)
     with pytest.raises(ConfigError, match="train"):
         KeConfig(train={"stepz": 3})
+
+
+def test_cli_set_reaches_the_method_config():
+    from factedit.cli import _method_overrides, build_parser
+
+    args = build_parser().parse_args(["edit", "--method", "ke", "--set", "checkpoint=nets/ke",
+                                      "--set", "layers=[28, 29]", "--set", "kl_margin=0.1"])
+    assert _method_overrides(args) == {"checkpoint": "nets/ke", "layers": [28, 29],
+                                       "kl_margin": 0.1}
+    bad = build_parser().parse_args(["edit", "--set", "checkpoint"])
+    with pytest.raises(ValueError, match="FIELD=VALUE"):
+        _method_overrides(bad)
