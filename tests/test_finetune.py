@@ -69,3 +69,26 @@ def test_bad_config_names_the_field(field, value):
 def test_missing_layer_is_named(tokenizer):
     with pytest.raises(LayerIndexError, match="layers"):
         make_editor(make_tiny_model(tokenizer, layers=2), "ft-l", layers=[5])
+
+
+@pytest.mark.parametrize("objective", ["prompt_last", "target", "all"])
+def test_loss_tokens_are_the_objectives_terms(tokenizer, objective):
+    """The vectorised (row, position, token) triples equal the objective written per pair."""
+    from factedit.metrics.scoring import token_rows
+    from factedit.text import teacher_forced
+
+    model = make_tiny_model(tokenizer)
+    pairs = [("The Eiffel Tower is in", "Rome"), ("Serena Williams plays", "ice hockey"),
+             ("The mother tongue of Vladimir Putin is", "French")]
+    editor = make_editor(model, "ft-m", objective=objective)
+    row, pos, tok = editor._loss_tokens(token_rows(model, pairs))
+    expected = []
+    for r, (prompt, answer) in enumerate(pairs):
+        ids, first, target = teacher_forced(tokenizer, prompt, answer)
+        if objective == "prompt_last":
+            expected += [(r, first, t) for t in target]
+        elif objective == "target":
+            expected += [(r, first + j, t) for j, t in enumerate(target)]
+        else:
+            expected += [(r, p, t) for p, t in enumerate(ids[1:] + [target[-1]])]
+    assert list(zip(row.tolist(), pos.tolist(), tok.tolist())) == expected

@@ -11,8 +11,9 @@ from test_mend import REQUESTS
 
 import factedit as fe
 from factedit.methods import ConfigError, KeConfig
-from factedit.methods.hypernet import TrainConfig, token_rows
+from factedit.methods.hypernet import TrainConfig
 from factedit.methods.ke import KeEditor, train_ke
+from factedit.metrics.scoring import token_rows
 
 TRAIN = {"steps": 6, "batch_size": 2, "lr": 1e-3, "checkpoint_every": 3, "validate_every": 6}
 

@@ -11,8 +11,9 @@ from conftest import make_tiny_model
 import factedit as fe
 from factedit import EditRequest
 from factedit.methods import ConfigError, MendConfig
-from factedit.methods.hypernet import EditedForward, token_rows
+from factedit.methods.hypernet import EditedForward
 from factedit.methods.mend import MendEditor, train_mend
+from factedit.metrics.scoring import token_rows
 
 FACTS = [
     ("{} is located in the city of", "The Eiffel Tower", "Rome", "Paris"),

@@ -31,6 +31,17 @@ def continuation_ids(tokenizer: Any, prompt: str, answer: str) -> list[int]:
     return ids
 
 
+def teacher_forced(tokenizer: Any, prompt: str, answer: str) -> tuple[list[int], int, list[int]]:
+    """(input ids, first answer position, answer ids) for scoring `answer` after `prompt`.
+
+    The input is prompt + answer minus its last token; position `first + j` predicts answer
+    token j.
+    """
+    prompt_ids = encode(tokenizer, prompt)
+    answer_ids = continuation_ids(tokenizer, prompt, answer)
+    return prompt_ids + answer_ids[:-1], len(prompt_ids) - 1, answer_ids
+
+
 def subject_last_index(tokenizer: Any, template: str, subject: str) -> tuple[list[int], int]:
     """Tokenise `template.format(subject)`; return (ids, index of the subject's last token).
 

@@ -29,9 +29,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..metrics.scoring import TokenRows, mean_nll_per_row, token_rows
 from ..models import EditableModel, Trace, frozen, onloaded, start_at_layer
 from ..requests import EditRequest
-from ..text import continuation_ids, encode, pad_right
 from .base import ConfigError, Editor, EditResult, MethodConfig, register_method
 from .locate import check_choice, check_layer_list, check_positive, default_layers
 
@@ -80,47 +80,38 @@ class FineTuneEditor(Editor):
         for layer in self.layers:
             model.check_layer(layer, f"{type(config).__name__}.layers")
 
-    def _batch(self, requests: Sequence[EditRequest]) -> dict[str, torch.Tensor]:
-        """Token rows (prompt + target[:-1]) and where each loss term is read."""
-        tok, device = self.model.tokenizer, self.model.device
-        rows, loss_row, loss_pos, loss_tok, nll_row, nll_pos, nll_tok = [], [], [], [], [], [], []
-        for r, req in enumerate(requests):
-            prompt_ids = encode(tok, req.rewrite_prompt)
-            target = continuation_ids(tok, req.rewrite_prompt, req.target_new)
-            ids = prompt_ids + target[:-1]
-            rows.append(ids)
-            last = len(prompt_ids) - 1
-            target_positions = [last + j for j in range(len(target))]
-            nll_row += [r] * len(target)
-            nll_pos += target_positions
-            nll_tok += target
-            if self.config.objective == "prompt_last":
-                pairs = [(last, t) for t in target]
-            elif self.config.objective == "target":
-                pairs = list(zip(target_positions, target))
-            else:  # "all": every next-token prediction of the prompt and the target
-                pairs = list(zip(range(len(ids)), ids[1:] + [target[-1]]))
-            loss_row += [r] * len(pairs)
-            loss_pos += [p for p, _ in pairs]
-            loss_tok += [t for _, t in pairs]
-        ids, mask = pad_right(rows, tok.pad_token_id)
-
-        def t(x):
-            return torch.tensor(x, device=device)
-
-        return dict(ids=t(ids), mask=t(mask), loss_row=t(loss_row), loss_pos=t(loss_pos),
-                    loss_tok=t(loss_tok), nll_row=t(nll_row), nll_pos=t(nll_pos),
-                    nll_tok=t(nll_tok))
+    def _loss_tokens(self, rows: TokenRows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(row, position, token) of every term of the objective's loss."""
+        if self.config.objective == "target":
+            return rows.row, rows.pos, rows.tok
+        if self.config.objective == "prompt_last":
+            # Every target token scored at the prompt's last position (that of the first).
+            first = torch.ones_like(rows.row, dtype=torch.bool)
+            first[1:] = rows.row[1:] != rows.row[:-1]
+            last_prompt = rows.pos[first][rows.row]
+            return rows.row, last_prompt, rows.tok
+        # "all": every next-token prediction of the prompt and the target.
+        lengths = rows.mask.sum(1)
+        row = torch.repeat_interleave(torch.arange(rows.n_rows, device=lengths.device), lengths)
+        pos = torch.cat([torch.arange(int(n), device=lengths.device) for n in lengths])
+        next_ids = torch.cat([rows.ids[:, 1:], rows.ids[:, :1]], dim=1)
+        tok = next_ids[row, pos]
+        # The last input position predicts the target's last token, which is not an input.
+        is_last = pos == lengths[row] - 1
+        last_of_row = torch.zeros(rows.n_rows, dtype=rows.tok.dtype, device=lengths.device)
+        last_of_row[rows.row] = rows.tok  # written in order: the last write is the last token
+        tok = torch.where(is_last, last_of_row[row], tok)
+        return row, pos, tok
 
     def compute(self, requests: Sequence[EditRequest]) -> EditResult:
         model = self.model
         result = EditResult()
-        batch = self._batch(requests)
+        batch = token_rows(model, [(r.rewrite_prompt, r.target_new) for r in requests])
         n = len(requests)
         first = self.layers[0]
         with torch.inference_mode(), Trace(model.model, model.arch.layer(first),
                                            retain_input=True, stop=True) as block_in:
-            model.model(input_ids=batch["ids"], attention_mask=batch["mask"], use_cache=False)
+            model.model(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False)
         hidden_in = block_in.input.clone()  # outside inference mode: an ordinary tensor
         names = [self.weight_param_name(layer) for layer in self.layers]
         # Offloaded weights become ordinary parameters for the training loop (Adam must hold
@@ -141,7 +132,7 @@ class FineTuneEditor(Editor):
         result.info.update(target_nll=nll.tolist(), steps=steps_taken, layers=list(self.layers))
         return result
 
-    def _train(self, result: EditResult, batch: dict[str, torch.Tensor],
+    def _train(self, result: EditResult, batch: TokenRows,
                params: list[torch.Tensor], originals: list[torch.Tensor],
                hidden_in: torch.Tensor, n: int) -> tuple[torch.Tensor, int]:
         """Adam on `params` until every request's target NLL is below the threshold (or the
@@ -151,19 +142,21 @@ class FineTuneEditor(Editor):
         base = model.model.base_model
         per_request = torch.zeros(n, device=model.device)
         nll = torch.full((n,), float("inf"))
+        loss_tokens = self._loss_tokens(batch)
         steps_taken = c.steps
         with result.timed("train"):
             for step in range(c.steps):
                 with start_at_layer(model.layers, self.layers[0], hidden_in,
                                     model.block_returns_tuple):
-                    hidden = base(input_ids=batch["ids"], attention_mask=batch["mask"],
+                    hidden = base(input_ids=batch.ids, attention_mask=batch.mask,
                                   use_cache=False).last_hidden_state
-                nll = self._mean_nll(hidden, batch, "nll", n).detach().cpu()
+                nll = mean_nll_per_row(model, hidden, batch.row, batch.pos, batch.tok,
+                                       n).detach().cpu()
                 if bool((nll < c.early_stop_nll).all()):
                     steps_taken = step
                     break
                 open_requests = (nll >= c.early_stop_nll).to(per_request.device)
-                per_request = self._mean_nll(hidden, batch, "loss", n)
+                per_request = mean_nll_per_row(model, hidden, *loss_tokens, n)
                 loss = (per_request * open_requests).sum() / open_requests.sum()
                 optimiser.zero_grad()
                 loss.backward()
@@ -174,16 +167,6 @@ class FineTuneEditor(Editor):
                             p.copy_(torch.clamp(p, w0 - c.norm_constraint,
                                                 w0 + c.norm_constraint))
         return nll, steps_taken
-
-    def _mean_nll(self, hidden: torch.Tensor, batch: dict[str, torch.Tensor], kind: str,
-                  n: int) -> torch.Tensor:
-        """Per request mean -log P over the (row, position, token) triples of `kind`."""
-        rows, pos, toks = batch[f"{kind}_row"], batch[f"{kind}_pos"], batch[f"{kind}_tok"]
-        logp = torch.log_softmax(self.model.head_logits(hidden[rows, pos]).float(), dim=-1)
-        tok_nll = -logp.gather(1, toks.unsqueeze(1)).squeeze(1)
-        total = torch.zeros(n, device=hidden.device).index_add(0, rows, tok_nll)
-        count = torch.bincount(rows, minlength=n).clamp_min(1)
-        return total / count
 
 
 register_method("ft-l", FineTuneConfig, FineTuneEditor,

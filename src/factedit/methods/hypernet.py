@@ -1,4 +1,4 @@
-"""What the hypernetwork editors (MEND, KE) share: token rows, the forward pass of the
+"""What the hypernetwork editors (MEND, KE) share: the forward pass of the
 edited layers only, per-layer gradient pieces, and one resumable training loop.
 
 Both edit the MLP output projections of a few top layers. Everything below the first
@@ -38,49 +38,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..metrics.scoring import TokenRows, mean_nll_per_row, token_rows
 from ..models import EditableModel, Trace, frozen, start_at_layer
 from ..requests import EditRequest
-from ..text import continuation_ids, encode, pad_right
 from .base import ConfigError, Editor, EditResult, MethodConfig
 from .locate import check_layer_list, check_positive
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TokenRows:
-    """Teacher-forced rows (prompt + answer[:-1]) and where each answer token is predicted."""
-
-    ids: torch.Tensor  # (B, T)
-    mask: torch.Tensor  # (B, T)
-    row: torch.Tensor  # (N,) row of each answer token
-    pos: torch.Tensor  # (N,) position that predicts it
-    tok: torch.Tensor  # (N,) the token
-
-    @property
-    def n_rows(self) -> int:
-        return self.ids.shape[0]
-
-
-def token_rows(model: EditableModel, pairs: Sequence[tuple[str, str]]) -> TokenRows:
-    """Rows for (prompt, answer) pairs, answers scored as continuations (factedit.text)."""
-    tok = model.tokenizer
-    rows, row, pos, toks = [], [], [], []
-    for r, (prompt, answer) in enumerate(pairs):
-        prompt_ids = encode(tok, prompt)
-        target = continuation_ids(tok, prompt, answer)
-        rows.append(prompt_ids + target[:-1])
-        for j, t in enumerate(target):
-            row.append(r)
-            pos.append(len(prompt_ids) - 1 + j)
-            toks.append(t)
-    ids, mask = pad_right(rows, tok.pad_token_id)
-    device = model.device
-
-    def t(x: list) -> torch.Tensor:
-        return torch.tensor(x, device=device)
-
-    return TokenRows(t(ids), t(mask), t(row), t(pos), t(toks))
 
 
 class EditedForward:
@@ -142,10 +106,8 @@ class EditedForward:
 
     def nll(self, hidden: torch.Tensor, rows: TokenRows) -> torch.Tensor:
         """Mean over rows of each row's mean answer-token NLL (a scalar)."""
-        tok_nll = -self.answer_logp(hidden, rows).gather(1, rows.tok.unsqueeze(1)).squeeze(1)
-        per_row = torch.zeros(rows.n_rows, device=hidden.device).index_add(0, rows.row, tok_nll)
-        counts = torch.bincount(rows.row, minlength=rows.n_rows).clamp_min(1)
-        return (per_row / counts).mean()
+        return mean_nll_per_row(self.model, hidden, rows.row, rows.pos, rows.tok,
+                                rows.n_rows).mean()
 
     def layer_gradients(self, rows: TokenRows, block_in: torch.Tensor
                         ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
