@@ -14,6 +14,7 @@ from .base import (
     list_methods,
     register_method,
 )
+from .calinet import CaliNetConfig, CaliNetEditor
 from .d4s import D4SConfig, D4SEditor
 from .d4s_alphaedit import D4SAlphaEditConfig, D4SAlphaEditEditor
 from .finetune import FineTuneConfig, FineTuneEditor, FtMConfig
@@ -28,13 +29,15 @@ from .memprompt import MemPromptConfig, MemPromptEditor
 from .mend import MendConfig, MendEditor
 from .pmet import PmetConfig, PmetEditor
 from .rome import RomeConfig, RomeEditor
+from .t_patcher import TPatcherConfig, TPatcherEditor
 
 __all__ = [
-    "METHODS", "AlphaEditConfig", "AlphaEditEditor", "ConfigError", "D4SAlphaEditConfig",
+    "METHODS", "AlphaEditConfig", "AlphaEditEditor", "CaliNetConfig", "CaliNetEditor",
+    "ConfigError", "D4SAlphaEditConfig",
     "D4SAlphaEditEditor", "D4SConfig", "D4SEditor", "EditResult", "Editor", "FineTuneConfig",
     "FineTuneEditor", "FtMConfig", "GraceConfig", "GraceEditor", "IkeConfig", "IkeEditor",
     "KeConfig", "KeEditor", "KnConfig", "KnEditor", "LocateEditConfig", "LocateEditor",
     "MemPromptConfig", "MemPromptEditor", "MemitConfig", "MemitEditor", "MemoryConfig",
     "MemoryEditor", "MendConfig", "MendEditor", "MethodConfig", "PmetConfig", "PmetEditor",
-    "RomeConfig", "RomeEditor", "get_method", "list_methods", "register_method",
+    "RomeConfig", "RomeEditor", "TPatcherConfig", "TPatcherEditor", "get_method", "list_methods", "register_method",
 ]

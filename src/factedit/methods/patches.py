@@ -1,0 +1,290 @@
+"""Added FFN neurons: what T-Patcher and CaliNET share.
+
+Both keep the model's weights and add neurons beside the MLP of some layers. A neuron is a
+key k (d), a bias b and a value v (d); at every position the MLP's output gains
+
+    relu(x . k + b) * v          (x: the MLP's input at that position)
+
+summed over the live neurons of the layer. They act through forward hooks on the MLP
+modules (an attachment, `models.attach`), position by position, so `generate` keeps its KV
+cache and every caller sees the patched model. Each edit owns its neurons: `remove(edit_id)`
+drops them and the model is exactly what it would be without that edit; the neurons are
+saved as safetensors (`state_dict`).
+
+The shared training (`PatchEditor.fit`) adds a new edit's neurons as trainable tensors and
+runs Adam on the teacher-forced NLL of target_new at the edit prompt plus the method's own
+terms (`extra_losses`), from the lowest patched layer up only (the blocks below are fixed,
+their output is computed once), with the neurons of earlier edits live. A request leaves
+the loss once its NLL is below `early_stop_nll`; training stops when all have and the extra
+terms are zero.
+
+"Memory" prompts are text the patch must leave alone: the requests' neighbourhood prompts
+and a few general sentences of our own (`MEMORY_PROMPTS`). `queries` reads the MLP inputs
+at every position of such text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..metrics.scoring import TokenRows, mean_nll_per_row, token_rows
+from ..models import EditableModel, Trace, TraceDict, frozen, start_at_layer
+from ..models.attach import Attachment
+from ..requests import EditRequest
+from ..text import pad_right
+from .base import ConfigError, Editor, EditResult, MethodConfig
+from .locate import check_layer_list, check_positive
+
+# General sentences (written for factedit) whose MLP inputs a patch should not fire on.
+MEMORY_PROMPTS = (
+    "The weather today is mild with a light breeze from the west.",
+    "She opened the door and walked into the kitchen.",
+    "Water boils at one hundred degrees Celsius at sea level.",
+    "The committee will meet again next Tuesday to discuss the budget.",
+    "Photosynthesis turns sunlight, water and carbon dioxide into sugar.",
+    "He learned to play the violin when he was seven years old.",
+    "The capital of Japan is Tokyo.",
+    "Most birds build nests in the spring.",
+    "The train to the airport leaves every twenty minutes.",
+    "A triangle has three sides and three angles.",
+    "The novel was translated into more than forty languages.",
+    "Prices rose sharply after the harvest failed.",
+)
+
+
+@dataclass
+class PatchConfig(MethodConfig):
+    """Fields shared by the neuron-adding editors.
+
+    layers: layers whose MLP gets the neurons (None: the method's default).
+    steps, lr: Adam steps and learning rate of a new edit's neurons.
+    early_stop_nll: a request is done once its teacher-forced target NLL is below this.
+    memory_neighbourhood: also treat each request's neighbourhood prompts as memory.
+    """
+
+    layers: list[int] | None = None
+    steps: int = 200
+    lr: float = 0.05
+    early_stop_nll: float = 0.05
+    memory_neighbourhood: bool = True
+
+    def __post_init__(self) -> None:
+        check_layer_list(self)
+        check_positive(self, "steps", "lr")
+        if self.early_stop_nll < 0:
+            raise ConfigError(f"{type(self).__name__}.early_stop_nll must be >= 0")
+
+
+@dataclass
+class Neurons:
+    """The neurons one edit added at one layer: keys (n, d), bias (n,), values (n, d)."""
+
+    edit_id: int
+    layer: int
+    keys: torch.Tensor
+    bias: torch.Tensor
+    values: torch.Tensor
+
+
+def neuron_output(x: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor,
+                  values: torch.Tensor) -> torch.Tensor:
+    """sum_i relu(x . k_i + b_i) v_i at every position of x (..., d)."""
+    return torch.relu(x @ keys.T.to(x.dtype) + bias.to(x.dtype)) @ values.to(x.dtype)
+
+
+def _first_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else next(iter(kwargs.values()))
+
+
+class PatchEditor(Editor):
+    """Base of T-Patcher and CaliNET: neuron storage, the attachment, removal, saving, and
+    the training loop. Subclasses set `default_layers`, and implement `init_neurons` (a new
+    edit's starting neurons per layer) and optionally `extra_losses`."""
+
+    config: PatchConfig
+
+    def __init__(self, model: EditableModel, config: PatchConfig) -> None:
+        super().__init__(model, config)
+        name = f"{type(config).__name__}.layers"
+        layers = config.layers if config.layers is not None else self.default_layers(model)
+        self.layers = sorted(model.check_layer(layer, name) for layer in layers)
+        self.neurons: list[Neurons] = []
+        self.next_edit_id = 0
+        self._live: dict[int, tuple[torch.Tensor, ...] | None] = {}
+
+    def default_layers(self, model: EditableModel) -> list[int]:
+        raise NotImplementedError
+
+    def init_neurons(self, edit_queries: dict[int, torch.Tensor],
+                     memory_queries: dict[int, torch.Tensor]
+                     ) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """layer -> starting (keys, bias, values) of a new edit's neurons, from the MLP
+        inputs where the edit must act (edit_queries) and where it must not (memory)."""
+        raise NotImplementedError
+
+    def extra_losses(self, params: dict[int, tuple[torch.Tensor, ...]],
+                     edit_queries: dict[int, torch.Tensor],
+                     memory_queries: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The method's own loss terms (each >= 0)."""
+        return {}
+
+    def extra_satisfied(self, extra: dict[str, float]) -> bool:
+        """Whether the extra terms allow stopping (default: all exactly zero, as hinges are
+        once their margins hold)."""
+        return not any(extra.values())
+
+    # -- MLP inputs -----------------------------------------------------------------------
+    def queries(self, rows: TokenRows, positions: str) -> dict[int, torch.Tensor]:
+        """layer -> MLP inputs (N, d) at the answer-predicting positions ("answer") or at
+        every real position ("all") of `rows`, with the live patches acting."""
+        model = self.model
+        names = [model.arch.mlp_at(layer) for layer in self.layers]
+        with torch.no_grad(), TraceDict(model.model, names, retain_input=True,
+                                        stop=True) as traces:
+            model.model.base_model(input_ids=rows.ids, attention_mask=rows.mask,
+                                   use_cache=False)
+        out = {}
+        for layer, name in zip(self.layers, names):
+            x = traces[name].input
+            out[layer] = (x[rows.row, rows.pos] if positions == "answer"
+                          else x[rows.mask.bool()]).detach()
+        return out
+
+    def memory_rows(self, requests: Sequence[EditRequest]) -> TokenRows:
+        texts = list(MEMORY_PROMPTS)
+        if self.config.memory_neighbourhood:
+            texts += [f"{prompt} {answer}" for r in requests for prompt, answer in r.neighborhood]
+        tok = self.model.tokenizer
+        ids, mask = pad_right([tok(t)["input_ids"] for t in texts], tok.pad_token_id)
+        empty = torch.zeros(0, dtype=torch.long, device=self.model.device)
+        return TokenRows(torch.tensor(ids, device=self.model.device),
+                         torch.tensor(mask, device=self.model.device), empty, empty, empty)
+
+    # -- editing --------------------------------------------------------------------------
+    def compute(self, requests: Sequence[EditRequest]) -> EditResult:
+        result = EditResult()
+        rows = token_rows(self.model, [(r.rewrite_prompt, r.target_new) for r in requests])
+        edit_queries = self.queries(rows, "answer")
+        memory_queries = self.queries(self.memory_rows(requests), "all")
+        start = self.init_neurons(edit_queries, memory_queries)
+        with result.timed("train"):
+            params, nll, steps, extra = self.fit(rows, start, edit_queries, memory_queries)
+        edit_id, self.next_edit_id = self.next_edit_id, self.next_edit_id + 1
+        for layer, (keys, bias, values) in params.items():
+            self.neurons.append(Neurons(edit_id, layer, keys.detach().clone(),
+                                        bias.detach().clone(), values.detach().clone()))
+        self._live.clear()
+        result.info.update(target_nll=nll.tolist(), steps=steps, extra_losses=extra,
+                           neurons=sum(n.keys.shape[0] for n in self.neurons))
+        return result
+
+    def fit(self, rows: TokenRows,
+            start: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+            edit_queries: dict[int, torch.Tensor], memory_queries: dict[int, torch.Tensor]
+            ) -> tuple[dict[int, tuple[torch.Tensor, ...]], torch.Tensor, int, dict[str, float]]:
+        """Adam on the new neurons (module docstring); returns (neurons, final NLL per
+        request, steps taken, final extra loss terms)."""
+        c, model = self.config, self.model
+        lowest = self.layers[0]
+        with torch.no_grad(), Trace(model.model, model.arch.layer(lowest), retain_input=True,
+                                    stop=True) as block:
+            model.model.base_model(input_ids=rows.ids, attention_mask=rows.mask,
+                                   use_cache=False)
+        block_in = block.input.clone()
+        params = {layer: tuple(t.detach().clone().requires_grad_(True) for t in start[layer])
+                  for layer in self.layers}
+        optimiser = torch.optim.Adam([t for p in params.values() for t in p], lr=c.lr)
+        handles = []
+        for layer in self.layers:
+            def hook(_module, args, kwargs, out, layer=layer):
+                return out + neuron_output(_first_input(args, kwargs), *params[layer])
+            handles.append(model.module(model.arch.mlp_at(layer)).register_forward_hook(
+                hook, with_kwargs=True))
+        n = rows.n_rows
+        nll = torch.full((n,), float("inf"))
+        extra_values: dict[str, float] = {}
+        steps = c.steps
+        try:
+            with frozen(model.model), torch.enable_grad():
+                for step in range(c.steps + 1):
+                    with start_at_layer(model.layers, lowest, block_in,
+                                        model.block_returns_tuple):
+                        hidden = model.model.base_model(
+                            input_ids=rows.ids, attention_mask=rows.mask,
+                            use_cache=False).last_hidden_state
+                    per_request = mean_nll_per_row(model, hidden, rows.row, rows.pos,
+                                                   rows.tok, n)
+                    extra = self.extra_losses(params, edit_queries, memory_queries)
+                    nll = per_request.detach().cpu()
+                    extra_values = {k: float(v.detach()) for k, v in extra.items()}
+                    open_requests = (nll >= c.early_stop_nll).to(per_request.device)
+                    if not bool(open_requests.any()) and self.extra_satisfied(extra_values):
+                        steps = step
+                        break
+                    if step == c.steps:
+                        break
+                    edit_loss = (per_request * open_requests).sum() / open_requests.sum().clamp_min(1)
+                    loss = edit_loss + sum(extra.values(), torch.zeros((), device=model.device))
+                    optimiser.zero_grad()
+                    loss.backward()
+                    optimiser.step()
+        finally:
+            for handle in handles:
+                handle.remove()
+        return params, nll, steps, extra_values
+
+    def remove(self, edit_id: int) -> EditResult:
+        """Drop the edit's neurons (no deltas: weights untouched)."""
+        if edit_id not in {n.edit_id for n in self.neurons}:
+            raise KeyError(f"{type(self).__name__}.remove: no live edit with id {edit_id}")
+        self.neurons = [n for n in self.neurons if n.edit_id != edit_id]
+        self._live.clear()
+        return EditResult(info={"neurons": sum(n.keys.shape[0] for n in self.neurons)})
+
+    # -- the attachment -------------------------------------------------------------------
+    def attachment(self) -> Attachment:
+        attachment = Attachment(self.model.model)
+        for layer in self.layers:
+            def hook(_module, args, kwargs, out, layer=layer):
+                live = self._live_tensors(layer, out.device)
+                if live is None:
+                    return None
+                return out + neuron_output(_first_input(args, kwargs), *live)
+            attachment.add_forward_hook(self.model.module(self.model.arch.mlp_at(layer)), hook)
+        return attachment
+
+    def _live_tensors(self, layer: int, device: torch.device) -> tuple[torch.Tensor, ...] | None:
+        if layer not in self._live:
+            parts = [n for n in self.neurons if n.layer == layer]
+            self._live[layer] = None if not parts else tuple(
+                torch.cat([getattr(n, f) for n in parts]).to(device)
+                for f in ("keys", "bias", "values"))
+        return self._live[layer]
+
+    # -- save / resume --------------------------------------------------------------------
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors = {}
+        for i, n in enumerate(self.neurons):
+            tensors.update({f"{i}.keys": n.keys.cpu(), f"{i}.bias": n.bias.cpu(),
+                            f"{i}.values": n.values.cpu()})
+        manifest = {"patches": self.config.method, "layers": self.layers,
+                    "next_edit_id": self.next_edit_id,
+                    "entries": [[n.edit_id, n.layer] for n in self.neurons]}
+        return tensors, manifest
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], manifest: dict[str, Any]) -> None:
+        if manifest.get("patches") != self.config.method or manifest.get("layers") != self.layers:
+            raise ValueError(f"{type(self).__name__}: the saved state holds "
+                             f"{manifest.get('patches')!r} neurons at layers "
+                             f"{manifest.get('layers')!r}, not {self.config.method!r} at "
+                             f"{self.layers}")
+        device = self.model.device
+        self.neurons = [Neurons(edit_id, layer, tensors[f"{i}.keys"].to(device),
+                                tensors[f"{i}.bias"].to(device), tensors[f"{i}.values"].to(device))
+                        for i, (edit_id, layer) in enumerate(manifest["entries"])]
+        self.next_edit_id = manifest["next_edit_id"]
+        self._live.clear()

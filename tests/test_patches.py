@@ -1,0 +1,96 @@
+"""T-Patcher and CaliNET on tiny random models: added neurons write the edit, stay silent
+where they must, keep generate's KV cache, remove exactly and save/resume exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny_model
+from test_grace import EIFFEL, LOUVRE, greedy_first, logits, nll
+
+from factedit.methods import CaliNetConfig, ConfigError, TPatcherConfig
+from factedit.methods.patches import MEMORY_PROMPTS
+from factedit.models import LayerIndexError
+from factedit.protocol import EditHandle, edit, make_editor
+from factedit.text import continuation_ids, encode
+
+# The tiny model never reaches early_stop_nll (its NLL floor is ~9.4), so every edit runs
+# all its steps: few for CaliNET (two layers, eight slots), more for T-Patcher's hinges.
+SETTINGS = {"t-patcher": dict(steps=150, lr=0.1), "calinet": dict(steps=60, lr=0.1)}
+
+
+@pytest.mark.parametrize("method", ["t-patcher", "calinet"])
+def test_edit_writes_the_target_through_generate(tokenizer, method):
+    model = make_tiny_model(tokenizer, layers=3)
+    before = nll(model, EIFFEL)
+    handle = edit(model, [EIFFEL], method=method, progress=False, **SETTINGS[method])
+    # A random 64-wide model cannot put much mass on one of 49k tokens (NLL floor ~9.4):
+    # a drop of > 1 nat and the greedy token are what it can show.
+    assert nll(model, EIFFEL) < before - 1.0 and greedy_first(model, EIFFEL)
+    assert not any(p.grad is not None for p in model.model.parameters())
+    prompt_ids = torch.tensor([encode(tokenizer, EIFFEL.rewrite_prompt)])
+    out = model.generate(prompt_ids, max_new_tokens=2, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id)
+    target = continuation_ids(tokenizer, EIFFEL.rewrite_prompt, EIFFEL.target_new)
+    assert out[0, prompt_ids.shape[1]].item() == target[0]
+    assert model.model.generation_config.use_cache is True  # position-wise: cache kept
+    handle.restore()
+    assert nll(model, EIFFEL) == before
+
+
+def test_t_patcher_neuron_is_silent_on_memory_text(tokenizer):
+    model = make_tiny_model(tokenizer, layers=3)
+    memory_before = logits(model, MEMORY_PROMPTS[0])
+    handle = edit(model, [EIFFEL], method="t-patcher", progress=False, **SETTINGS["t-patcher"])
+    info = handle.records[0].info
+    assert info["extra_losses"] == {"activation": 0.0, "memory": 0.0}, info
+    assert handle.editor.neurons[0].keys.shape == (1, 64)  # one neuron, in the last layer
+    assert handle.editor.layers == [2]
+    # The hinge holds on every memory position: relu is exactly zero, the logits are equal.
+    assert torch.equal(logits(model, MEMORY_PROMPTS[0]), memory_before)
+
+
+@pytest.mark.parametrize("method", ["t-patcher", "calinet"])
+def test_remove_and_save_resume_are_exact(tokenizer, tmp_path, method):
+    model = make_tiny_model(tokenizer, layers=3)
+    unedited = {r.uid: logits(model, r.rewrite_prompt) for r in (EIFFEL, LOUVRE)}
+    handle = edit(model, [EIFFEL, LOUVRE], method=method, mode="sequential", progress=False,
+                  **SETTINGS[method])
+    edited = {r.uid: logits(model, r.rewrite_prompt) for r in (EIFFEL, LOUVRE)}
+    handle.save(tmp_path / method)
+    handle.remove(0)  # Eiffel's neurons go, Louvre's stay
+    assert [n.edit_id for n in handle.editor.neurons] == [1] * len(handle.editor.layers)
+    assert not torch.equal(logits(model, LOUVRE.rewrite_prompt), unedited[LOUVRE.uid])
+    handle.remove(1)
+    for r in (EIFFEL, LOUVRE):
+        assert torch.equal(logits(model, r.rewrite_prompt), unedited[r.uid])
+
+    fresh = make_tiny_model(tokenizer, layers=3)
+    resumed = EditHandle.resume(fresh, tmp_path / method)
+    for r in (EIFFEL, LOUVRE):
+        assert torch.equal(logits(fresh, r.rewrite_prompt), edited[r.uid])
+    resumed.restore()
+    assert torch.equal(logits(fresh, EIFFEL.rewrite_prompt), unedited[EIFFEL.uid])
+
+
+def test_calinet_adds_slots_per_edit_and_layer(tokenizer):
+    model = make_tiny_model(tokenizer, layers=3)
+    handle = edit(model, [EIFFEL, LOUVRE], method="calinet", mode="sequential", slots=4,
+                  progress=False, **SETTINGS["calinet"])
+    assert handle.editor.layers == [1, 2]
+    assert [(n.edit_id, n.layer, n.keys.shape[0]) for n in handle.editor.neurons] == [
+        (0, 1, 4), (0, 2, 4), (1, 1, 4), (1, 2, 4)]
+
+
+@pytest.mark.parametrize(("config", "field", "value"), [
+    (TPatcherConfig, "margin", 0), (TPatcherConfig, "steps", 0), (TPatcherConfig, "lr", -1.0),
+    (CaliNetConfig, "slots", 0), (CaliNetConfig, "memory_weight", -1.0),
+    (CaliNetConfig, "layers", [-1])])
+def test_bad_config_names_the_field(config, field, value):
+    with pytest.raises(ConfigError, match=field):
+        config(**{field: value})
+
+
+def test_missing_layer_is_named(tokenizer):
+    with pytest.raises(LayerIndexError, match="TPatcherConfig.layers"):
+        make_editor(make_tiny_model(tokenizer, layers=2), "t-patcher", layers=[7])
