@@ -1,0 +1,97 @@
+"""Multi-hop questions on MQuAKE: apply all edits of a case together, ask the case's three
+multi-hop questions, count the case correct if any answer contains the new answer.
+
+    python bench/multihop.py --methods unedited,mello,rome,memit,d4s --cases 50
+
+Weight and memory editors are asked through the model's greedy answer
+(`metrics.multihop.generated_answer`); MeLLo through its own loop. Each case starts from
+the unedited model (edits restored after it). Results are written after every case to
+bench/out/multihop/<method>_n<cases>.json, and a rerun continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--methods", default="unedited,mello,memit,d4s")
+    ap.add_argument("--cases", type=int, default=50)
+    ap.add_argument("--dataset", default="mquake")
+    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[1].parent
+                                          / "shared" / "data"))
+    ap.add_argument("--covariance-tokens", type=int, default=100_000)
+    ap.add_argument("--set", action="append", default=[], metavar="METHOD.FIELD=JSON")
+    ap.add_argument("--out", default="bench/out/multihop")
+    args = ap.parse_args(argv)
+
+    import factedit as fe
+    from factedit.data import load_dataset
+    from factedit.methods import get_method
+    from factedit.metrics.multihop import case_result, generated_answer, mquake_cases
+    from factedit.protocol import EditHandle, make_editor
+
+    model = fe.load_model(args.model)
+    cases = mquake_cases(load_dataset(args.dataset, limit=args.cases, data_dir=args.data))
+    overrides: dict[str, dict] = {}
+    for item in args.set:
+        key, value = item.split("=", 1)
+        method, field = key.split(".", 1)
+        overrides.setdefault(method, {})[field] = json.loads(value)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for method in args.methods.split(","):
+        path = out / f"{method}_n{len(cases)}.json"
+        data = json.loads(path.read_text()) if path.is_file() else {"method": method,
+                                                                     "cases": []}
+        editor = None
+        if method != "unedited":
+            options = dict(overrides.get(method, {}))
+            if "covariance_corpus" in get_method(method).config_cls.__dataclass_fields__:
+                options.update(covariance_corpus=str(Path(args.data) / "corpus"
+                                                     / "wikitext-2-raw"),
+                               covariance_tokens=args.covariance_tokens)
+            editor = make_editor(model, method, **options)
+        started = time.perf_counter()
+        for case in cases[len(data["cases"]):]:
+            handle = None
+            if editor is not None:
+                handle = EditHandle(model, editor.fresh())
+                handle.step(case)  # the case's edits together, one batch edit
+            if method == "mello":
+                result = case_result(case, lambda q, h=handle: h.editor.answer(q).answer)
+            else:
+                result = case_result(case, lambda q: generated_answer(model, q))
+            if handle is not None:
+                handle.restore()
+            data["cases"].append(result)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(data, indent=1))
+            tmp.replace(path)
+            print(f"{method} case {result['case']}: correct={result['correct']} "
+                  f"answers={result['answers']}", flush=True)
+        done = data["cases"]
+        data.update(accuracy=sum(c["correct"] for c in done) / len(done),
+                    old_answer_rate=sum(c["old_answer"] for c in done) / len(done),
+                    seconds_this_run=time.perf_counter() - started)
+        path.write_text(json.dumps(data, indent=1))
+        rows.append((method, len(done), data["accuracy"], data["old_answer_rate"]))
+    print("method | cases | multi-hop accuracy (new answer) | old answer given")
+    for method, n, acc, old in rows:
+        print(f"{method} | {n} | {acc:.3f} | {old:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
