@@ -42,3 +42,28 @@ def test_sequence_of_two_edits_keeps_both(builtin_model, method):
         assert answer(model, LOUVRE).startswith("Paris")
     finally:
         handle.restore()
+
+
+# Editors that keep the weights: the edit acts through hooks (or context), so removing it
+# must give the unedited answers back, and generate must see it. The in-context editors
+# cannot move SmolLM2-135M off Paris for the Eiffel Tower (the context about the tower makes
+# "Paris" likelier still); measured on the 39 built-in facts they flip 13-17, so they are
+# tested on the second fact, which all three flip.
+@pytest.mark.parametrize(("method", "fact"), [("t-patcher", 0), ("calinet", 0), ("grace", 0),
+                                              ("serac", 1), ("memprompt", 1), ("ike", 1)])
+def test_weight_keeping_editor_flips_keeps_and_removes(builtin_model, method, fact):
+    model = builtin_model
+    request = builtin_facts()[fact]
+    neighbour, neighbour_answer = request.neighborhood[0]
+    original = answer(model, request.rewrite_prompt)
+    assert original.startswith(request.target_true), original
+    before = model.model.state_dict()["lm_head.weight"].clone()
+    handle = fe.edit(model, [request], method=method, mode="sequential", progress=False)
+    try:
+        assert answer(model, request.rewrite_prompt).startswith(request.target_new)
+        assert answer(model, neighbour).startswith(neighbour_answer)
+        handle.remove(0)
+        assert answer(model, request.rewrite_prompt) == original
+    finally:
+        handle.restore()
+    assert model.model.state_dict()["lm_head.weight"].equal(before)
