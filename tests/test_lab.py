@@ -90,7 +90,11 @@ def table(path, name):
     ({"n_edits": [0]}, r"n_edits\[0\]=0: give an integer >= 1"),
     ({"batch_size": 2}, r"batch_size=2 applies to mode 'sequential-batch'"),
     ({"eval": {"immediate": "yes"}}, r"eval\.immediate='yes': give true or false"),
-    ({"downstream": {"tasks": ["arc_easy"]}}, r"downstream: .*not implemented yet"),
+    ({"downstream": {"tasks": ["arc_challange"]}},
+     r"downstream\.tasks\[0\]='arc_challange': unknown task; did you mean 'arc_challenge'"),
+    ({"downstream": {"tasks": ["winogrande"], "at": [3]}},
+     r"downstream\.at: 3 is not 0 or one of n_edits"),
+    ({"downstream": {"task": ["winogrande"]}}, r"downstream\.task: unknown key"),
     ({"methods": [{"name": "d4s"}, {"name": "d4s"}]}, r"methods\[1\]: 'd4s' appears twice"),
 ])
 def test_schema_errors_name_the_field(change, message):
@@ -271,3 +275,24 @@ def test_run_sequence_continues_only_its_own_prefix(tokenizer):
         fe.run_sequence(model, FACTS, "memit", handle=handle, progress=False)
     with pytest.raises(ValueError, match="pass method='memit' and no config"):
         fe.run_sequence(model, FACTS[1:], "d4s", handle=handle, progress=False)
+
+
+def test_downstream_tasks_run_through_lm_eval_at_their_checkpoints(lab_env, tokenizer,
+                                                                    shared_data):
+    """lm_eval scores the in-memory model before editing and after the last edit."""
+    tmp, corpus, dataset = lab_env
+    model = make_tiny_model(tokenizer)
+    downstream = {"tasks": ["winogrande"], "limit": 4,
+                  "data_dir": str(shared_data / "downstream")}
+    out = run_experiment(experiment_dict(corpus, dataset, downstream=downstream,
+                                         methods=[{"name": "d4s", "config": dict(TINY)}]),
+                         tmp / "run", model=model, progress=False)
+    with ResultsStore(out / "results.sqlite") as store:
+        acc = store.means("downstream", "winogrande/acc")
+        assert sorted(acc) == ["d4s", "unedited"]
+        assert list(acc["unedited"]) == [0] and list(acc["d4s"]) == [5]
+        assert all(0.0 <= v <= 1.0 for m in acc.values() for v in m.values())
+    report = write_report(out)
+    assert "downstream tasks" in report.plots
+    assert [(r["method"], r["N"]) for r in report.downstream] == [("unedited", 0), ("d4s", 5)]
+    assert "Downstream tasks (lm_eval, %)" in report.html.read_text()

@@ -25,7 +25,13 @@
       tokens: null                # token positions; null: the method's default
     checkpoint_every: 10          # save editing state + scores every k edits (resume point)
     seed: 0                       # torch seed, and `seed` of every method config that has one
-    downstream: {}                # lm_eval tasks: reserved, not implemented yet
+    downstream:                   # optional: lm_eval tasks on local files (lab/downstream.py)
+      tasks: [arc_challenge, winogrande]   # names in factedit.lab.downstream.TASKS
+      limit: 100                  # documents per task (null: all)
+      at: null                    # edit counts to measure at; null: 0 and max(n_edits)
+      data_dir: null              # default: $FACTEDIT_DATA/downstream, else ../shared/data/...
+      batch_size: 8
+      num_fewshot: null           # null: each task's own
 
 Relative paths (dataset file, data_dir, covariance.corpus) are read from the working directory
 where the run starts; the run's config.json holds them absolute.
@@ -97,6 +103,22 @@ class CovarianceSpec:
 
 
 @dataclass
+class DownstreamSpec:
+    tasks: list[str] = field(default_factory=list)
+    limit: int | None = 100
+    at: list[int] | None = None
+    data_dir: str | None = None
+    batch_size: int = 8
+    num_fewshot: int | None = None
+
+    def counts(self, max_edits: int) -> list[int]:
+        """Edit counts at which the tasks run (0: the unedited model)."""
+        if not self.tasks:
+            return []
+        return sorted(set(self.at if self.at is not None else [0, max_edits]))
+
+
+@dataclass
 class Experiment:
     """A sequential-editing experiment; see the module docstring for the file format."""
 
@@ -110,7 +132,7 @@ class Experiment:
     covariance: CovarianceSpec = field(default_factory=CovarianceSpec)
     checkpoint_every: int = 10
     seed: int = 0
-    downstream: dict[str, Any] = field(default_factory=dict)
+    downstream: DownstreamSpec = field(default_factory=DownstreamSpec)
     name: str | None = None
     version: int = SCHEMA_VERSION
 
@@ -139,7 +161,10 @@ class Experiment:
         dataset = dataclasses.replace(ds, name=name, data_dir=absolute(ds.resolved_data_dir()))
         corpus = self.covariance.corpus
         covariance = dataclasses.replace(self.covariance, corpus=absolute(corpus))
-        return dataclasses.replace(self, dataset=dataset, covariance=covariance)
+        downstream = dataclasses.replace(self.downstream,
+                                         data_dir=absolute(self.downstream.data_dir))
+        return dataclasses.replace(self, dataset=dataset, covariance=covariance,
+                                   downstream=downstream)
 
     def method_config(self, run: MethodRun) -> MethodConfig:
         """The method's config object: covariance and seed sections, then its own overrides."""
@@ -239,6 +264,34 @@ def _bool(value: Any, path: str) -> bool:
     if not isinstance(value, bool):
         raise ExperimentError(f"{path}={value!r}: give true or false")
     return value
+
+
+def _parse_downstream(data: Any, n_edits: list[int]) -> DownstreamSpec:
+    from .downstream import TASKS
+
+    ds = _section(data, "downstream", DownstreamSpec)
+    tasks = ds.get("tasks") or []
+    if not isinstance(tasks, list):
+        raise ExperimentError(f"downstream.tasks={tasks!r}: give a list of task names")
+    for i, task in enumerate(tasks):
+        if task not in TASKS:
+            raise ExperimentError(f"downstream.tasks[{i}]={task!r}: unknown task"
+                                  f"{_suggest(str(task), list(TASKS))} (known: "
+                                  f"{', '.join(sorted(TASKS))})")
+    at = ds.get("at")
+    if at is not None:
+        if not isinstance(at, list):
+            raise ExperimentError(f"downstream.at={at!r}: give a list of edit counts or null")
+        at = [_int(n, f"downstream.at[{i}]", 0) for i, n in enumerate(at)]
+        for n in at:
+            if n != 0 and n not in n_edits:
+                raise ExperimentError(f"downstream.at: {n} is not 0 or one of n_edits "
+                                      f"{n_edits}; downstream runs at scored checkpoints")
+    return DownstreamSpec(
+        tasks=list(tasks), limit=_int(ds.get("limit", 100), "downstream.limit", 1, optional=True),
+        at=at, data_dir=_str(ds.get("data_dir"), "downstream.data_dir", optional=True),
+        batch_size=_int(ds.get("batch_size", 8), "downstream.batch_size", 1),
+        num_fewshot=_int(ds.get("num_fewshot"), "downstream.num_fewshot", 0, optional=True))
 
 
 def _parse_methods(data: Any) -> list[MethodRun]:
@@ -346,12 +399,7 @@ def _parse_experiment(data: Any, model: EditableModel | None) -> Experiment:
         corpus=_str(cov.get("corpus"), "covariance.corpus", optional=True),
         tokens=_int(cov.get("tokens"), "covariance.tokens", 1, optional=True))
 
-    downstream = data.get("downstream") or {}
-    if not isinstance(downstream, dict):
-        raise ExperimentError(f"downstream: expected a mapping, got {type(downstream).__name__}")
-    if downstream:
-        raise ExperimentError("downstream: lm_eval downstream tasks are not implemented yet in "
-                              "the lab; remove the section (or leave it empty) for now")
+    downstream = _parse_downstream(data.get("downstream") or {}, n_edits)
 
     experiment = Experiment(
         methods=methods, model=model, dataset=dataset, mode=mode, batch_size=batch_size,

@@ -47,6 +47,8 @@ class Report:
     # metric -> {"pearson": r, "spearman": rho, "n": points}; r None where undefined.
     correlations: dict[str, dict[str, Any]] = field(default_factory=dict)
     tables: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    # rows of downstream_table: method, N and "task/metric" in %
+    downstream: list[dict[str, Any]] = field(default_factory=list)
 
 
 # -- statistics (stdlib: scipy is not a dependency) ------------------------------------------
@@ -175,6 +177,38 @@ def _plot_scores(store: ResultsStore, methods: Sequence[str], path: Path) -> boo
             ax.plot(*zip(*base), linestyle="--", color="grey", label="unedited")
         ax.set(title=metric, xlabel="edits N", ylabel="mean over the N edited requests")
         ax.set_ylim(-0.02, 1.02)
+    axes[0].legend(fontsize="small")
+    fig.savefig(path, dpi=100)
+    return True
+
+
+def downstream_table(store: ResultsStore) -> list[dict[str, Any]]:
+    """One row per (method, N) with every downstream "task/metric" in %, unedited first."""
+    rows: dict[tuple[str, int], dict[str, Any]] = {}
+    for row in store.scores(view="downstream", uid=MEAN):
+        key = (row["method"], row["n_edits"])
+        rows.setdefault(key, {"method": row["method"], "N": row["n_edits"]})[row["metric"]] = \
+            100 * row["value"]
+    return [rows[k] for k in sorted(rows, key=lambda k: (k[0] != UNEDITED, k[0], k[1]))]
+
+
+def _plot_downstream(store: ResultsStore, methods: Sequence[str], path: Path) -> bool:
+    metrics = sorted({r["metric"] for r in store.scores(view="downstream", uid=MEAN)
+                      if r["metric"].endswith("/acc")})
+    if not metrics:
+        return False
+    fig, axes = _figure(len(metrics))
+    for ax, metric in zip(axes, metrics):
+        means = store.means("downstream", metric)
+        base = means.get(UNEDITED, {}).get(0)
+        for method in methods:
+            points = sorted({**({0: base} if base is not None else {}),
+                             **means.get(method, {})}.items())
+            if points:
+                ax.plot(*zip(*points), marker="o", label=method)
+        if base is not None:
+            ax.axhline(base, linestyle="--", color="grey", label="unedited")
+        ax.set(title=metric, xlabel="edits N", ylabel="accuracy")
     axes[0].legend(fontsize="small")
     fig.savefig(path, dpi=100)
     return True
@@ -313,7 +347,7 @@ pre{background:#f4f4f4;padding:0.7em;overflow-x:auto;font-size:small}"""
 
 def _html_page(run_dir: Path, config: dict[str, Any], tables: dict[int, list[dict]],
                easyedit: dict[int, list[dict]], corr: dict[str, dict[str, Any]],
-               plots: dict[str, Path]) -> str:
+               plots: dict[str, Path], downstream: Sequence[dict[str, Any]] = ()) -> str:
     title = f"factedit run: {config.get('name') or run_dir.name}"
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
              f"</title><style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>",
@@ -328,6 +362,15 @@ def _html_page(run_dir: Path, config: dict[str, Any], tables: dict[int, list[dic
                                  for _, h in EASYEDIT_COLUMNS):
             parts.append("<p>EasyEdit convention (token accuracy):</p>")
             parts.append(_table_html(easyedit[n], [h for _, h in EASYEDIT_COLUMNS]))
+    if downstream:
+        metrics = sorted({k for r in downstream for k in r} - {"method", "N"})
+        parts.append("<h2>Downstream tasks (lm_eval, %)</h2><table><thead><tr><th>method</th>"
+                     "<th>N</th>" + "".join(f"<th>{html.escape(m)}</th>" for m in metrics)
+                     + "</tr></thead><tbody>")
+        for r in downstream:
+            parts.append(f"<tr><td>{html.escape(r['method'])}</td><td>{r['N']}</td>"
+                         + "".join(f"<td>{_fmt(r.get(m))}</td>" for m in metrics) + "</tr>")
+        parts.append("</tbody></table>")
     if corr:
         parts.append("<h2>mean |W| against the scores</h2><table><thead><tr><th>score</th>"
                      "<th>Pearson r</th><th>Spearman &rho;</th><th>points</th></tr></thead>"
@@ -370,15 +413,19 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Repo
                    "forgetting": ("forgetting.png",
                                   lambda p: _plot_forgetting(store, methods, counts or [1], p)),
                    "edit-success bottleneck": ("bottleneck.png",
-                                               lambda p: _plot_bottleneck(store, methods, p))}
+                                               lambda p: _plot_bottleneck(store, methods, p)),
+                   "downstream tasks": ("downstream.png",
+                                        lambda p: _plot_downstream(store, methods, p))}
         for name, (filename, draw) in drawers.items():
             if draw(folder / filename):
                 report.plots[name] = folder / filename
         report.tables = paper_tables(store, methods, table_counts)
         easyedit = paper_tables(store, methods, table_counts, EASYEDIT_COLUMNS)
         report.correlations = correlations(store, methods)
+        report.downstream = downstream_table(store)
     report.html.write_text(_html_page(run_dir, config, report.tables, easyedit,
-                                      report.correlations, report.plots), encoding="utf-8")
+                                      report.correlations, report.plots, report.downstream),
+                           encoding="utf-8")
     return report
 
 
@@ -393,6 +440,14 @@ def format_tables(report: Report) -> str:
         for r in rows:
             lines.append("  " + r["method"].ljust(width)
                          + "".join(f"{_fmt(r[h]):>8}" for h in headings))
+    if report.downstream:
+        metrics = sorted({k for r in report.downstream for k in r} - {"method", "N"})
+        lines.append("downstream (lm_eval, %)")
+        lines.append("  " + "method".ljust(16) + "N".rjust(6)
+                     + "".join(f"{m:>28}" for m in metrics))
+        for r in report.downstream:
+            lines.append("  " + r["method"].ljust(16) + str(r["N"]).rjust(6)
+                         + "".join(f"{_fmt(r.get(m)):>28}" for m in metrics))
     if report.correlations:
         lines.append("mean |W| vs score over (method, checkpoint) points:")
         for metric, c in report.correlations.items():

@@ -239,7 +239,23 @@ def _score_unedited(store: ResultsStore, experiment: Experiment, model: Editable
     rows = [row for r in per_request for row in score_rows(UNEDITED, 0, "unedited", r)]
     for n in checkpoint_counts(experiment):
         rows += score_rows(UNEDITED, n, "unedited", _mean_row(per_request[:n]), uid=MEAN)
+    if 0 in experiment.downstream.counts(experiment.max_edits):
+        rows += downstream_rows(UNEDITED, 0, model, experiment)
     store.write(scores=rows, progress=(UNEDITED, 0, None, True))
+
+
+def downstream_rows(key: str, n: int, model: EditableModel, experiment: Experiment
+                    ) -> list[tuple]:
+    """Score rows ("downstream" view, metric "task/metric") of the model as it is now."""
+    from .downstream import evaluate_downstream
+
+    spec = experiment.downstream
+    log.info("%s: downstream tasks %s after %d edits", key, ", ".join(spec.tasks), n)
+    scores = evaluate_downstream(model, spec.tasks, limit=spec.limit, data_dir=spec.data_dir,
+                                 batch_size=spec.batch_size, num_fewshot=spec.num_fewshot)
+    flat = {f"{task}/{metric}": value for task, metrics in scores.items()
+            for metric, value in metrics.items() if metric != "n"}
+    return score_rows(key, n, "downstream", flat, uid=MEAN)
 
 
 # -- one method ------------------------------------------------------------------------------
@@ -306,6 +322,7 @@ class _Recorder:
         self.store, self.out, self.key = store, out, key
         self.every = experiment.checkpoint_every
         self.immediate = experiment.eval.immediate
+        self.experiment = experiment
         self.total = total
         self.budget = budget
         self.state_dir = state_dir
@@ -348,6 +365,8 @@ class _Recorder:
         means = {k: v for k, v in checkpoint.scores.items() if k != "per_request"}
         means["edit_seconds"] = checkpoint.seconds
         self.scores += score_rows(self.key, n, "checkpoint", means, uid=MEAN)
+        if n in self.experiment.downstream.counts(self.experiment.max_edits):
+            self.scores += downstream_rows(self.key, n, report.handle.model, self.experiment)
         if self.immediate:
             self.means_at.append((self.key, n))
         if n == self.total:

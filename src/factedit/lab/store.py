@@ -54,7 +54,7 @@ CREATE TABLE IF NOT EXISTS progress (
     finished INTEGER NOT NULL DEFAULT 0);
 """
 
-_VIEWS = ("immediate", "checkpoint", "unedited")
+_VIEWS = ("immediate", "checkpoint", "unedited", "downstream")
 
 
 def layer_of(weight: str) -> int | None:
