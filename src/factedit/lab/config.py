@@ -14,6 +14,7 @@
       data_dir: null              # default: $FACTEDIT_DATA, else ../shared/data
       offset: 0                   # records skipped at the start of the file
       limit: null                 # records read; default max(n_edits)
+      question_type: generated    # MQD: generated | true_false | multiple_choice (data/mqd.py)
     mode: sequential              # or sequential-batch (then batch_size edits per step)
     batch_size: 1
     n_edits: [100, 500, 1000]     # checkpoints of ONE sequence of max(n_edits) edits
@@ -48,9 +49,12 @@ import difflib
 import json
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from ..data.mqd import QUESTION_TYPES
 
 if TYPE_CHECKING:
     from ..methods.base import MethodConfig
@@ -85,6 +89,7 @@ class DatasetSpec:
     data_dir: str | None = None
     offset: int = 0
     limit: int | None = None
+    question_type: str = "generated"
 
     def resolved_data_dir(self) -> str:
         return self.data_dir or os.environ.get("FACTEDIT_DATA") or str(DEFAULT_DATA_DIR)
@@ -260,6 +265,13 @@ def _str(value: Any, path: str, optional: bool = False) -> str | None:
     return value
 
 
+def _choice(value: Any, path: str, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ExperimentError(f"{path}={value!r}: choose one of {', '.join(choices)}"
+                              f"{_suggest(str(value), list(choices))}")
+    return value
+
+
 def _bool(value: Any, path: str) -> bool:
     if not isinstance(value, bool):
         raise ExperimentError(f"{path}={value!r}: give true or false")
@@ -364,7 +376,9 @@ def _parse_experiment(data: Any, model: EditableModel | None) -> Experiment:
         name=_str(ds.get("name", "counterfact"), "dataset.name"),
         data_dir=_str(ds.get("data_dir"), "dataset.data_dir", optional=True),
         offset=_int(ds.get("offset", 0), "dataset.offset", 0),
-        limit=_int(ds.get("limit"), "dataset.limit", 1, optional=True))
+        limit=_int(ds.get("limit"), "dataset.limit", 1, optional=True),
+        question_type=_choice(ds.get("question_type", "generated"), "dataset.question_type",
+                              QUESTION_TYPES))
 
     mode = data.get("mode", "sequential")
     if mode not in MODES:

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from ..data.mqd import mqd_requests, target_perplexity
 from ..metrics import Baseline, capture_baseline, evaluate
 from ..models import EditableModel
 from ..protocol import EditHandle, EditRecord, make_editor
@@ -204,6 +205,7 @@ def _requests(experiment: Experiment, out: Path) -> list[EditRequest]:
     limit = ds.limit or experiment.max_edits
     requests = load_dataset(ds.name, limit=limit, offset=ds.offset,
                             data_dir=ds.resolved_data_dir())[:experiment.max_edits]
+    requests = mqd_requests(requests, ds.question_type)
     if len(requests) < experiment.max_edits:
         raise ExperimentError(f"dataset {ds.name!r} gave {len(requests)} requests (offset "
                               f"{ds.offset}, limit {limit}), fewer than max(n_edits)="
@@ -236,6 +238,9 @@ def _score_unedited(store: ResultsStore, experiment: Experiment, model: Editable
         return
     log.info("scoring the unedited model on %d requests", len(requests))
     per_request = evaluate(model, requests, baseline)["per_request"]
+    # The perplexity of each edit target under the unedited model (MQD's measure).
+    for row, ppl in zip(per_request, target_perplexity(model, requests)):
+        row["target_ppl"] = ppl
     rows = [row for r in per_request for row in score_rows(UNEDITED, 0, "unedited", r)]
     for n in checkpoint_counts(experiment):
         rows += score_rows(UNEDITED, n, "unedited", _mean_row(per_request[:n]), uid=MEAN)
