@@ -93,6 +93,31 @@ def test_sequential_d4s_equals_memit_batch_on_w0(tokenizer):
     assert_same_edit(deltas(seq, w0), deltas(batch, w0), rtol=1e-4)
 
 
+@pytest.mark.parametrize(("method", "resolve_every"), [("d4s", 3), ("d4s-alphaedit", 100)])
+def test_incremental_solve_equals_full_solve(tokenizer, method, resolve_every, monkeypatch):
+    """The recursive least-squares step lands on the full solve of the sums, with or
+    without the periodic full re-solve, and removal afterwards stays exact."""
+    from factedit.methods.d4s import D4SEditor
+
+    steps = []
+    original_step = D4SEditor.update_sums
+    monkeypatch.setattr(D4SEditor, "update_sums",
+                        lambda self, *a: steps.append(a[0]) or original_step(self, *a))
+    w0, full, incremental = tiny(tokenizer), tiny(tokenizer), tiny(tokenizer)
+    options = small(**NULL_SPACE.get(method, {}))
+    edit(full, REQUESTS[:5], method=method, mode="sequential", progress=False, **options)
+    handle = edit(incremental, REQUESTS[:5], method=method, mode="sequential", progress=False,
+                  solve="incremental", resolve_every=resolve_every, **options)
+    assert_same_edit(deltas(incremental, w0), deltas(full, w0), rtol=1e-9)
+    # edit 0 solves in full (nothing to step from), and so does edit 3 when resolve_every=3
+    assert len(steps) == len(LAYERS) * (3 if resolve_every == 3 else 4)
+    handle.remove(1)
+    without = tiny(tokenizer)
+    edit(without, [r for i, r in enumerate(REQUESTS[:5]) if i != 1], method=method,
+         mode="sequential", progress=False, **options)
+    assert_same_edit(deltas(incremental, w0), deltas(without, w0), rtol=1e-6)
+
+
 @pytest.mark.parametrize("method", ["memit", "pmet", "alphaedit", "d4s", "d4s-alphaedit"])
 def test_compute_leaves_the_model_as_it_found_it(tokenizer, method):
     """compute() returns deltas and info; the weights are bit-identical afterwards."""

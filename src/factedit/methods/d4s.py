@@ -18,6 +18,13 @@ Options:
         edited layers set back to W_0; "current": on the model as it is.
     residual="once" (reference): keys of every layer and the residual are read once, before
         the layer loop; "per_layer": MEMIT's order (re-read after each layer is written).
+    solve="full": every edit re-solves A_n X = S_RK^T (a Cholesky factorisation and d_out
+        right-hand sides per layer). "incremental": the recursive least-squares step
+            M_n = M_{n-1} + (R_n - M_{n-1} K_n) (A_n^{-1} K_n)^T,   M = W - W_0,
+        which satisfies M_n A_n = S_RK exactly when M_{n-1} A_{n-1} did (subtract
+        M_{n-1} K K^T from both sides), needs only as many right-hand sides as the edit
+        has requests, and is re-solved in full every `resolve_every` edits so rounding
+        cannot drift. After a resume or a removal the next edit solves in full.
     keep_history=True: each edit's per-layer (K_n, R_n) are kept (float64, CPU; (d_in + d_out)
         x n numbers per layer), so `remove(edit_id)` subtracts exactly its terms and re-solves.
         False keeps only the requests and recomputes the terms on W_0 when removing: exact
@@ -35,10 +42,11 @@ from typing import Any
 import torch
 
 from ..linalg import memit_system, solve_update
+from ..linalg.solve import spd_solve
 from ..models import EditableModel
 from ..requests import EditRequest
 from .base import ConfigError, EditResult, register_method
-from .locate import check_choice
+from .locate import check_choice, check_positive
 from .memit import MemitConfig, MemitEditor
 
 log = logging.getLogger(__name__)
@@ -51,16 +59,21 @@ class D4SConfig(MemitConfig):
     """D4S: MEMIT's fields plus where edits are computed and whether history is kept.
 
     residual: "once" (reference) or "per_layer". values_on: "original" (reference) or
-    "current". keep_history: keep each edit's terms for exact removal (see module docstring).
+    "current". keep_history: keep each edit's terms for exact removal. solve: "full" or
+    "incremental", with a full solve every `resolve_every` edits (see module docstring).
     """
 
     residual: str = "once"
     values_on: str = "original"
     keep_history: bool = True
+    solve: str = "full"
+    resolve_every: int = 100
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice(self, "values_on", ("original", "current"))
+        check_choice(self, "solve", ("full", "incremental"))
+        check_positive(self, "resolve_every")
         if not isinstance(self.keep_history, bool):
             raise ConfigError(f"{type(self).__name__}.keep_history={self.keep_history!r}: "
                               f"give True or False")
@@ -78,6 +91,7 @@ class D4SEditor(MemitEditor):
         self._requests: dict[int, list[EditRequest]] = {}  # edit id -> requests (otherwise)
         self.live_edits: list[int] = []
         self.next_edit_id = 0
+        self._solved: dict[int, torch.Tensor] = {}  # layer -> M = W_n - W_0 (incremental)
 
     # -- the update rule ------------------------------------------------------------------------
     def solve_sums(self, layer: int, S_RK: torch.Tensor, S_KK: torch.Tensor
@@ -86,6 +100,24 @@ class D4SEditor(MemitEditor):
         A = memit_system(self.covariance(layer), S_KK, self.mom2_weight(layer))
         W0 = self.original_weight(layer)
         return W0 + solve_update(S_RK, A, f"D4S system at layer {layer}"), A
+
+    def incremental_system(self, layer: int, K: torch.Tensor, S_KK: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A_n, K'): the system after this edit and the keys as they enter it, such that
+        A_n = A_{n-1} + K' K'^T and M A_n = S_RK (with S_RK's K in place of K')."""
+        return memit_system(self.covariance(layer), S_KK, self.mom2_weight(layer)), K
+
+    def update_sums(self, layer: int, K: torch.Tensor, R: torch.Tensor, S_KK: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_0 + M_n by the recursive least-squares step (module docstring), and A_n."""
+        A, K = self.incremental_system(layer, K.to(torch.float64), S_KK)
+        X = spd_solve(A, K, f"D4S system at layer {layer}")  # A_n^{-1} K_n
+        M = self._solved[layer]
+        return self.original_weight(layer) + M + (R.to(torch.float64) - M @ K) @ X.T, A
+
+    def _incremental(self, layer: int) -> bool:
+        return (self.config.solve == "incremental" and layer in self._solved
+                and self.next_edit_id % self.config.resolve_every != 0)
 
     @property
     def values_independent_of_history(self) -> bool:  # type: ignore[override]
@@ -107,16 +139,24 @@ class D4SEditor(MemitEditor):
 
     def compute(self, requests: Sequence[EditRequest]) -> EditResult:
         sums: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        solved: dict[int, torch.Tensor] = {}
 
         def solve(j: int, layer: int, K: torch.Tensor, R: torch.Tensor):
             sums[layer] = self._sums_with(layer, K, R)
-            return self.solve_sums(layer, *sums[layer])
+            if self._incremental(layer):
+                W_new, A = self.update_sums(layer, K, R, sums[layer][1])
+            else:
+                W_new, A = self.solve_sums(layer, *sums[layer])
+            solved[layer] = W_new
+            return W_new, A
 
         result, terms = self.edit_layers(requests, solve, self.config.residual, self.values_start())
         # The sums change only once the whole edit succeeded.
         edit_id = self.next_edit_id
         for layer, (S_RK, S_KK) in sums.items():
             self._s_rk[layer], self._s_kk[layer] = S_RK, S_KK
+        if self.config.solve == "incremental":
+            self._solved = {layer: W - self.original_weight(layer) for layer, W in solved.items()}
         if self.config.keep_history:
             self._history[edit_id] = terms
         else:
@@ -162,6 +202,7 @@ class D4SEditor(MemitEditor):
         self._history.pop(edit_id, None)
         self._requests.pop(edit_id, None)
         self.live_edits.remove(edit_id)
+        self._solved.clear()  # the next edit solves in full
         result.info["removed_edit_id"] = edit_id
         return result
 
@@ -189,6 +230,7 @@ class D4SEditor(MemitEditor):
                       for layer in self.layers if f"S_KK.{layer}" in tensors}
         self.next_edit_id = int(manifest["next_edit_id"])
         self.live_edits = [int(e) for e in manifest["live_edits"]]
+        self._solved.clear()  # the next edit solves in full
         self._requests = {int(e): [EditRequest.from_dict(r) for r in reqs]
                           for e, reqs in manifest.get("requests", {}).items()}
         self._history = {}

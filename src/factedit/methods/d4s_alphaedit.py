@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..linalg import projected_system
 from .alphaedit import check_null_space_fields, projected_update
 from .base import register_method
 from .d4s import D4SConfig, D4SEditor
@@ -46,6 +47,14 @@ class D4SAlphaEditEditor(D4SEditor):
         c = self.config
         delta, A = projected_update(self, layer, S_RK, S_KK, c.nullspace_threshold, c.alpha)
         return self.original_weight(layer) + delta, A
+
+    def incremental_system(self, layer: int, K: torch.Tensor, S_KK: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(P S_KK P + alpha I, P K): the projected system grows by (PK)(PK)^T per edit,
+        and S_RK P by R (PK)^T, so D4S's incremental step holds with K' = P K."""
+        c = self.config
+        P = self.projector(layer, c.nullspace_threshold)
+        return projected_system(P, S_KK, c.alpha), P @ K
 
 
 register_method("d4s-alphaedit", D4SAlphaEditConfig, D4SAlphaEditEditor,
