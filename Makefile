@@ -31,7 +31,7 @@ demo: $(STAMP)
 	$(VENV)/bin/factedit demo
 
 test: $(STAMP)
-	$(VENV)/bin/pytest -q -ra
+	$(VENV)/bin/pytest -q -ra --durations=15
 
 test-fast: $(STAMP)
 	$(VENV)/bin/pytest -q -m "not slow"
