@@ -5,8 +5,12 @@
 
 One sequence of max(N) edits per method; the row for each smaller N is the checkpoint taken
 after N edits (every request edited so far, scored on the model then), which is what "after
-the whole sequence of N" means. Prints a table and writes one JSON per method (written after
-every checkpoint, so a killed run keeps what it measured; rerunning skips finished methods).
+the whole sequence of N" means. Prints a table and writes one JSON per method.
+
+A killed run loses at most `--resume-every` edits: every that many edits (and at each
+checkpoint) the editing state goes to `<tag>.state-<n>/` (EditHandle.save) and the JSON records
+it with the scores so far; rerunning the same command continues from there, and skips methods
+whose JSON says `complete`. Target values of requests not yet edited are recomputed.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -39,6 +44,13 @@ def editor_state_mib(editor) -> dict[str, float]:
     return sizes
 
 
+def previous_state(path: Path) -> str | None:
+    """The state folder the JSON at `path` names as its resume point, if any."""
+    if not path.is_file():
+        return None
+    return (json.loads(path.read_text()).get("resume") or {}).get("state_dir")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -53,12 +65,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mode", default="sequential", choices=["sequential", "sequential-batch"])
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--out", default="bench/out/sequential")
+    ap.add_argument("--resume-every", type=int, default=50,
+                    help="save a resume point every k edits (0: only at checkpoints)")
     ap.add_argument("--set", action="append", default=[], metavar="METHOD.FIELD=JSON",
                     help="config override, e.g. d4s.values_on=\"current\"")
     args = ap.parse_args(argv)
 
     import factedit as fe
     from factedit.data import load_dataset
+    from factedit.metrics import capture_baseline
+    from factedit.protocol import EditHandle
 
     sizes = sorted(int(x) for x in args.n.split(","))
     out = Path(args.out)
@@ -85,28 +101,77 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{method}: done earlier ({path})", flush=True)
             continue
 
-        state_by_n: dict[int, dict[str, float]] = {}
+        previous = json.loads(path.read_text()) if path.is_file() else {}
+        resume = previous.get("resume")
+        for stale in out.glob(f"{tag}.state-*"):
+            if resume is None or stale.name != resume["state_dir"]:
+                shutil.rmtree(stale, ignore_errors=True)
+        # The pre-edit baseline is a function of the unedited model: capture it before a
+        # resumed handle puts the earlier edits back.
+        baseline = capture_baseline(model, requests)
+        handle = None
+        if resume:
+            handle = EditHandle.resume(model, out / resume["state_dir"])
+            print(f"{method}: resuming after {resume['n_done']} edits", flush=True)
+        earlier = resume or {"immediate_rows": [], "checkpoints": [], "unedited": None,
+                             "prepare_seconds": 0.0}
+        state_by_n = {int(k): v for k, v in previous.get("editor_state_mib_by_n", {}).items()}
 
-        def save(report, _checkpoint=None, complete=False, path=path, method=method,
-                 state_by_n=state_by_n):
-            data = report.summary()
-            n_done = sum(len(r.request_ids) for r in report.handle.records)
+        def save(report, _checkpoint=None, complete=False, path=path, method=method, tag=tag,
+                 state_by_n=state_by_n, earlier=earlier):
+            if earlier["unedited"] is not None:
+                report.unedited = earlier["unedited"]
+            rows = earlier["immediate_rows"] + report.immediate_rows
+            live_rows, live_prepare = report.immediate_rows, report.prepare_seconds
+            try:  # summary() over everything measured, in this session and before it
+                report.immediate_rows = rows
+                report.prepare_seconds = live_prepare + earlier["prepare_seconds"]
+                data = report.summary()
+            finally:
+                report.immediate_rows, report.prepare_seconds = live_rows, live_prepare
+            # Record timings survive a resume; only the earlier sessions' batched target
+            # values are missing from this session's checkpoints.
+            for c in data["checkpoints"]:
+                c["seconds"] += earlier["prepare_seconds"] * c["n_edits"] / len(requests)
+            data["checkpoints"] = earlier["checkpoints"] + data["checkpoints"]
+            n_done = data["n_requests"]
             state_by_n[n_done] = editor_state_mib(report.handle.editor)
             data["editor_state_mib"] = state_by_n[n_done]
             data["editor_state_mib_by_n"] = dict(state_by_n)
             data.update(complete=complete, dataset=args.dataset, model=model.model_id,
                         load_model_seconds=load_seconds, peak_rss_mib=peak_rss_mib(),
                         overrides=overrides.get(method, {}), config=report.handle.config.to_dict())
+            old_state = previous_state(path)
+            if not complete:  # state first, then the JSON that names it, then the old state
+                state_dir = f"{tag}.state-{n_done}"
+                report.handle.save(out / state_dir)
+                data["resume"] = {
+                    "state_dir": state_dir, "n_done": n_done, "immediate_rows": rows,
+                    "checkpoints": data["checkpoints"], "unedited": data["unedited"],
+                    "prepare_seconds": data["prepare_seconds"]}
             tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps(data, indent=1, default=float))
             tmp.replace(path)
+            if old_state and old_state != data.get("resume", {}).get("state_dir"):
+                shutil.rmtree(out / old_state, ignore_errors=True)
             return data
+
+        def on_edit(report, record, save=save):
+            n_done = sum(len(r.request_ids) for r in report.handle.records)
+            just_saved = report.checkpoints and report.checkpoints[-1].n_edits == n_done
+            if (args.resume_every and n_done % args.resume_every == 0 and not just_saved
+                    and n_done < len(requests)):
+                save(report)
 
         print(f"{method}: {sizes[-1]} {args.mode} edits", flush=True)
         report = fe.run_sequence(
             model, requests, method, mode=args.mode, batch_size=args.batch_size,
-            eval_at=sizes, on_checkpoint=save, covariance_corpus=corpus,
-            covariance_tokens=args.covariance_tokens, **overrides.get(method, {}))
+            eval_at=sizes, on_checkpoint=save, on_edit=on_edit,
+            baseline=baseline, handle=handle, unedited=resume is None,
+            # a resumed handle brings its own config (corpus and overrides included)
+            **({} if handle else {"covariance_corpus": corpus,
+                                  "covariance_tokens": args.covariance_tokens,
+                                  **overrides.get(method, {})}))
         results[method] = save(report, complete=True)
         report.handle.restore()
 
