@@ -180,8 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     for method, data in results.items():
         unedited = data["unedited"]
         rows.append([method, "0", *[f"{unedited[c]:.3f}" for c in COLUMNS], "-", "-", "-"])
-        state = data.get("editor_state_mib", {})
         for c in data["checkpoints"]:
+            by_n = {int(k): v for k, v in data.get("editor_state_mib_by_n", {}).items()}
+            state = by_n.get(c["n_edits"], {})
             rows.append([method, str(c["n_edits"]),
                          *[f"{c['scores'][k]:.3f}" if c["scores"][k] is not None else "-"
                            for k in COLUMNS],
