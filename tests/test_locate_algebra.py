@@ -21,6 +21,7 @@ from factedit.methods import (
     ConfigError,
     D4SAlphaEditConfig,
     D4SConfig,
+    EditResult,
     MemitConfig,
     PmetConfig,
     RomeConfig,
@@ -275,3 +276,45 @@ def test_condition_every_logs_the_condition_number_on_schedule(tokenizer):
                   **small(condition_every=2))
     logged = ["cond" in r.info["layers"][LAYERS[0]] for r in handle.records]
     assert logged == [True, False, True]
+
+
+def test_value_cache_reuses_values_and_refuses_other_weights(tokenizer):
+    """value_cache=True: a second editor reads the values the first computed (the same
+    tensors, no Adam step), an edited model misses, and a corrupt entry is recomputed."""
+    from factedit.linalg.value_cache import ValueCache
+
+    config = small(value_cache=True, value_batch_size=3)
+    model = tiny(tokenizer)
+    first = make_editor(model, "d4s", **config)
+    first.prepare(REQUESTS[:3])
+    computed = {k: v.delta.clone() for k, v in first._prepared.items()}
+
+    second = make_editor(model, "d4s", **config)
+    second.compute_target = None  # any Adam step would now fail
+    second.prepare(REQUESTS[:3])
+    assert {k: v.delta for k, v in second._prepared.items()}.keys() == computed.keys()
+    for key, delta in computed.items():
+        assert torch.equal(second._prepared[key].delta, delta)
+
+    # One weight changed (outside the edited layers too): another setting, nothing shared.
+    other = tiny(tokenizer)
+    with torch.no_grad():
+        other.model.model.layers[3].mlp.down_proj.weight[0, 0] += 1.0
+    third = make_editor(other, "d4s", **config)
+    with third.edit_session(EditResult(), third.values_start(), is_edit=False):
+        assert third.value_cache().folder != first_folder(first)
+        assert not third.value_cache().load_many(REQUESTS[:3])
+
+    path = ValueCache.request_name(REQUESTS[0])
+    entry = first_folder(first) / f"{path}.safetensors"
+    entry.write_bytes(entry.read_bytes()[:-8] + b"\0" * 8)
+    fourth = make_editor(model, "d4s", **config)
+    with pytest.warns(UserWarning, match="target-value cache .* is corrupt"):
+        fourth.prepare(REQUESTS[:1])
+    assert torch.allclose(next(iter(fourth._prepared.values())).delta,
+                          computed[next(iter(computed))], rtol=1e-6, atol=1e-9)
+
+
+def first_folder(editor):
+    with editor.edit_session(EditResult(), editor.values_start(), is_edit=False):
+        return editor.value_cache().folder

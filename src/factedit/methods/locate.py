@@ -9,6 +9,7 @@ projectors from `factedit.linalg`, the original weights W_0, and MEMIT's layer l
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -29,9 +30,12 @@ from ..linalg import (
     spread_residual,
     weight_stats,
 )
+from ..linalg.value_cache import ValueCache
 from ..models import EditableModel, write_param
 from ..requests import EditRequest
 from .base import ConfigError, Editor, EditResult, MethodConfig
+
+log = logging.getLogger(__name__)
 
 # Layers chosen per model shape (model_type, n_layers, d_model). How they were chosen is
 # recorded in bench/RESULTS.md ("layer sweep"). Other models get a depth-fraction default.
@@ -83,6 +87,9 @@ class LocateEditConfig(MethodConfig):
     condition_every: log the condition number of the solved matrices on every k-th edit
         (1: all; 0: never). The estimate costs about a Cholesky factor per layer, as much as
         the solve itself, so long sequences log it every 10 or 100 edits.
+    value_cache: keep target values computed ahead (`prepare`) on disk and reuse them
+        (`linalg.value_cache`: keyed by every weight of the model and every value option),
+        so a resumed run or a sweep over lambda / solve settings skips the Adam steps.
     """
 
     layers: list[int] | None = None
@@ -99,6 +106,7 @@ class LocateEditConfig(MethodConfig):
     covariance_seq_len: int = 128
     value_batch_size: int = 16
     condition_every: int = 1
+    value_cache: bool = False
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -280,15 +288,34 @@ class LocateEditor(Editor):
         if not todo:
             return
         size = self.config.value_batch_size
-        batches = [todo[i:i + size] for i in range(0, len(todo), size)]
         from tqdm.auto import tqdm
 
         with self.edit_session(EditResult(), self.values_start(), is_edit=False):
+            cache = self.value_cache() if self.config.value_cache else None
+            if cache is not None:
+                found = cache.load_many(todo)
+                for i, values in found.items():
+                    self._prepared[_request_key(todo[i])] = values
+                todo = [r for i, r in enumerate(todo) if i not in found]
+                if found:
+                    log.info("%s: target values of %d requests read from %s",
+                             self.config.method, len(found), cache.folder)
+            batches = [todo[i:i + size] for i in range(0, len(todo), size)]
             for batch in tqdm(batches, desc=f"{self.config.method} target values", unit="batch",
                               disable=not progress or len(batches) < 2):
                 values = self.compute_target(batch)
                 for request, one in zip(batch, values.split()):
                     self._prepared[_request_key(request)] = one
+                    if cache is not None:
+                        cache.save(request, one)
+
+    def value_cache(self) -> ValueCache:
+        """The on-disk target values of this editor's setting, on the model as it is now
+        (call inside the session that computes them: D4S computes on W_0)."""
+        setting = {"class": type(self).__name__, "layer": self.layers[-1],
+                   "site": self.value_site, "templates": self.templates(),
+                   **self._value_options()}
+        return ValueCache(self.model, setting)
 
     # -- weights --------------------------------------------------------------------------------
     def weight64(self, layer: int) -> torch.Tensor:
