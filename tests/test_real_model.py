@@ -89,3 +89,20 @@ def test_cli_reports_bad_input_clearly():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "target_new is empty" in proc.stderr
+
+
+def test_demo_shows_the_eiffel_flip_and_a_kept_neighbour(capsys, cov):
+    """`make demo`'s command: each fact's answer flips, its neighbour keeps its answer."""
+    from factedit.cli import main
+
+    assert main(["demo", "--n", "2", "--corpus", cov["covariance_corpus"],
+                 "--covariance-tokens", str(cov["covariance_tokens"])]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    cells = [[c.strip() for c in line.split("|")] for line in lines if "|" in line]
+    answers = {row[1]: row for row in cells if len(row) == 4}
+    eiffel = answers["The Eiffel Tower is located in the city of"]
+    assert eiffel[2].startswith("Paris") and eiffel[3].startswith("Rome"), eiffel
+    louvre = answers["The Louvre is located in the city of"]
+    assert louvre[2].startswith("Paris") and louvre[3].startswith("Paris"), louvre
+    metrics = {row[0]: row for row in cells if len(row) == 3}
+    assert float(metrics["efficacy"][2]) == 1.0
