@@ -4,7 +4,7 @@
     python bench/speed.py --methods rome,d4s --n 10 --out bench/out/speed
     python bench/speed.py --tiny --n 2 --out /tmp/speed    # tiny random Llama: checks the script
 
-Per method (rome, memit, pmet, alphaedit, d4s, ft-l, kn; those not registered are skipped)
+Per method (rome, memit, pmet, alphaedit, d4s, ft-l, kn, grace; those not registered are skipped)
 the first n facts of the built-in fact set are edited one after another on the same model,
 after one warm-up edit, and the model is restored before the next method. Reported per edit:
 
@@ -17,7 +17,9 @@ after one warm-up edit, and the model is restored before the next method. Report
                   gradients only; plus one inference forward of the key rows;
                 ft-l: steps taken x one forward+backward of its batch from the trained layer,
                   gradient to the trained weight;
-                kn: per prompt and searched layer, one forward+backward of the ig_steps rows.
+                kn: per prompt and searched layer, one forward+backward of the ig_steps rows;
+                grace: steps taken x one forward+backward of prompt + target from its layer,
+                  gradient at the activations (its trained value replaces one).
     peak RSS    the process's peak resident memory after the method (monotone over methods).
 
 Covariance statistics: tokens/s of `factedit.linalg.covariance` (no cache) against a plain
@@ -44,7 +46,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-METHODS = ("rome", "memit", "pmet", "alphaedit", "d4s", "ft-l", "kn")
+METHODS = ("rome", "memit", "pmet", "alphaedit", "d4s", "ft-l", "kn", "grace")
 LOCATE = ("rome", "memit", "pmet", "alphaedit", "d4s")
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -82,6 +84,8 @@ def tiny_model(layers: int = 4, hidden: int = 64):
 
 def tiny_overrides(method: str) -> dict:
     """Layers the tiny model has (the depth-fraction defaults assume a deep model)."""
+    if method == "grace":
+        return {"layer": 1}
     if method in ("rome", "ft-l"):
         return {"layers": [1]}
     return {"layers": [1, 2]}
@@ -191,6 +195,18 @@ def kn_floor(model, editor, request) -> dict[str, float]:
     return {"attribution": prompts * sum(per_layer), "forward_backward": statistics.mean(per_layer)}
 
 
+def grace_floor(model, editor, request, steps: int) -> dict[str, float]:
+    from factedit.text import continuation_ids, encode
+
+    prompt = encode(model.tokenizer, request.rewrite_prompt)
+    target = continuation_ids(model.tokenizer, request.rewrite_prompt, request.target_new)
+    ids = torch.tensor([prompt + target[:-1]], device=model.device)
+    positions = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(target), device=model.device)
+    rows = torch.zeros_like(positions)
+    fb = seconds(forward_backward(model, ids, torch.ones_like(ids), editor.layer, rows, positions))
+    return {"train": steps * fb, "forward_backward": fb}
+
+
 # -- one method -------------------------------------------------------------------------------
 def bench_method(model, method: str, requests, overrides: dict) -> dict:
     from factedit.protocol import EditHandle, make_editor
@@ -226,6 +242,8 @@ def bench_method(model, method: str, requests, overrides: dict) -> dict:
             floors.append(finetune_floor(model, handle.editor, request, int(record.info["steps"])))
         elif method == "kn":
             floors.append(kn_floor(model, handle.editor, request))
+        elif method == "grace":
+            floors.append(grace_floor(model, handle.editor, request, int(record.info["steps"])))
     handle.restore()
     floor = {k: statistics.mean(f[k] for f in floors) for k in floors[0]} if floors else {}
     floor_total = sum(v for k, v in floor.items() if k != "forward_backward")

@@ -124,3 +124,17 @@ def test_grace_refuses_a_batch(tokenizer):
     with pytest.raises(ValueError, match="sequential"):
         edit(make_tiny_model(tokenizer, layers=2), [EIFFEL, LOUVRE], method="grace",
              mode="batch", progress=False)
+
+
+def test_codebook_cached_in_inference_mode_serves_a_gradient_forward(tokenizer):
+    """Evaluating under inference_mode caches the codebook; a later forward that autograd
+    records (fine-tuning, attribution, a second method's value optimisation) must still run
+    and send a gradient through the replaced activations."""
+    model = make_tiny_model(tokenizer, layers=3)
+    edit(model, [EIFFEL], method="grace", progress=False, **SETTINGS)
+    ids = torch.tensor([encode(tokenizer, EIFFEL.rewrite_prompt)])
+    with torch.inference_mode():
+        model.model(input_ids=ids)  # builds the codebook tensors
+    embeds = model.model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    model.model(inputs_embeds=embeds).logits[0, -1].logsumexp(-1).backward()
+    assert embeds.grad is not None and torch.isfinite(embeds.grad).all()

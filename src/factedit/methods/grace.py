@@ -132,12 +132,12 @@ class GraceEditor(Editor):
         request, = requests
         result = EditResult()
         with result.timed("train"):
-            key, value, nll = self._train_value(request)
+            key, value, nll, steps = self._train_value(request)
         edit_id, self.next_edit_id = self.next_edit_id, self.next_edit_id + 1
         self.edits.append((edit_id, key, value, request.target_new))
         action = self.codebook.insert(edit_id, key, value, request.target_new, self.config.eps)
         self._tensors = None
-        result.info.update(target_nll=nll, codebook_action=action,
+        result.info.update(target_nll=nll, steps=steps, codebook_action=action,
                            codebook_size=len(self.codebook.keys))
         return result
 
@@ -153,8 +153,9 @@ class GraceEditor(Editor):
             self.codebook.insert(edit_id, key, value, label, self.config.eps)
         self._tensors = None
 
-    def _train_value(self, request: EditRequest) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """(key, trained value, final target NLL) of one edit."""
+    def _train_value(self, request: EditRequest
+                     ) -> tuple[torch.Tensor, torch.Tensor, float, int]:
+        """(key, trained value, final target NLL, Adam steps taken) of one edit."""
         c, model = self.config, self.model
         tok, device = model.tokenizer, model.device
         prompt_ids = encode(tok, request.rewrite_prompt)
@@ -181,19 +182,19 @@ class GraceEditor(Editor):
             return torch.where(replace[None, :, None], value.to(output.dtype), output)
 
         optimiser = torch.optim.Adam([value], lr=c.lr)
-        nll = float("inf")
-        for _ in range(c.steps + 1):
+        nll, step = float("inf"), 0
+        for step in range(c.steps + 1):
             with start_at_layer(model.layers, self.layer, hidden_in, model.block_returns_tuple), \
                     Trace(model.model, self.module_name, edit_output=put_value):
                 hidden = model.model.base_model(input_ids=ids, use_cache=False).last_hidden_state
             logp = torch.log_softmax(model.head_logits(hidden[0, positions]).double(), dim=-1)
             loss = -logp.gather(1, targets[:, None]).mean()
             nll = float(loss.detach())
-            if nll < c.early_stop_nll or _ == c.steps:
+            if nll < c.early_stop_nll or step == c.steps:
                 break
             value.grad, = torch.autograd.grad(loss, [value])
             optimiser.step()
-        return key.cpu(), value.detach().clone().cpu(), nll
+        return key.cpu(), value.detach().clone().cpu(), nll, step
 
     # -- the attachment -----------------------------------------------------------------------
     def attachment(self) -> Attachment:
@@ -204,9 +205,13 @@ class GraceEditor(Editor):
     def _codebook_tensors(self, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self._tensors is None or self._tensors[0].device != like.device:
             book = self.codebook
-            self._tensors = (torch.stack(book.keys).to(like.device),
-                             torch.stack(book.values).to(like.device),
-                             torch.tensor(book.radii, device=like.device, dtype=torch.float64))
+            # Built outside inference mode: a codebook cached while evaluating must still
+            # serve a later forward that autograd records (training, attribution).
+            with torch.inference_mode(False):
+                self._tensors = (torch.stack(book.keys).to(like.device),
+                                 torch.stack(book.values).to(like.device),
+                                 torch.tensor(book.radii, device=like.device,
+                                              dtype=torch.float64))
         return self._tensors
 
     def _replace(self, _module: Any, args: tuple, kwargs: dict, output: torch.Tensor) -> Any:
