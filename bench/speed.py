@@ -23,7 +23,8 @@ after one warm-up edit, and the model is restored before the next method. Report
     peak RSS    the process's peak resident memory after the method (monotone over methods).
 
 Covariance statistics: tokens/s of `factedit.linalg.covariance` (no cache) against a plain
-forward pass over the same token windows through the same layers (stopped at the same one).
+forward pass over the same token windows through the same layers (stopped at the same one),
+for ROME's layer and the MEMIT family's five, each with precision "float64" and "mixed".
 C is computed before each method's edits and reported apart (`covariance_seconds`).
 Writes <out>/speed_<model>.json and prints a table.
 """
@@ -175,9 +176,12 @@ def locate_floor(model, editor, request, steps: int) -> dict[str, float]:
 
 
 def finetune_floor(model, editor, request, steps: int) -> dict[str, float]:
-    batch = editor._batch([request])  # the token rows fine-tuning trains on
-    fb = seconds(forward_backward(model, batch["ids"], batch["mask"], editor.layers[0],
-                                  batch["loss_row"], batch["loss_pos"], weight_grad=True))
+    from factedit.metrics.scoring import token_rows
+
+    batch = token_rows(model, [(request.rewrite_prompt, request.target_new)])  # what it trains on
+    loss_row, loss_pos, _ = editor._loss_tokens(batch)
+    fb = seconds(forward_backward(model, batch.ids, batch.mask, editor.layers[0],
+                                  loss_row, loss_pos, weight_grad=True))
     return {"train": steps * fb, "forward_backward": fb}
 
 
@@ -255,9 +259,12 @@ def bench_method(model, method: str, requests, overrides: dict) -> dict:
 
 
 # -- covariance throughput ----------------------------------------------------------------------
-def bench_covariance(model, layers: list[int], corpus: str, n_tokens: int, seq_len: int) -> dict:
+def bench_covariance(model, layers: list[int], corpus: str, n_tokens: int, seq_len: int,
+                     precision: str = "float64") -> dict:
+    """Tokens/s of C for `layers` (no cache) beside a plain forward over the same windows."""
     from factedit.linalg import covariance
     from factedit.linalg.covariance import corpus_text
+    from factedit.models import Trace
 
     text, _ = corpus_text(model, corpus, n_tokens)
     ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -265,19 +272,19 @@ def bench_covariance(model, layers: list[int], corpus: str, n_tokens: int, seq_l
     windows = torch.tensor(ids[: n_windows * seq_len]).view(n_windows, seq_len)
     tokens = windows.numel()
     start = time.perf_counter()
-    covariance(model, layers, corpus, n_tokens, seq_len, use_cache=False, progress=False)
+    covariance(model, layers, corpus, n_tokens, seq_len, use_cache=False, progress=False,
+               precision=precision)
     cov = time.perf_counter() - start
     deepest = model.arch.mlp_out_at(max(layers))  # covariance stops after this module too
-    from factedit.models import Trace
-
     start = time.perf_counter()
     with torch.inference_mode():
         for i in range(0, n_windows, 8):  # covariance's own batch size
             with Trace(model.model, deepest, stop=True):
                 model.model(input_ids=windows[i:i + 8].to(model.device), use_cache=False)
     fwd = time.perf_counter() - start
-    return {"layers": layers, "tokens": tokens, "covariance_tok_per_s": tokens / cov,
-            "forward_tok_per_s": tokens / fwd, "ratio": fwd / cov}
+    return {"layers": layers, "precision": precision, "tokens": tokens,
+            "covariance_tok_per_s": tokens / cov, "forward_tok_per_s": tokens / fwd,
+            "ratio": fwd / cov}
 
 
 # -- main ---------------------------------------------------------------------------------------
@@ -292,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--covariance-tokens", type=int, default=20_000)
     ap.add_argument("--covariance-seq-len", type=int, default=128)
     ap.add_argument("--out", default="bench/out/speed")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the methods already in <out>/speed_<model>.json (same --n)")
     args = ap.parse_args(argv)
 
     import factedit as fe
@@ -316,25 +325,42 @@ def main(argv: list[str] | None = None) -> int:
     methods = [m for m in methods if m in available]
     requests = builtin_facts()[: args.n + 1]
     warm, timed = requests[:1], requests[1:]
+    header = {"command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
+              "model": model.model_id, "device": str(model.device), "dtype": str(model.dtype),
+              "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "skipped_methods": skipped}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"speed_{model.model_id}.json"
+    done = {}
+    if args.resume and path.is_file():
+        kept = json.loads(path.read_text())
+        if kept.get("n_edits", args.n) == args.n:
+            done = {row["method"]: row for row in kept.get("methods", [])}
+    header["n_edits"] = args.n
     rows = []
     for method in methods:
         overrides = tiny_overrides(method) if args.tiny else {}
         if method in LOCATE:
             overrides.update(covariance_corpus=corpus, covariance_tokens=args.covariance_tokens,
                              covariance_seq_len=args.covariance_seq_len)
+        if method in done:
+            print(f"{method}: kept from {path}", file=sys.stderr, flush=True)
+            rows.append(done[method])
+            continue
         print(f"{method}: {len(timed)} edits ...", file=sys.stderr, flush=True)
         rows.append(bench_method(model, method, warm + timed, overrides))
+        # Written after every method: a crash later keeps the finished rows (--resume).
+        path.write_text(json.dumps(header | {"methods": rows}, indent=1, default=str))
     cov_layers = (tiny_overrides("memit")["layers"] if args.tiny
                   else make_editor(model, "memit").layers)
-    cov = bench_covariance(model, cov_layers, corpus, args.covariance_tokens,
-                           args.covariance_seq_len)
-    result = {"command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
-              "model": model.model_id, "device": str(model.device), "dtype": str(model.dtype),
-              "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "skipped_methods": skipped, "methods": rows, "covariance": cov}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"speed_{model.model_id}.json"
+    rome_layers = (tiny_overrides("rome")["layers"] if args.tiny
+                   else make_editor(model, "rome").layers)
+    # One layer (ROME) and the five of the MEMIT family, each in both precisions.
+    cov = [bench_covariance(model, layers, corpus, args.covariance_tokens,
+                            args.covariance_seq_len, precision)
+           for layers in (rome_layers, cov_layers) for precision in ("float64", "mixed")]
+    result = header | {"methods": rows, "covariance": cov}
     path.write_text(json.dumps(result, indent=1, default=str))
     print_table(result)
     print(f"\nwrote {path}")
@@ -355,10 +381,11 @@ def print_table(result: dict) -> None:
                  *(f"{r['phase_seconds_per_edit'].get(p, 0.0):.3f}" for p in phases),
                  f"{r['peak_rss_mb']:.0f}"]
         print(" | ".join(cells))
-    c = result["covariance"]
-    print(f"\ncovariance layers {c['layers']}, {c['tokens']} tokens: "
-          f"{c['covariance_tok_per_s']:.0f} tok/s vs forward {c['forward_tok_per_s']:.0f} tok/s "
-          f"(covariance at {c['ratio']:.2f} of forward speed)")
+    print()
+    for c in result["covariance"]:
+        print(f"covariance layers {c['layers']} ({c['precision']}), {c['tokens']} tokens: "
+              f"{c['covariance_tok_per_s']:.0f} tok/s vs forward {c['forward_tok_per_s']:.0f} "
+              f"tok/s (covariance at {c['ratio']:.2f} of forward speed)")
     if result["skipped_methods"]:
         print(f"not registered, skipped: {', '.join(result['skipped_methods'])}")
 

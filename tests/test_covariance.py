@@ -39,6 +39,21 @@ def test_covariance_matches_direct_and_is_cached(tiny_model, corpus, tmp_path, m
     assert torch.equal(again[1], C[1])
 
 
+def test_mixed_precision_is_close_to_float64_symmetric_and_cached_apart(tiny_model, corpus,
+                                                                          tmp_path, monkeypatch):
+    """precision="mixed" (float32 per batch, float64 across batches): within float32's
+    rounding of the float64 reference, exactly symmetric, and in its own cache file."""
+    monkeypatch.setenv("FACTEDIT_CACHE", str(tmp_path))
+    exact = covariance(tiny_model, [1], corpus, n_tokens=512, seq_len=32, progress=False)[1]
+    mixed = covariance(tiny_model, [1], corpus, n_tokens=512, seq_len=32, progress=False,
+                       precision="mixed")[1]
+    assert mixed.dtype == torch.float64 and torch.equal(mixed, mixed.T)
+    assert not torch.equal(mixed, exact)  # really computed apart, not read from float64's file
+    torch.testing.assert_close(mixed, exact, rtol=1e-5, atol=1e-6 * float(exact.abs().max()))
+    with pytest.raises(ValueError, match="precision"):
+        covariance(tiny_model, [1], corpus, n_tokens=512, seq_len=32, precision="half")
+
+
 def test_corrupt_covariance_cache_is_rebuilt_with_warning(tiny_model, corpus, tmp_path,
                                                           monkeypatch):
     monkeypatch.setenv("FACTEDIT_CACHE", str(tmp_path))

@@ -1,7 +1,11 @@
 """Covariance statistics C = E[k k^T] of MLP-output-projection inputs over a text corpus.
 
 Accumulated in float64 over packed token windows (no padding is wasted), several layers in
-one pass, the forward pass stopped after the deepest layer. Cached on disk under a name built
+one pass, the forward pass stopped after the deepest layer. Each batch's k^T k is formed as
+three blocks of the symmetric product (the fourth is the transpose of one), a quarter of the
+multiply-adds saved. precision="mixed" forms each batch's product in float32 (the keys
+are float32 already; a batch is ~1,000 tokens) and still accumulates batches in float64:
+about twice as fast on CPU, relative error ~1e-6, a separate cache file. Cached on disk under a name built
 from every input (model, layer module, corpus digest, token count, window length); the file
 carries a digest of its own tensor and is recomputed, with a warning, when it does not match.
 
@@ -83,10 +87,25 @@ def _model_samples(model: EditableModel, n_tokens: int, seed: int) -> tuple[str,
     return text, corpus_id
 
 
+PRECISIONS = ("float64", "mixed")
+
+
 def _cache_path(model: EditableModel, module: str, corpus_id: str, n_tokens: int,
-                seq_len: int) -> Path:
+                seq_len: int, precision: str = "float64") -> Path:
     return (cache_root() / "stats" / model.model_id /
-            f"{module}__{corpus_id}__n{n_tokens}__len{seq_len}__float64.safetensors")
+            f"{module}__{corpus_id}__n{n_tokens}__len{seq_len}__{precision}.safetensors")
+
+
+def accumulate_gram(total: torch.Tensor, k: torch.Tensor, precision: str = "float64") -> None:
+    """total += k^T k in place (total float64 (d, d), k (tokens, d)), by symmetric blocks."""
+    k = k.to(torch.float64 if precision == "float64" else torch.float32)
+    h = k.shape[1] // 2
+    a, b = k[:, :h], k[:, h:]
+    off = (a.T @ b).to(torch.float64)
+    total[:h, :h] += a.T @ a
+    total[:h, h:] += off
+    total[h:, :h] += off.T
+    total[h:, h:] += b.T @ b
 
 
 def _load_cached(path: Path) -> torch.Tensor | None:
@@ -115,8 +134,15 @@ def covariance(
     batch_size: int = 8,
     use_cache: bool = True,
     progress: bool = True,
+    precision: str = "float64",
 ) -> dict[int, torch.Tensor]:
-    """C for each layer: layer -> (d_in, d_in) float64 on CPU, E over n_tokens token positions."""
+    """C for each layer: layer -> (d_in, d_in) float64 on CPU, E over n_tokens token positions.
+
+    precision: "float64" (every product in float64) or "mixed" (each batch's product in
+    float32, batches summed in float64; module docstring).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"covariance precision={precision!r}: choose one of {PRECISIONS}")
     layers = [model.check_layer(layer, "covariance layer") for layer in layers]
     corpus_id = None
     result: dict[int, torch.Tensor] = {}
@@ -128,7 +154,8 @@ def covariance(
         text, corpus_id = corpus_text(model, corpus, n_tokens)
     if use_cache:
         for layer in layers:
-            C = _load_cached(_cache_path(model, modules[layer], corpus_id, n_tokens, seq_len))
+            C = _load_cached(_cache_path(model, modules[layer], corpus_id, n_tokens, seq_len,
+                                         precision))
             if C is not None:
                 result[layer] = C
     todo = [layer for layer in layers if layer not in result]
@@ -145,7 +172,7 @@ def covariance(
                     corpus_id, n_windows * seq_len, n_tokens)
     windows = torch.tensor(ids[: n_windows * seq_len]).view(n_windows, seq_len)
     names = [modules[layer] for layer in todo]
-    sums = {name: None for name in names}
+    sums: dict[str, torch.Tensor | None] = {name: None for name in names}
     count = 0
     bar = tqdm(total=n_windows * seq_len, desc=f"covariance layers {todo}", unit="tok",
                unit_scale=True, disable=not progress)
@@ -155,17 +182,20 @@ def covariance(
             with TraceDict(model.model, names, retain_input=True, stop=True) as traces:
                 model.model(input_ids=batch, use_cache=False)
             for name in names:
-                k = traces[name].input.reshape(-1, traces[name].input.shape[-1]).to(torch.float64)
-                kk = (k.T @ k).cpu()
-                sums[name] = kk if sums[name] is None else sums[name] + kk
+                k = traces[name].input.reshape(-1, traces[name].input.shape[-1])
+                if sums[name] is None:  # on the keys' device: no copy back per batch
+                    sums[name] = torch.zeros(k.shape[1], k.shape[1], dtype=torch.float64,
+                                             device=k.device)
+                accumulate_gram(sums[name], k, precision)
             count += batch.numel()
             bar.update(batch.numel())
     bar.close()
     for layer in todo:
-        C = sums[modules[layer]] / count
+        total = sums[modules[layer]].cpu()
+        C = (total + total.T) / (2 * count)  # exactly symmetric, whatever the BLAS rounds
         result[layer] = C
         if use_cache:
-            path = _cache_path(model, modules[layer], corpus_id, n_tokens, seq_len)
+            path = _cache_path(model, modules[layer], corpus_id, n_tokens, seq_len, precision)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".partial")
             save_file({"C": C.contiguous()}, str(tmp),

@@ -5,7 +5,11 @@
         Delta_j = R K^T P (K_p K_p^T P + K K^T P + alpha I)^{-1}
                 = R K^T P (P (K_p K_p^T + K K^T) P + alpha I)^{-1}   (same matrix, SPD form:
                                                                  see linalg.projected_system)
-    afterwards K_p K_p^T += K K^T for every layer (the running sum of earlier edits' keys).
+                = (R K^T U) (U^T (K_p K_p^T + K K^T) U + alpha I)^{-1} U^T
+                                    (what is solved: m x m, m = dim of the null space; see
+                                     linalg.null_space_update)
+    afterwards K_p K_p^T += K K^T for every layer (the running sum of earlier edits' keys),
+    kept also as U^T K_p K_p^T U so an edit's system costs O(m^2 n), not O(d_in^3).
 
 Where P goes (reference `AlphaEdit_main.py`): the reference solves
 (P (K K^T + K_p K_p^T) + alpha I) Delta^T = P K R^T, i.e. P multiplies the key statistics and
@@ -30,7 +34,7 @@ from typing import Any
 
 import torch
 
-from ..linalg import projected_system, solve_update
+from ..linalg import null_space_update
 from ..models import EditableModel
 from ..requests import EditRequest
 from .base import ConfigError, EditResult, MethodConfig, register_method
@@ -48,10 +52,11 @@ def check_null_space_fields(config: MethodConfig) -> None:
 
 def projected_update(editor: LocateEditor, layer: int, RK: torch.Tensor, KK: torch.Tensor,
                      threshold: float, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(RK P (P KK P + alpha I)^{-1}, the system matrix) with P = C's null-space projector."""
-    P = editor.projector(layer, threshold)
-    A = projected_system(P, KK, alpha)
-    return solve_update(RK @ P, A, f"AlphaEdit system at layer {layer}"), A
+    """(RK P (P KK P + alpha I)^{-1}, the reduced system U^T KK U + alpha I), P = U U^T the
+    projector onto C's null space (solved in U's coordinates: linalg.null_space_update)."""
+    U = editor.null_basis(layer, threshold)
+    return null_space_update(U, RK @ U, U.T @ KK @ U, alpha,
+                             f"AlphaEdit system at layer {layer}")
 
 
 @dataclass
@@ -83,20 +88,35 @@ class AlphaEditEditor(LocateEditor):
     def __init__(self, model: EditableModel, config: AlphaEditConfig) -> None:
         super().__init__(model, config)
         self._kp: dict[int, torch.Tensor] = {}  # K_p K_p^T per layer, (d_in, d_in) float64
+        # U^T K_p K_p^T U per layer (m, m): the same sum in the null space's coordinates, so
+        # an edit forms its system from its own keys only (no d_in^3 product per edit).
+        self._kp_null: dict[int, torch.Tensor] = {}
+
+    def _null(self, layer: int) -> torch.Tensor:
+        return self.null_basis(layer, self.config.nullspace_threshold)
+
+    def _kp_reduced(self, layer: int) -> torch.Tensor:
+        if layer not in self._kp_null:
+            U = self._null(layer)
+            self._kp_null[layer] = (U.T @ self._kp[layer] @ U if layer in self._kp
+                                    else torch.zeros(U.shape[1], U.shape[1], dtype=torch.float64))
+        return self._kp_null[layer]
 
     def solve_layer(self, j: int, layer: int, K: torch.Tensor, R: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        c = self.config
-        KK = K @ K.T
-        if layer in self._kp:
-            KK = KK + self._kp[layer]
-        delta, A = projected_update(self, layer, R @ K.T, KK, c.nullspace_threshold, c.alpha)
+        U = self._null(layer)
+        KU = U.T @ K  # (m, n): the keys in the null space's coordinates
+        G = KU @ KU.T + self._kp_reduced(layer)  # U^T (K K^T + K_p K_p^T) U
+        delta, A = null_space_update(U, R @ KU.T, G, self.config.alpha,
+                                     f"AlphaEdit system at layer {layer}")
         return self.weight64(layer) + delta, A
 
     def compute(self, requests: Sequence[EditRequest]) -> EditResult:
         result, terms = self.edit_layers(requests, self.solve_layer, self.config.residual)
         # Committed only now: a failed edit must not leave its keys in K_p.
         for layer, (K, _R) in terms.items():
+            KU = self._null(layer).T @ K
+            self._kp_null[layer] = self._kp_reduced(layer) + KU @ KU.T
             self._kp[layer] = self._kp.get(layer, 0) + K @ K.T
         return result
 
@@ -109,6 +129,7 @@ class AlphaEditEditor(LocateEditor):
         self.load_locate_state(tensors, manifest)
         self._kp = {layer: tensors[f"KpKp.{layer}"].to(torch.float64)
                     for layer in self.layers if f"KpKp.{layer}" in tensors}
+        self._kp_null = {}  # rebuilt from _kp on first use
 
 
 register_method("alphaedit", AlphaEditConfig, AlphaEditEditor,

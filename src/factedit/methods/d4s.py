@@ -102,16 +102,20 @@ class D4SEditor(MemitEditor):
         return W0 + solve_update(S_RK, A, f"D4S system at layer {layer}"), A
 
     def incremental_system(self, layer: int, K: torch.Tensor, S_KK: torch.Tensor
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A_n, K'): the system after this edit and the keys as they enter it, such that
-        A_n = A_{n-1} + K' K'^T and M A_n = S_RK (with S_RK's K in place of K')."""
-        return memit_system(self.covariance(layer), S_KK, self.mom2_weight(layer)), K
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(A_n, K', lift): the system after this edit and the keys as they enter it, such
+        that A_n = A_{n-1} + K' K'^T and M = S_RK' A_n^{-1} lift^T, in coordinates where
+        `lift` (None: the identity) maps back to the layer's input space."""
+        return memit_system(self.covariance(layer), S_KK, self.mom2_weight(layer)), K, None
 
     def update_sums(self, layer: int, K: torch.Tensor, R: torch.Tensor, S_KK: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """W_0 + M_n by the recursive least-squares step (module docstring), and A_n."""
-        A, K = self.incremental_system(layer, K.to(torch.float64), S_KK)
-        X = spd_solve(A, K, f"D4S system at layer {layer}")  # A_n^{-1} K_n
+        K = K.to(torch.float64)
+        A, K_system, lift = self.incremental_system(layer, K, S_KK)
+        X = spd_solve(A, K_system, f"D4S system at layer {layer}")  # A_n^{-1} K'_n
+        if lift is not None:
+            X = lift @ X
         M = self._solved[layer]
         return self.original_weight(layer) + M + (R.to(torch.float64) - M @ K) @ X.T, A
 

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..linalg import projected_system
 from .alphaedit import check_null_space_fields, projected_update
 from .base import register_method
 from .d4s import D4SConfig, D4SEditor
@@ -43,18 +42,20 @@ class D4SAlphaEditEditor(D4SEditor):
 
     def solve_sums(self, layer: int, S_RK: torch.Tensor, S_KK: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """W_0 + S_RK P (P S_KK P + alpha I)^{-1}, and that system matrix."""
+        """W_0 + S_RK P (P S_KK P + alpha I)^{-1}, and the reduced system matrix."""
         c = self.config
         delta, A = projected_update(self, layer, S_RK, S_KK, c.nullspace_threshold, c.alpha)
         return self.original_weight(layer) + delta, A
 
     def incremental_system(self, layer: int, K: torch.Tensor, S_KK: torch.Tensor
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(P S_KK P + alpha I, P K): the projected system grows by (PK)(PK)^T per edit,
-        and S_RK P by R (PK)^T, so D4S's incremental step holds with K' = P K."""
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(U^T S_KK U + alpha I, U^T K, U): the reduced system grows by (U^T K)(U^T K)^T per
+        edit and S_RK U by R (U^T K)^T, so D4S's incremental step holds in U's coordinates,
+        lifted back by U (linalg.null_space_update)."""
         c = self.config
-        P = self.projector(layer, c.nullspace_threshold)
-        return projected_system(P, S_KK, c.alpha), P @ K
+        U = self.null_basis(layer, c.nullspace_threshold)
+        A = U.T @ S_KK @ U + c.alpha * torch.eye(U.shape[1], dtype=torch.float64)
+        return A, U.T @ K, U
 
 
 register_method("d4s-alphaedit", D4SAlphaEditConfig, D4SAlphaEditEditor,

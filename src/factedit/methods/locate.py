@@ -23,13 +23,14 @@ from ..linalg import (
     condition_estimate,
     context_templates,
     covariance,
-    null_space_projector,
+    null_space_basis,
     optimise_joint_target_values,
     optimise_target_values,
     site_values,
     spread_residual,
     weight_stats,
 )
+from ..linalg.covariance import PRECISIONS
 from ..linalg.value_cache import ValueCache
 from ..models import EditableModel, write_param
 from ..requests import EditRequest
@@ -82,6 +83,8 @@ class LocateEditConfig(MethodConfig):
     context_prefixes, context_length: number and token length of sampled prefixes.
     covariance_corpus: text file/folder for C; None samples text from the model itself.
     covariance_tokens, covariance_seq_len: token positions in C and the window length.
+    covariance_precision: "float64" (every product) or "mixed" (each ~1k-token batch's
+        product in float32, batches summed in float64: ~1.7x faster statistics on CPU).
     value_batch_size: requests per batched target-value optimisation when values are
         computed ahead (`LocateEditor.prepare`).
     condition_every: log the condition number of the solved matrices on every k-th edit
@@ -104,6 +107,7 @@ class LocateEditConfig(MethodConfig):
     covariance_corpus: str | None = None
     covariance_tokens: int = 100_000
     covariance_seq_len: int = 128
+    covariance_precision: str = "float64"
     value_batch_size: int = 16
     condition_every: int = 1
     value_cache: bool = False
@@ -122,6 +126,7 @@ class LocateEditConfig(MethodConfig):
         for name in ("kl_factor", "v_weight_decay", "early_stop_nll", "condition_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        check_choice(self, "covariance_precision", PRECISIONS)
 
 
 RESIDUAL_MODES = ("per_layer", "once")
@@ -195,7 +200,7 @@ class LocateEditor(Editor):
         for layer in self.layers:
             model.check_layer(layer, f"{type(config).__name__}.layers")
         self._covariance: dict[int, torch.Tensor] = {}
-        self._projectors: dict[tuple[int, float], torch.Tensor] = {}
+        self._projectors: dict[tuple[int, float], torch.Tensor] = {}  # null-space bases
         # W_0 of the edited layers, taken at the first edit, in the parameter's own dtype:
         # the float64 cast at use is exact, and a bf16 model keeps a quarter of the memory.
         self._originals: dict[int, torch.Tensor] = {}
@@ -227,15 +232,16 @@ class LocateEditor(Editor):
             missing = [x for x in self.layers if x not in self._covariance]
             self._covariance.update(covariance(
                 self.model, sorted(set(missing) | {layer}), c.covariance_corpus,
-                c.covariance_tokens, c.covariance_seq_len))
+                c.covariance_tokens, c.covariance_seq_len, precision=c.covariance_precision))
         return self._covariance[layer]
 
-    def projector(self, layer: int, threshold: float) -> torch.Tensor:
-        """AlphaEdit's null-space projector of C at `layer` (float64), cached."""
+    def null_basis(self, layer: int, threshold: float) -> torch.Tensor:
+        """AlphaEdit's null-space basis U of C at `layer` (float64, (d_in, m)), cached."""
         key = (layer, threshold)
         if key not in self._projectors:
-            self._projectors[key] = null_space_projector(self.covariance(layer), threshold)
+            self._projectors[key] = null_space_basis(self.covariance(layer), threshold)
         return self._projectors[key]
+
 
     def keys(self, requests: Sequence[EditRequest], layers: Sequence[int]) -> dict[int, torch.Tensor]:
         return compute_keys(self.model, requests, layers, self.templates())
