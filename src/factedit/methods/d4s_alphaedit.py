@@ -40,6 +40,12 @@ class D4SAlphaEditEditor(D4SEditor):
     config_cls = D4SAlphaEditConfig
     config: D4SAlphaEditConfig
 
+    def __init__(self, model, config: D4SAlphaEditConfig) -> None:
+        super().__init__(model, config)
+        # layer -> (S_KK, U^T S_KK U) of the last incremental step: when that S_KK is the one
+        # committed (checked by identity), the next step adds only its own keys' projection.
+        self._reduced: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
     def solve_sums(self, layer: int, S_RK: torch.Tensor, S_KK: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """W_0 + S_RK P (P S_KK P + alpha I)^{-1}, and the reduced system matrix."""
@@ -54,8 +60,14 @@ class D4SAlphaEditEditor(D4SEditor):
         lifted back by U (linalg.null_space_update)."""
         c = self.config
         U = self.null_basis(layer, c.nullspace_threshold)
-        A = U.T @ S_KK @ U + c.alpha * torch.eye(U.shape[1], dtype=torch.float64)
-        return A, U.T @ K, U
+        KU = U.T @ K
+        last = self._reduced.get(layer)
+        if last is not None and layer in self._s_kk and last[0] is self._s_kk[layer]:
+            G = last[1] + KU @ KU.T  # S_KK = committed sum + K K^T (D4SEditor._sums_with)
+        else:  # first step, or after a full solve, a removal, a failed edit or a resume
+            G = U.T @ S_KK @ U
+        self._reduced[layer] = (S_KK, G)
+        return G + c.alpha * torch.eye(U.shape[1], dtype=torch.float64), KU, U
 
 
 register_method("d4s-alphaedit", D4SAlphaEditConfig, D4SAlphaEditEditor,
