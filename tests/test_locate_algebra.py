@@ -296,6 +296,11 @@ def test_value_cache_reuses_values_and_refuses_other_weights(tokenizer):
     assert {k: v.delta for k, v in second._prepared.items()}.keys() == computed.keys()
     for key, delta in computed.items():
         assert torch.equal(second._prepared[key].delta, delta)
+    # d4s-alphaedit optimises the same values (only its solve differs): it reads them too.
+    sibling = make_editor(model, "d4s-alphaedit", **config, **NULL_SPACE["d4s-alphaedit"])
+    sibling.compute_target = None
+    sibling.prepare(REQUESTS[:3])
+    assert all(torch.equal(sibling._prepared[k].delta, d) for k, d in computed.items())
 
     # One weight changed (outside the edited layers too): another setting, nothing shared.
     other = tiny(tokenizer)

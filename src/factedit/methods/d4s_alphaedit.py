@@ -39,6 +39,9 @@ class D4SAlphaEditConfig(D4SConfig):
 class D4SAlphaEditEditor(D4SEditor):
     config_cls = D4SAlphaEditConfig
     config: D4SAlphaEditConfig
+    # Target values are D4S's own (same objective, site and options; only the solve differs),
+    # so a value cache filled by d4s serves d4s-alphaedit and the other way round.
+    values_like = "D4SEditor"
 
     def __init__(self, model, config: D4SAlphaEditConfig) -> None:
         super().__init__(model, config)

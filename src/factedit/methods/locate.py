@@ -193,6 +193,9 @@ class LocateEditor(Editor):
     # Where the target z lives and how the residual is spread (MEMIT: residual stream, 1/(L-j)).
     value_site: str = "residual"
     spread_exponent: float = 1.0
+    # The value cache's setting names this class; a subclass with the same value objective
+    # names its parent here so the two share cached values.
+    values_like: str | None = None
 
     def __init__(self, model: EditableModel, config: LocateEditConfig) -> None:
         super().__init__(model, config)
@@ -318,7 +321,7 @@ class LocateEditor(Editor):
     def value_cache(self) -> ValueCache:
         """The on-disk target values of this editor's setting, on the model as it is now
         (call inside the session that computes them: D4S computes on W_0)."""
-        setting = {"class": type(self).__name__, "layer": self.layers[-1],
+        setting = {"class": self.values_like or type(self).__name__, "layer": self.layers[-1],
                    "site": self.value_site, "templates": self.templates(),
                    **self._value_options()}
         return ValueCache(self.model, setting)
