@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     header = {"command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
               "model": model.model_id, "device": str(model.device), "dtype": str(model.dtype),
               "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "skipped_methods": skipped}
+              "skipped_methods": skipped, "n_edits": args.n}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"speed_{model.model_id}.json"
@@ -337,7 +337,6 @@ def main(argv: list[str] | None = None) -> int:
         kept = json.loads(path.read_text())
         if kept.get("n_edits", args.n) == args.n:
             done = {row["method"]: row for row in kept.get("methods", [])}
-    header["n_edits"] = args.n
     rows = []
     for method in methods:
         overrides = tiny_overrides(method) if args.tiny else {}

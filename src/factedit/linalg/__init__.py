@@ -8,9 +8,7 @@ from .update import (
     condition_estimate,
     memit_system,
     null_space_basis,
-    null_space_projector,
     null_space_update,
-    projected_system,
     site_values,
     solve_update,
     spread_residual,
@@ -26,8 +24,8 @@ from .values import (
 __all__ = [
     "SingularMatrixError", "TargetValues", "capture_at_subject", "compute_keys",
     "condition_estimate", "condition_number", "context_templates", "covariance",
-    "hidden_at_subject", "memit_system", "null_space_basis", "null_space_projector",
+    "hidden_at_subject", "memit_system", "null_space_basis",
     "null_space_update", "optimise_joint_target_values",
-    "optimise_target_values", "projected_system", "site_module_name", "site_values",
+    "optimise_target_values", "site_module_name", "site_values",
     "solve_update", "spd_solve", "spread_residual", "subject_rows", "weight_stats",
 ]

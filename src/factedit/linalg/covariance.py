@@ -3,11 +3,12 @@
 Accumulated in float64 over packed token windows (no padding is wasted), several layers in
 one pass, the forward pass stopped after the deepest layer. Each batch's k^T k is formed as
 three blocks of the symmetric product (the fourth is the transpose of one), a quarter of the
-multiply-adds saved. precision="mixed" forms each batch's product in float32 (the keys
-are float32 already; a batch is ~1,000 tokens) and still accumulates batches in float64:
-about twice as fast on CPU, relative error ~1e-6, a separate cache file. Cached on disk under a name built
-from every input (model, layer module, corpus digest, token count, window length); the file
-carries a digest of its own tensor and is recomputed, with a warning, when it does not match.
+multiply-adds saved. precision="mixed" forms each batch's product in float32 (the keys are
+float32 already; a batch is ~1,000 tokens) and still accumulates batches in float64: about
+twice as fast on CPU, relative error ~1e-6, a separate cache file. Cached on disk under a
+name built from every input (model, layer module, corpus digest, token count, window length,
+precision); the file carries a digest of its own tensor and is recomputed, with a warning,
+when it does not match.
 
 Corpus: a text file, a folder of .txt/.raw/.tokens files, or None for text sampled from the
 model itself (so the built-in demo needs no download; the sample is cached too).

@@ -1,5 +1,5 @@
 """The update algebra the MEMIT family shares: residual spreading, normal-equation solves,
-the null-space projector, and the weight statistics logged after every edit.
+the null-space basis and solve, and the weight statistics logged after every edit.
 
 Notation (MEMIT paper): at edited layer l_j (j = 0..L-1) the keys of n requests are the
 columns of K (d_in, n); the residual R (d_out, n) is what the layer's output still has to
@@ -8,8 +8,8 @@ move; C = E[k k^T] is the key second moment over a text corpus. Every method her
     Delta = B A^{-1},   A symmetric positive definite (d_in, d_in),  B (d_out, d_in)
 
 with (B, A) = (R K^T, lambda C + K K^T) for MEMIT/PMET, (S_RK, lambda C + S_KK) for D4S and
-(R K^T P, P S P + alpha I) for AlphaEdit (solved in the null space's own coordinates:
-`null_space_update`). The solve is one Cholesky factorisation of A on the
+(R K^T P, P S P + alpha I) for AlphaEdit (solved in the null space's own coordinates, an
+m x m system: `null_space_update`). The solve is one Cholesky factorisation of A on the
 transposed system A Delta^T = B^T (A is symmetric), in float64: no inverse is ever formed.
 """
 
@@ -57,22 +57,19 @@ def null_space_basis(C: torch.Tensor, threshold: float) -> torch.Tensor:
     return evecs[:, evals < threshold * evals.max()].contiguous()
 
 
-def null_space_projector(C: torch.Tensor, threshold: float) -> torch.Tensor:
-    """P = U U^T over the eigenvectors of C whose eigenvalue is < threshold * max eigenvalue.
-
-    For any key k the corpus holds (k in the span of C's large eigenvectors), P k ~ 0, so an
-    update of the form X P leaves W k unchanged: AlphaEdit's preserved-knowledge guarantee.
-    """
-    U = null_space_basis(C, threshold)
-    return U @ U.T
-
-
 def null_space_update(U: torch.Tensor, BU: torch.Tensor, G: torch.Tensor, alpha: float,
                       what: str = "update") -> tuple[torch.Tensor, torch.Tensor]:
-    """AlphaEdit's Delta = B P (P S P + alpha I)^{-1}, solved in the null space's coordinates.
+    """AlphaEdit's Delta = B P (S P + alpha I)^{-1}, solved in the null space's coordinates.
 
-    With P = U U^T (U orthonormal, m columns), (U G U^T + alpha I) U = U (G + alpha I) for
-    G = U^T S U, so (P S P + alpha I)^{-1} U = U (G + alpha I)^{-1} and
+    P = U U^T projects onto C's null space: for a key k the corpus holds, P k ~ 0, so an update
+    of the form X P leaves W k unchanged (AlphaEdit's preserved-knowledge guarantee).
+
+    First, B P (S P + alpha I)^{-1} = B P (P S P + alpha I)^{-1}: for X = B P (S P +
+    alpha I)^{-1}, X (S P + alpha I)(I - P) = alpha X (I - P) = B P (I - P) = 0, so X = X P and
+    X (P S P + alpha I) = X S P + alpha X = B P. The right-hand form is SPD (alpha > 0): a
+    Cholesky solve, where AlphaEdit's reference code needs a general one. Then, with U
+    orthonormal (m columns), (U G U^T + alpha I) U = U (G + alpha I) for G = U^T S U, so
+    (P S P + alpha I)^{-1} U = U (G + alpha I)^{-1} and
 
         Delta = (B U) (G + alpha I)^{-1} U^T.
 
@@ -82,19 +79,6 @@ def null_space_update(U: torch.Tensor, BU: torch.Tensor, G: torch.Tensor, alpha:
     """
     A = G.to(torch.float64) + alpha * torch.eye(G.shape[0], dtype=torch.float64)
     return solve_update(BU, A, what) @ U.T, A
-
-
-def projected_system(P: torch.Tensor, KK: torch.Tensor, alpha: float) -> torch.Tensor:
-    """A = P (K K^T) P + alpha I: the symmetric form of AlphaEdit's (K K^T P + alpha I).
-
-    Delta = B P (S P + alpha I)^{-1} equals B P (P S P + alpha I)^{-1} for a projector P:
-    for X = B P (S P + alpha I)^{-1}, X (S P + alpha I)(I - P) = alpha X (I - P) = B P (I - P)
-    = 0, so X = X P and X (P S P + alpha I) = X S P + alpha X = B P. The right-hand form is
-    SPD (alpha > 0): a Cholesky solve, where AlphaEdit's reference code needs a general one.
-    """
-    P = P.to(torch.float64)
-    eye = torch.eye(P.shape[0], dtype=torch.float64)
-    return P @ KK.to(torch.float64) @ P + alpha * eye
 
 
 def site_values(model: EditableModel, requests, layer: int, site: str) -> torch.Tensor:

@@ -4,7 +4,7 @@
     for j = 0..L-1 (layer l_j), K, R as in MEMIT (R = (z - h^L) / (L - j)):
         Delta_j = R K^T P (K_p K_p^T P + K K^T P + alpha I)^{-1}
                 = R K^T P (P (K_p K_p^T + K K^T) P + alpha I)^{-1}   (same matrix, SPD form:
-                                                                 see linalg.projected_system)
+                                                                 see linalg.null_space_update)
                 = (R K^T U) (U^T (K_p K_p^T + K K^T) U + alpha I)^{-1} U^T
                                     (what is solved: m x m, m = dim of the null space; see
                                      linalg.null_space_update)

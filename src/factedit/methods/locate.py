@@ -203,7 +203,7 @@ class LocateEditor(Editor):
         for layer in self.layers:
             model.check_layer(layer, f"{type(config).__name__}.layers")
         self._covariance: dict[int, torch.Tensor] = {}
-        self._projectors: dict[tuple[int, float], torch.Tensor] = {}  # null-space bases
+        self._null_bases: dict[tuple[int, float], torch.Tensor] = {}
         # W_0 of the edited layers, taken at the first edit, in the parameter's own dtype:
         # the float64 cast at use is exact, and a bf16 model keeps a quarter of the memory.
         self._originals: dict[int, torch.Tensor] = {}
@@ -241,10 +241,9 @@ class LocateEditor(Editor):
     def null_basis(self, layer: int, threshold: float) -> torch.Tensor:
         """AlphaEdit's null-space basis U of C at `layer` (float64, (d_in, m)), cached."""
         key = (layer, threshold)
-        if key not in self._projectors:
-            self._projectors[key] = null_space_basis(self.covariance(layer), threshold)
-        return self._projectors[key]
-
+        if key not in self._null_bases:
+            self._null_bases[key] = null_space_basis(self.covariance(layer), threshold)
+        return self._null_bases[key]
 
     def keys(self, requests: Sequence[EditRequest], layers: Sequence[int]) -> dict[int, torch.Tensor]:
         return compute_keys(self.model, requests, layers, self.templates())
