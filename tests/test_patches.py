@@ -82,6 +82,20 @@ def test_calinet_adds_slots_per_edit_and_layer(tokenizer):
         (0, 1, 4), (0, 2, 4), (1, 1, 4), (1, 2, 4)]
 
 
+@pytest.mark.parametrize("method", ["t-patcher", "calinet"])
+def test_neurons_cached_in_inference_mode_serve_the_next_edit(tokenizer, method):
+    """Scoring under inference_mode between two sequential edits caches the live neurons;
+    the second edit's training forward (CaliNET: the upper layer's input depends on the
+    lower layer's new slots) must still record gradients through them."""
+    model = make_tiny_model(tokenizer, layers=3)
+    handle = edit(model, [EIFFEL], method=method, progress=False, **SETTINGS[method])
+    with torch.inference_mode():
+        logits(model, LOUVRE.rewrite_prompt)  # builds the live-neuron cache
+    before = nll(model, LOUVRE)
+    handle.step([LOUVRE])  # raised "Inference tensors cannot be saved for backward"
+    assert nll(model, LOUVRE) < before - 0.3
+
+
 @pytest.mark.parametrize(("config", "field", "value"), [
     (TPatcherConfig, "margin", 0), (TPatcherConfig, "steps", 0), (TPatcherConfig, "lr", -1.0),
     (CaliNetConfig, "slots", 0), (CaliNetConfig, "memory_weight", -1.0),

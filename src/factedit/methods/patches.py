@@ -260,9 +260,12 @@ class PatchEditor(Editor):
     def _live_tensors(self, layer: int, device: torch.device) -> tuple[torch.Tensor, ...] | None:
         if layer not in self._live:
             parts = [n for n in self.neurons if n.layer == layer]
-            self._live[layer] = None if not parts else tuple(
-                torch.cat([getattr(n, f) for n in parts]).to(device)
-                for f in ("keys", "bias", "values"))
+            # Built outside inference mode: neurons cached while evaluating must still serve
+            # the next edit's training forward, where a higher layer's input carries gradient.
+            with torch.inference_mode(False):
+                self._live[layer] = None if not parts else tuple(
+                    torch.cat([getattr(n, f) for n in parts]).to(device)
+                    for f in ("keys", "bias", "values"))
         return self._live[layer]
 
     # -- save / resume --------------------------------------------------------------------
