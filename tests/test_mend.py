@@ -48,6 +48,22 @@ def test_layer_gradients_are_the_weight_gradient(tokenizer):
         assert torch.allclose(g.T @ u, grad, rtol=1e-8, atol=1e-12), layer
 
 
+def test_block_inputs_of_several_row_sets_equal_each_alone(tokenizer):
+    """One padded pass for the edit, equivalence and locality rows (different widths) gives
+    each set exactly what its own pass gives: right padding is invisible to real positions."""
+    model = make_tiny_model(tokenizer)
+    fwd = EditedForward(model, [2, 3])
+    short = token_rows(model, [("The capital of Japan is", "Tokyo")])
+    long = token_rows(model, [(r.paraphrases[0], r.target_new) for r in REQUESTS[:3]])
+    assert short.ids.shape[1] < long.ids.shape[1]
+    together = fwd.block_inputs(long, short)
+    for rows, got in zip((long, short), together):
+        alone = fwd.block_input(rows)
+        assert got.shape == alone.shape
+        real = rows.mask.bool()
+        assert torch.allclose(got[real], alone[real], rtol=1e-10, atol=1e-12)
+
+
 def test_untrained_mend_is_one_fine_tuning_step(tokenizer):
     model = make_tiny_model(tokenizer)
     net = MendEditor.build_net(model, [2, 3], {"rank": 8, "n_hidden": 1,

@@ -58,11 +58,30 @@ class EditedForward:
 
     def block_input(self, rows: TokenRows) -> torch.Tensor:
         """What enters the first edited block (constant: nothing below it is edited)."""
+        return self.block_inputs(rows)[0]
+
+    def block_inputs(self, *row_sets: TokenRows) -> list[torch.Tensor]:
+        """block_input of several row sets from one forward pass: the blocks below the edit
+        are most of the model, and one padded batch keeps the two cores busier than three
+        small ones. Rows are right-padded, so a row's real positions do not see the padding."""
         model = self.model
+        width = max(rows.ids.shape[1] for rows in row_sets)
+        pad = model.tokenizer.pad_token_id
+
+        def widen(t: torch.Tensor, value: int) -> torch.Tensor:
+            return F.pad(t, (0, width - t.shape[1]), value=value)
+
+        ids = torch.cat([widen(rows.ids, pad) for rows in row_sets])
+        mask = torch.cat([widen(rows.mask, 0) for rows in row_sets])
         with torch.inference_mode(), Trace(model.model, model.arch.layer(self.layers[0]),
                                            retain_input=True, stop=True) as block:
-            model.model(input_ids=rows.ids, attention_mask=rows.mask, use_cache=False)
-        return block.input.clone()
+            model.model(input_ids=ids, attention_mask=mask, use_cache=False)
+        out, start = [], 0
+        for rows in row_sets:
+            b, t = rows.ids.shape
+            out.append(block.input[start:start + b, :t].clone())
+            start += b
+        return out
 
     @contextmanager
     def _hooks(self, deltas: dict[int, torch.Tensor] | None,
@@ -353,8 +372,10 @@ class HypernetEditor(Editor):
                   seed: int = 0) -> nn.Module:
         raise NotImplementedError
 
-    def deltas_for(self, rows: TokenRows) -> dict[int, torch.Tensor]:
-        """layer -> the edit (d_out, d_in) for the edit rows (graph kept to the net)."""
+    def deltas_for(self, rows: TokenRows, block_in: torch.Tensor | None = None
+                   ) -> dict[int, torch.Tensor]:
+        """layer -> the edit (d_out, d_in) for the edit rows (graph kept to the net);
+        `block_in`: the rows' block_input when the caller has it already."""
         raise NotImplementedError
 
     def step_loss(self, batch: Sequence[EditRequest], train: TrainConfig
@@ -381,17 +402,17 @@ class HypernetEditor(Editor):
         edit_rows = token_rows(self.model, [p[0] for p in pairs])
         equivalence = token_rows(self.model, [p[1] for p in pairs])
         local_pairs = [p[2] for p in pairs if p[2] is not None]
-        deltas = self.deltas_for(edit_rows)
         fwd = self.forward
-        edit_loss = fwd.nll(fwd.hidden(equivalence, fwd.block_input(equivalence), deltas),
-                            equivalence)
+        local = token_rows(self.model, local_pairs) if local_pairs else None
+        row_sets = [edit_rows, equivalence] + ([local] if local is not None else [])
+        edit_in, equivalence_in, *local_in = fwd.block_inputs(*row_sets)
+        deltas = self.deltas_for(edit_rows, edit_in)
+        edit_loss = fwd.nll(fwd.hidden(equivalence, equivalence_in, deltas), equivalence)
         locality = torch.zeros((), device=self.model.device)
-        if local_pairs:
-            local = token_rows(self.model, local_pairs)
-            local_in = fwd.block_input(local)
+        if local is not None:
             with torch.no_grad():
-                reference = fwd.answer_logp(fwd.hidden(local, local_in), local)
-            locality = kl_from(reference, fwd.answer_logp(fwd.hidden(local, local_in, deltas),
+                reference = fwd.answer_logp(fwd.hidden(local, local_in[0]), local)
+            locality = kl_from(reference, fwd.answer_logp(fwd.hidden(local, local_in[0], deltas),
                                                           local))
         return edit_loss, locality
 

@@ -139,8 +139,10 @@ class KeEditor(HypernetEditor):
         return KeNet(d_out, d_in, d_out, len(layers), settings["hidden"],
                      settings["edit_lr_init"], seed).to(model.device)
 
-    def deltas_for(self, rows: TokenRows) -> dict[int, torch.Tensor]:
-        block_in = self.forward.block_input(rows)
+    def deltas_for(self, rows: TokenRows, block_in: torch.Tensor | None = None
+                   ) -> dict[int, torch.Tensor]:
+        if block_in is None:
+            block_in = self.forward.block_input(rows)
         pieces = self.forward.layer_gradients(rows, block_in)
         mask = rows.mask.to(block_in.dtype).unsqueeze(-1)
         condition = (block_in * mask).sum(1) / mask.sum(1)  # (edits, d): mean over tokens

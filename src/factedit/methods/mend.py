@@ -124,8 +124,10 @@ class MendEditor(HypernetEditor):
         return MendNet(d_in, d_out, len(layers), settings["rank"], settings["n_hidden"],
                        settings["edit_lr_init"], seed).to(model.device)
 
-    def deltas_for(self, rows: TokenRows) -> dict[int, torch.Tensor]:
-        block_in = self.forward.block_input(rows)
+    def deltas_for(self, rows: TokenRows, block_in: torch.Tensor | None = None
+                   ) -> dict[int, torch.Tensor]:
+        if block_in is None:
+            block_in = self.forward.block_input(rows)
         pieces = self.forward.layer_gradients(rows, block_in)
         if not bool(self.net.normalised):
             u, g = pieces[self.layers[0]]
