@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import factedit as fe
     from factedit.data import load_dataset
-    from factedit.methods import get_method
+    from factedit.methods import options_for
     from factedit.metrics.multihop import case_result, generated_answer, mquake_cases
     from factedit.protocol import EditHandle, make_editor
 
@@ -57,11 +57,10 @@ def main(argv: list[str] | None = None) -> int:
                                                                      "cases": []}
         editor = None
         if method != "unedited":
-            options = dict(overrides.get(method, {}))
-            if "covariance_corpus" in get_method(method).config_cls.__dataclass_fields__:
-                options.update(covariance_corpus=str(Path(args.data) / "corpus"
-                                                     / "wikitext-2-raw"),
-                               covariance_tokens=args.covariance_tokens)
+            options = {**options_for(method, covariance_corpus=str(Path(args.data) / "corpus"
+                                                                  / "wikitext-2-raw"),
+                                     covariance_tokens=args.covariance_tokens),
+                       **overrides.get(method, {})}
             editor = make_editor(model, method, **options)
         started = time.perf_counter()
         for case in cases[len(data["cases"]):]:

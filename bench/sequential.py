@@ -44,17 +44,6 @@ def editor_state_mib(editor) -> dict[str, float]:
     return sizes
 
 
-def covariance_options(method: str, corpus: str, tokens: int) -> dict:
-    """The corpus options for methods that read covariance statistics (GRACE, SERAC, ... do not)."""
-    import dataclasses
-
-    from factedit.methods import get_method
-
-    fields = {f.name for f in dataclasses.fields(get_method(method).config_cls)}
-    options = {"covariance_corpus": corpus, "covariance_tokens": tokens}
-    return {k: v for k, v in options.items() if k in fields}
-
-
 def previous_state(path: Path) -> str | None:
     """The state folder the JSON at `path` names as its resume point, if any."""
     if not path.is_file():
@@ -84,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import factedit as fe
     from factedit.data import load_dataset
+    from factedit.methods import options_for
     from factedit.metrics import capture_baseline
     from factedit.protocol import EditHandle
 
@@ -180,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
             eval_at=sizes, on_checkpoint=save, on_edit=on_edit,
             baseline=baseline, handle=handle, unedited=resume is None,
             # a resumed handle brings its own config (corpus and overrides included)
-            **({} if handle else {**covariance_options(method, corpus, args.covariance_tokens),
+            **({} if handle else {**options_for(method, covariance_corpus=corpus,
+                                              covariance_tokens=args.covariance_tokens),
                                   **overrides.get(method, {})}))
         results[method] = save(report, complete=True)
         report.handle.restore()

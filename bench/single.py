@@ -46,8 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     requests = load_dataset(args.dataset, limit=args.n, data_dir=args.data)
     baseline = fe.capture_baseline(model, requests)
     unedited = fe.evaluate(model, requests, baseline)
-    overrides = dict(covariance_corpus=str(Path(args.data) / "corpus" / "wikitext-2-raw"),
-                     covariance_tokens=args.covariance_tokens)
+    from factedit.methods import options_for
+
+    overrides = options_for(args.method,
+                            covariance_corpus=str(Path(args.data) / "corpus" / "wikitext-2-raw"),
+                            covariance_tokens=args.covariance_tokens)
     if args.layers:
         overrides["layers"] = [int(x) for x in args.layers.split(",")]
     for item in args.set:
@@ -57,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
 
     editor = make_editor(model, args.method, **overrides)
     t0 = time.perf_counter()
-    for layer in editor.layers:  # C once (or read from its cache), timed apart from edits
-        editor.covariance(layer)
+    for layer in editor.layers if hasattr(editor, "covariance") else []:
+        editor.covariance(layer)  # C once (or read from its cache), timed apart from edits
     cov_seconds = time.perf_counter() - t0
     rows, eval_seconds = [], [0.0]
 
@@ -90,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.layers:
         tag += "_L" + args.layers.replace(",", "-")
     for item in args.set:
-        tag += "_" + item.replace("=", "-").replace('"', "")
+        tag += "_" + item.replace("=", "-").replace('"', "").replace("/", "-")
     (out / f"{tag}.json").write_text(json.dumps(result, indent=1, default=float))
     print(f"{args.method} on {len(requests)} {args.dataset} records, one at a time "
           f"(layers {handle.editor.layers})")

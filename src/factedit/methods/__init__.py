@@ -12,6 +12,7 @@ from .base import (
     MethodConfig,
     get_method,
     list_methods,
+    options_for,
     register_method,
 )
 from .calinet import CaliNetConfig, CaliNetEditor
@@ -41,5 +42,5 @@ __all__ = [
     "KeConfig", "KeEditor", "KnConfig", "KnEditor", "LocateEditConfig", "LocateEditor",
     "MelloConfig", "MelloEditor", "MemPromptConfig", "MemPromptEditor", "MemitConfig", "MemitEditor", "MemoryConfig",
     "MemoryEditor", "MendConfig", "MendEditor", "MethodConfig", "PmetConfig", "PmetEditor",
-    "RomeConfig", "RomeEditor", "SeracConfig", "SeracEditor", "TPatcherConfig", "TPatcherEditor", "get_method", "list_methods", "register_method",
+    "RomeConfig", "RomeEditor", "SeracConfig", "SeracEditor", "TPatcherConfig", "TPatcherEditor", "get_method", "list_methods", "options_for", "register_method",
 ]

@@ -189,6 +189,13 @@ def get_method(name: str) -> MethodSpec:
     return METHODS[key]
 
 
+def options_for(method: str, **options: Any) -> dict[str, Any]:
+    """The subset of `options` that `method`'s config has: settings a benchmark shares across
+    methods (the covariance corpus, say) reach only the methods that read them."""
+    fields = {f.name for f in dataclasses.fields(get_method(method).config_cls)}
+    return {k: v for k, v in options.items() if k in fields}
+
+
 def list_methods() -> list[str]:
     _import_builtin_methods()
     return sorted(METHODS)
