@@ -95,6 +95,22 @@ def test_training_moves_the_network_and_resumes_exactly(tokenizer, tmp_path):
     assert any(not torch.equal(a[k], torch.zeros_like(a[k])) for k in a if k.startswith("up."))
 
 
+@pytest.mark.parametrize(("lr_lr", "bound"), [(None, 1e-5), (1e-3, 1e-3)])
+def test_edit_step_sizes_train_at_their_own_rate(tokenizer, tmp_path, lr_lr, bound):
+    """Adam moves a parameter by ~lr a step: the step sizes (1e-4 here) get lr_lr (default a
+    tenth of their start), not the network's lr 1e-3 that would throw them to 100x."""
+    model = make_tiny_model(tokenizer, dtype=torch.float32)
+    config = MendConfig(layers=[2, 3], rank=8, edit_lr_init=1e-4,
+                        train=dict(TRAIN, lr_lr=lr_lr, validate_every=100))
+    train_mend(model, REQUESTS, [], tmp_path / "net", config, progress=False)
+    from safetensors.torch import load_file
+
+    moved = (load_file(str(tmp_path / "net" / "hypernet.safetensors"))["edit_lr"] - 1e-4).abs()
+    steps = TRAIN["steps"]
+    assert moved.max() <= 3 * steps * bound  # Adam's step is at most a few lr
+    assert moved.max() >= 0.3 * bound  # and they do train
+
+
 def test_edit_loads_the_trained_network(tokenizer, tmp_path):
     model = make_tiny_model(tokenizer, dtype=torch.float32)
     train_mend(model, REQUESTS, [], tmp_path / "net", small_config(steps=2), progress=False)

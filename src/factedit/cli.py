@@ -253,7 +253,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"edit with: factedit edit --method serac --set classifier={args.out} ...")
         return 0
     model = fe.load_model(args.model)
-    config = spec.config_cls(layers=_layers(args.layers), train={
+    config = spec.config_cls(**_method_overrides(args), train={
         k: v for k, v in dict(steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                               checkpoint_every=args.checkpoint_every,
                               validate_every=args.validate_every).items() if v is not None})
@@ -264,10 +264,6 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"{result['train_seconds']:.0f} s; last validation: {last}")
     print(f"edit with: factedit edit --method {args.kind} --set checkpoint={args.out} ...")
     return 0
-
-
-def _layers(text: str | None) -> list[int] | None:
-    return [int(x) for x in text.split(",")] if text else None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -344,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--validate-every", type=int)
     p.add_argument("--out", required=True, help="folder for checkpoints and the trained net")
     p.add_argument("--restart", action="store_true", help="ignore a checkpoint in --out")
+    p.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                   help="network config field (repeatable), e.g. --set edit_lr_init=1e-6")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("report", help="plots, tables and an HTML page of a run folder")
