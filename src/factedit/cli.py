@@ -254,7 +254,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     model = fe.load_model(args.model)
     config = spec.config_cls(**_method_overrides(args), train={
-        k: v for k, v in dict(steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+        k: v for k, v in dict(steps=args.steps, lr=args.lr, lr_lr=args.lr_lr, batch_size=args.batch_size,
                               checkpoint_every=args.checkpoint_every,
                               validate_every=args.validate_every).items() if v is not None})
     result = train_editor(spec.editor_cls, model, train, validation, args.out, config,
@@ -335,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", help="comma-separated edited layers (default: top three)")
     p.add_argument("--steps", type=int)
     p.add_argument("--lr", type=float)
+    p.add_argument("--lr-lr", type=float, help="Adam rate of the edit step sizes (default: a "
+                   "tenth of edit_lr_init)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--checkpoint-every", type=int)
     p.add_argument("--validate-every", type=int)
