@@ -95,10 +95,10 @@ def test_training_moves_the_network_and_resumes_exactly(tokenizer, tmp_path):
     assert any(not torch.equal(a[k], torch.zeros_like(a[k])) for k in a if k.startswith("up."))
 
 
-@pytest.mark.parametrize(("lr_lr", "bound"), [(None, 1e-5), (1e-3, 1e-3)])
+@pytest.mark.parametrize(("lr_lr", "bound"), [(None, 5e-5), (1e-3, 1e-3)])
 def test_edit_step_sizes_train_at_their_own_rate(tokenizer, tmp_path, lr_lr, bound):
-    """Adam moves a parameter by ~lr a step: the step sizes (1e-4 here) get lr_lr (default a
-    tenth of their start), not the network's lr 1e-3 that would throw them to 100x."""
+    """Adam moves a parameter by ~lr a step: the step sizes (1e-4 here) get lr_lr (default
+    half their start), not the network's lr 1e-3 that would throw them to 10-60x."""
     model = make_tiny_model(tokenizer, dtype=torch.float32)
     config = MendConfig(layers=[2, 3], rank=8, edit_lr_init=1e-4,
                         train=dict(TRAIN, lr_lr=lr_lr, validate_every=100))
@@ -132,3 +132,17 @@ def test_missing_or_foreign_checkpoint_is_explained(tokenizer, tmp_path):
         fe.edit(model, REQUESTS[:1], method="mend", checkpoint=str(tmp_path))
     with pytest.raises(ConfigError, match="train"):
         MendConfig(train={"stepz": 3})
+
+
+def test_train_command_keeps_mends_defaults_unless_a_flag_overrides_them():
+    from factedit.cli import _train_config, build_parser
+
+    def config(*flags):
+        return _train_config(MendConfig, build_parser().parse_args(
+            ["train", "mend", "--out", "nets/mend", *flags]))
+
+    assert config("--steps", "5").train == {"batch_size": 1, "steps": 5}
+    assert config().edit_lr_init == 1e-6
+    assert config("--batch-size", "4").train == {"batch_size": 4}
+    tuned = config("--set", "edit_lr_init=1e-5", "--lr-lr", "1e-7")
+    assert tuned.edit_lr_init == 1e-5 and tuned.train["lr_lr"] == 1e-7

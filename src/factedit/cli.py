@@ -233,6 +233,17 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_config(config_cls: type, args: argparse.Namespace) -> Any:
+    """The hypernetwork config of `factedit train`: --set fields, then the training flags
+    over the method's own training defaults (MEND: one edit per step), which stay unless a
+    flag overrides them."""
+    config = config_cls(**_method_overrides(args))
+    given = dict(steps=args.steps, lr=args.lr, lr_lr=args.lr_lr, batch_size=args.batch_size,
+                 checkpoint_every=args.checkpoint_every, validate_every=args.validate_every)
+    return config.replace(train={**config.train,
+                                 **{k: v for k, v in given.items() if v is not None}})
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import factedit as fe
     from factedit.data import load_dataset
@@ -253,10 +264,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"edit with: factedit edit --method serac --set classifier={args.out} ...")
         return 0
     model = fe.load_model(args.model)
-    config = spec.config_cls(**_method_overrides(args), train={
-        k: v for k, v in dict(steps=args.steps, lr=args.lr, lr_lr=args.lr_lr, batch_size=args.batch_size,
-                              checkpoint_every=args.checkpoint_every,
-                              validate_every=args.validate_every).items() if v is not None})
+    config = _train_config(spec.config_cls, args)
     result = train_editor(spec.editor_cls, model, train, validation, args.out, config,
                           resume=not args.restart)
     last = result["history"][-1] if result["history"] else {}
@@ -335,8 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", help="comma-separated edited layers (default: top three)")
     p.add_argument("--steps", type=int)
     p.add_argument("--lr", type=float)
-    p.add_argument("--lr-lr", type=float, help="Adam rate of the edit step sizes (default: a "
-                   "tenth of edit_lr_init)")
+    p.add_argument("--lr-lr", type=float, help="Adam rate of the edit step sizes (default: "
+                   "half of edit_lr_init)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--checkpoint-every", type=int)
     p.add_argument("--validate-every", type=int)

@@ -166,8 +166,8 @@ class TrainConfig:
     """steps, lr, batch_size (edits per step), edit_weight/locality_weight (MEND's c_edit and
     c_loc), checkpoint_every and validate_every (steps), seed.
 
-    lr_lr: Adam's learning rate for the per-layer edit step sizes (MEND's lr_lr); None: a
-    tenth of their initial value. Adam moves a parameter by ~lr per step whatever its
+    lr_lr: Adam's learning rate for the per-layer edit step sizes (MEND's lr_lr); None: half
+    their initial value. Adam moves a parameter by ~lr per step whatever its
     gradient's scale, so with the network's lr an edit step size of 1e-6 (what the built-in
     model needs: at 1e-5 a batch of 8 edits already costs KL 13 on unrelated prompts) jumps to
     1e-4 in one step and the edits wreck the model.
@@ -250,7 +250,7 @@ def train_hypernetwork(
     others = [p for p in params if all(p is not q for q in step_sizes)]
     groups = [{"params": others}]
     if step_sizes:
-        lr_lr = config.lr_lr if config.lr_lr is not None else float(step_sizes[0].detach().abs().max()) / 10
+        lr_lr = config.lr_lr if config.lr_lr is not None else float(step_sizes[0].detach().abs().max()) / 2
         groups.append({"params": step_sizes, "lr": lr_lr})
     optimiser = torch.optim.Adam(groups, lr=config.lr)
     start, history = 0, []
