@@ -166,6 +166,11 @@ class TrainConfig:
     """steps, lr, batch_size (edits per step), edit_weight/locality_weight (MEND's c_edit and
     c_loc), checkpoint_every and validate_every (steps), seed.
 
+    keep_best: the trained network is the one with the best validation edit success (a later
+    step wins a tie), not the last step's: on the built-in model MEND's held-out success
+    peaked at 0.94 (step 500) and fell to 0.78 by step 2000 as the locality term shrank the
+    edits.
+
     lr_lr: Adam's learning rate for the per-layer edit step sizes (MEND's lr_lr); None: half
     their initial value. Adam moves a parameter by ~lr per step whatever its
     gradient's scale, so with the network's lr an edit step size of 1e-6 (what the built-in
@@ -176,6 +181,7 @@ class TrainConfig:
     steps: int = 2000
     lr: float = 1e-4
     lr_lr: float | None = None
+    keep_best: bool = True
     batch_size: int = 8
     edit_weight: float = 0.1
     locality_weight: float = 1.0
@@ -255,6 +261,12 @@ def train_hypernetwork(
     optimiser = torch.optim.Adam(groups, lr=config.lr)
     start, history = 0, []
     ckpt = out / "checkpoint.safetensors"
+    best_score, best_file = -math.inf, out / "best.json"
+    if resume and best_file.is_file():
+        best_score = float(json.loads(best_file.read_text())["edit_success"])
+    elif not resume:  # a restart must not inherit an earlier run's best network
+        for stale in ("best.json", "best.safetensors"):
+            (out / stale).unlink(missing_ok=True)
     if resume and ckpt.is_file():
         tensors = load_file(str(ckpt))
         meta = json.loads((out / "checkpoint.json").read_text())
@@ -279,6 +291,9 @@ def train_hypernetwork(
         if validate is not None and (done % config.validate_every == 0 or done == config.steps):
             scores = validate()
             history.append({"step": done, **values, **{f"val_{k}": v for k, v in scores.items()}})
+            if scores.get("edit_success", -math.inf) >= best_score:
+                best_score = scores["edit_success"]
+                _atomic_save(dict(net.state_dict()), {"step": done, **scores}, out, "best")
             tqdm.write(f"step {done}: " + ", ".join(f"{k} {v:.3f}" for k, v in
                                                      history[-1].items() if k != "step"))
         if done % config.checkpoint_every == 0 or done == config.steps:
@@ -288,7 +303,10 @@ def train_hypernetwork(
             _atomic_save(tensors, {"step": done, "optimiser": opt_meta, "history": history},
                          out, "checkpoint")
     final = dict(manifest, history=history, steps=config.steps,
-                 train_seconds=time.perf_counter() - started)
+                 train_seconds=time.perf_counter() - started, selected_step=config.steps)
+    if config.keep_best and best_file.is_file():
+        net.load_state_dict(load_file(str(out / "best.safetensors")))
+        final["selected_step"] = json.loads(best_file.read_text())["step"]
     _atomic_save(dict(net.state_dict()), final, out, "hypernet")
     return final
 
@@ -414,7 +432,10 @@ class HypernetEditor(Editor):
         KL(unedited || edited) on the neighbourhood prompts), both differentiable in the net."""
         pairs = [edit_pairs(r) for r in batch]
         edit_rows = token_rows(self.model, [p[0] for p in pairs])
-        equivalence = token_rows(self.model, [p[1] for p in pairs])
+        # The edit loss reads the edit prompt and its paraphrase: trained on paraphrases alone,
+        # MEND on the built-in model generalised (0.89) better than it edited (0.77).
+        equivalence = token_rows(self.model, [p[0] for p in pairs]
+                                 + [p[1] for p in pairs if p[1] != p[0]])
         local_pairs = [p[2] for p in pairs if p[2] is not None]
         fwd = self.forward
         local = token_rows(self.model, local_pairs) if local_pairs else None

@@ -22,8 +22,9 @@ for a batch of edits applied together, as the paper does (c_edit = 0.1, c_loc = 
 Departures from the paper and its code: only the MLP output projections of the top
 `layers` are edited (the reference edits both MLP matrices of the last three blocks); the
 identity-initialised MLP has rank `rank` (the reference uses 1920 on GPT-2-size models);
-the equivalence example is the request's first paraphrase (the edit prompt itself when it
-has none); the norms are fixed after the first batch rather than running averages.
+the edit loss reads the edit prompt and the request's first paraphrase (the paper: an
+example of the equivalence neighbourhood); the trained network is the one with the best
+validation edit success (TrainConfig.keep_best); the norms are fixed after the first batch rather than running averages.
 """
 
 from __future__ import annotations
