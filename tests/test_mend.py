@@ -146,3 +146,37 @@ def test_train_command_keeps_mends_defaults_unless_a_flag_overrides_them():
     assert config("--batch-size", "4").train == {"batch_size": 4}
     tuned = config("--set", "edit_lr_init=1e-5", "--lr-lr", "1e-7")
     assert tuned.edit_lr_init == 1e-5 and tuned.train["lr_lr"] == 1e-7
+
+
+def test_training_keeps_the_network_with_the_best_validation(tmp_path):
+    """Validation success 0.5, 0.9, 0.7 at steps 2, 4, 6: the saved network is step 4's, and
+    a restart does not inherit it."""
+    from safetensors.torch import load_file
+
+    from factedit.methods.hypernet import TrainConfig, train_hypernetwork
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 1)
+    scores = iter([0.5, 0.9, 0.7])
+
+    def step_loss(batch):
+        return {"loss": (net(torch.ones(1, 3)) - 5.0).pow(2).sum()}
+
+    config = TrainConfig(steps=6, lr=0.1, batch_size=1, validate_every=2, checkpoint_every=2)
+    snapshots = {}
+
+    def validate_and_snapshot():
+        snapshots[len(snapshots) + 1] = {k: v.clone() for k, v in net.state_dict().items()}
+        return {"edit_success": next(scores)}
+
+    result = train_hypernetwork(net, step_loss, [None] * 4, tmp_path, config, {},
+                                validate_and_snapshot, progress=False)
+    assert result["selected_step"] == 4
+    saved = load_file(str(tmp_path / "hypernet.safetensors"))
+    assert all(torch.equal(saved[k], snapshots[2][k]) for k in saved)
+    assert not torch.equal(saved["weight"], snapshots[3]["weight"])
+
+    again = train_hypernetwork(torch.nn.Linear(3, 1), step_loss, [None] * 4, tmp_path,
+                               TrainConfig(steps=2, lr=0.1, batch_size=1, validate_every=10),
+                               {}, None, resume=False, progress=False)
+    assert again["selected_step"] == 2 and not (tmp_path / "best.json").exists()
