@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import factedit as fe
     from factedit.data import builtin_facts
-    from factedit.methods import get_method
+    from factedit.methods import options_for
 
     model = fe.load_model(args.model)
     facts = builtin_facts()[:args.facts]
@@ -50,9 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         if path.is_file():
             data = json.loads(path.read_text())
         else:
-            options = {}
-            if "covariance_corpus" in get_method(method).config_cls.__dataclass_fields__:
-                options["covariance_corpus"] = str(Path(args.data) / "corpus" / "wikitext-2-raw")
+            options = options_for(method, covariance_corpus=str(Path(args.data) / "corpus"
+                                                                / "wikitext-2-raw"))
             records = []
             started = time.perf_counter()
             for fact, (before, neighbour_before) in zip(facts, unedited):

@@ -173,19 +173,15 @@ class Experiment:
 
     def method_config(self, run: MethodRun) -> MethodConfig:
         """The method's config object: covariance and seed sections, then its own overrides."""
-        from ..methods.base import get_method
+        from ..methods.base import get_method, options_for
 
-        spec = get_method(run.name)
-        names = {f.name for f in dataclasses.fields(spec.config_cls)}
-        values: dict[str, Any] = {}
-        if "seed" in names:
-            values["seed"] = self.seed
-        if self.covariance.corpus is not None and "covariance_corpus" in names:
-            values["covariance_corpus"] = self.covariance.corpus
-        if self.covariance.tokens is not None and "covariance_tokens" in names:
-            values["covariance_tokens"] = self.covariance.tokens
-        values.update(run.config)
-        return spec.config_cls.from_dict(values)
+        shared: dict[str, Any] = {"seed": self.seed}
+        if self.covariance.corpus is not None:
+            shared["covariance_corpus"] = self.covariance.corpus
+        if self.covariance.tokens is not None:
+            shared["covariance_tokens"] = self.covariance.tokens
+        values = {**options_for(run.name, **shared), **run.config}
+        return get_method(run.name).config_cls.from_dict(values)
 
     @classmethod
     def from_dict(cls, data: Any, model: EditableModel | None = None) -> Experiment:

@@ -251,12 +251,14 @@ def train_hypernetwork(
     from tqdm.auto import tqdm
 
     out = Path(out_dir)
-    params = [p for p in net.parameters() if p.requires_grad]
-    step_sizes = [p for name, p in net.named_parameters() if name == "edit_lr" and p.requires_grad]
-    others = [p for p in params if all(p is not q for q in step_sizes)]
-    groups = [{"params": others}]
+    named = [(name, p) for name, p in net.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    groups = [{"params": [p for name, p in named if name != "edit_lr"]}]
+    step_sizes = [p for name, p in named if name == "edit_lr"]
     if step_sizes:
-        lr_lr = config.lr_lr if config.lr_lr is not None else float(step_sizes[0].detach().abs().max()) / 2
+        lr_lr = config.lr_lr
+        if lr_lr is None:
+            lr_lr = float(step_sizes[0].detach().abs().max()) / 2
         groups.append({"params": step_sizes, "lr": lr_lr})
     optimiser = torch.optim.Adam(groups, lr=config.lr)
     start, history = 0, []

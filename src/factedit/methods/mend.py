@@ -17,14 +17,16 @@ mean and std of u and g over the first training batch (kept as buffers). Trainin
     edit_weight * NLL(target_new | paraphrase; W~) + locality_weight * KL(p_W || p_W~) on a
     neighbourhood prompt
 
-for a batch of edits applied together, as the paper does (c_edit = 0.1, c_loc = 1).
+for `batch_size` edits applied together per step (c_edit = 0.1, c_loc = 1, as the paper);
+MendConfig's default is one edit per step.
 
 Departures from the paper and its code: only the MLP output projections of the top
 `layers` are edited (the reference edits both MLP matrices of the last three blocks); the
 identity-initialised MLP has rank `rank` (the reference uses 1920 on GPT-2-size models);
 the edit loss reads the edit prompt and the request's first paraphrase (the paper: an
 example of the equivalence neighbourhood); the trained network is the one with the best
-validation edit success (TrainConfig.keep_best); the norms are fixed after the first batch rather than running averages.
+validation edit success (TrainConfig.keep_best); the norms are fixed after the first batch
+rather than running averages.
 """
 
 from __future__ import annotations
