@@ -67,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
             handle = None
             if editor is not None:
                 handle = EditHandle(model, editor.fresh())
-                handle.step(case)  # the case's edits together, one batch edit
+                # The case's edits together: one batch edit, or one after another for
+                # editors that take one request at a time (grace, rome).
+                handle.edit(case, progress=False)
             if method == "mello":
                 result = case_result(case, lambda q, h=handle: h.editor.answer(q).answer)
             else:
