@@ -9,7 +9,13 @@ from conftest import make_tiny_model
 
 from factedit import EditRequest
 from factedit.methods import ConfigError, MelloConfig
-from factedit.metrics.multihop import answer_matches, case_result, mquake_cases
+from factedit.metrics.multihop import (
+    QUESTION_TEMPLATE,
+    answer_matches,
+    case_result,
+    mquake_cases,
+    question_ids,
+)
 from factedit.protocol import EditHandle, edit
 
 HEY_JUDE = EditRequest(prompt="{} was performed by", subject="Hey Jude", target_new="Madonna")
@@ -90,3 +96,19 @@ def test_mquake_cases_and_the_any_question_rule(shared_data):
     assert not case_result(case, lambda q: "no idea")["correct"]
     assert answer_matches("the Arabic language", ["Arabic language"])
     assert not answer_matches("Arab", ["Arabic"])
+
+
+def test_questions_are_asked_through_the_chat_template_where_there_is_one(tokenizer):
+    """The built-in instruct model answers a bare "Question: ...\\nAnswer:" with <|im_end|>
+    for most MQuAKE questions, so multi-hop accuracy asks it in its chat format."""
+    question = "Who performed Hey Jude?"
+    asked = tokenizer.decode(question_ids(tokenizer, question))
+    assert tokenizer.chat_template
+    assert question in asked and asked.rstrip().endswith("assistant")
+    assert asked != QUESTION_TEMPLATE.format(question=question)
+    template, tokenizer.chat_template = tokenizer.chat_template, None
+    try:
+        assert tokenizer.decode(question_ids(tokenizer, question)) == \
+            QUESTION_TEMPLATE.format(question=question)
+    finally:
+        tokenizer.chat_template = template

@@ -38,15 +38,30 @@ def answer_matches(text: str, answers: Sequence[str]) -> bool:
     return any(a and " ".join(a.lower().split()) in text for a in answers)
 
 
-def generated_answer(model: EditableModel, question: str, max_new_tokens: int = 16) -> str:
-    """The model's greedy answer to `question` (first line), through any attachment."""
-    ids = torch.tensor([encode(model.tokenizer, QUESTION_TEMPLATE.format(question=question))],
-                       device=model.device)
+def question_ids(tokenizer: Any, question: str) -> list[int]:
+    """`question` as the model is best asked it: through its chat template where it has one,
+    else QUESTION_TEMPLATE. An instruct model asked in the plain template often stops at once
+    (SmolLM2-Instruct's first greedy token after "Question: ...\nAnswer:" is <|im_end|> for
+    most MQuAKE questions, bench/RESULTS.md), which would score every editor at zero."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": question}],
+                                             add_generation_prompt=True, tokenize=False)
+        return encode(tokenizer, text, add_special_tokens=False)
+    return encode(tokenizer, QUESTION_TEMPLATE.format(question=question))
+
+
+def generated_answer(model: EditableModel, question: str, max_new_tokens: int = 40) -> str:
+    """The model's greedy answer to `question`, through any attachment, on one line.
+
+    The whole continuation is kept: chat models restate the question before the answer
+    ("The capital of ... is Detroit."), so a first-line or first-words cut would lose it.
+    """
+    ids = torch.tensor([question_ids(model.tokenizer, question)], device=model.device)
     with torch.inference_mode():
         out = model.model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
                                    pad_token_id=model.tokenizer.pad_token_id)
-    text = model.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
-    return text.splitlines()[0] if text else ""
+    text = model.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    return " ".join(text.split())
 
 
 def case_result(case: Sequence[EditRequest], answer: Callable[[str], str]) -> dict[str, Any]:
