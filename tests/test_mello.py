@@ -96,6 +96,10 @@ def test_mquake_cases_and_the_any_question_rule(shared_data):
     assert not case_result(case, lambda q: "no idea")["correct"]
     assert answer_matches("the Arabic language", ["Arabic language"])
     assert not answer_matches("Arab", ["Arabic"])
+    # An alias is a whole word: MQuAKE's "de" (German) is not in "considered".
+    assert not answer_matches("It is considered to be Spanish.", ["German", "de"])
+    assert answer_matches("They speak German.", ["German", "de"])
+    assert answer_matches("Washington, D.C. is", ["Washington, D.C."])
 
 
 def test_questions_are_asked_through_the_chat_template_where_there_is_one(tokenizer):

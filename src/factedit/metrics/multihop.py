@@ -10,6 +10,7 @@ weight or memory editor) or `MelloEditor.answer` (MeLLo's decomposition loop).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -34,8 +35,13 @@ def mquake_cases(requests: Sequence[EditRequest]) -> list[list[EditRequest]]:
 
 
 def answer_matches(text: str, answers: Sequence[str]) -> bool:
+    """Does `text` contain one of `answers` as whole words (case and spacing ignored)?
+
+    Whole words, not substrings: MQuAKE's aliases include "de" (German), which a substring
+    test finds in "considered" (bench/RESULTS.md, multi-hop section)."""
     text = " ".join(text.lower().split())
-    return any(a and " ".join(a.lower().split()) in text for a in answers)
+    return any(a.strip() and re.search(rf"(?<!\w){re.escape(' '.join(a.lower().split()))}(?!\w)",
+                                       text) for a in answers)
 
 
 def question_ids(tokenizer: Any, question: str) -> list[int]:
