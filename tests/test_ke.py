@@ -82,6 +82,19 @@ def test_lagrange_multiplier_grows_while_the_constraint_is_violated(tokenizer):
     assert editor.net.lagrange_raw.grad > 0
 
 
+def test_lagrange_multiplier_moves_at_its_own_rate(tokenizer, tmp_path):
+    """Six steps with the constraint violated throughout raise lambda's raw parameter by
+    ~6 x lagrange_lr (Adam's step); at the network's rate (1e-3 here) it would move 0.006."""
+    model = make_tiny_model(tokenizer, dtype=torch.float32)
+    config = KeConfig(layers=[2, 3], hidden=8, kl_margin=1e-9, lagrange_lr=0.05,
+                      train=dict(TRAIN, keep_best=False))
+    train_ke(model, REQUESTS, [], tmp_path / "net", config, progress=False)
+    from safetensors.torch import load_file
+
+    raw = float(load_file(str(tmp_path / "net" / "hypernet.safetensors"))["lagrange_raw"])
+    assert 0.2 < raw <= 0.3 + 1e-6
+
+
 def test_training_resumes_exactly_and_editing_loads_the_net(tokenizer, tmp_path):
     model = make_tiny_model(tokenizer, dtype=torch.float32)
     full = train_ke(model, REQUESTS, REQUESTS[:2], tmp_path / "full", small_config(),

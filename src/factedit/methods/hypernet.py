@@ -253,13 +253,18 @@ def train_hypernetwork(
     out = Path(out_dir)
     named = [(name, p) for name, p in net.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
-    groups = [{"params": [p for name, p in named if name != "edit_lr"]}]
+    # A net may name parameters that need their own Adam rate (KE's Lagrange multiplier:
+    # at the network's 1e-4 it would take 10,000 steps to move by one).
+    own_rates: dict[str, float] = dict(getattr(net, "own_learning_rates", {}))
+    groups = [{"params": [p for name, p in named if name != "edit_lr" and name not in own_rates]}]
     step_sizes = [p for name, p in named if name == "edit_lr"]
     if step_sizes:
         lr_lr = config.lr_lr
         if lr_lr is None:
             lr_lr = float(step_sizes[0].detach().abs().max()) / 2
         groups.append({"params": step_sizes, "lr": lr_lr})
+    groups.extend({"params": [p], "lr": own_rates[name]} for name, p in named
+                  if name in own_rates)
     optimiser = torch.optim.Adam(groups, lr=config.lr)
     start, history = 0, []
     ckpt = out / "checkpoint.safetensors"
