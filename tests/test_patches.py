@@ -50,6 +50,33 @@ def test_t_patcher_neuron_is_silent_on_memory_text(tokenizer):
     assert torch.equal(logits(model, MEMORY_PROMPTS[0]), memory_before)
 
 
+def test_t_patcher_later_edit_is_trained_silent_on_earlier_edits(tokenizer):
+    """The first edit's text (prompt + new target, neighbours) is banked; the second edit's
+    neuron is held at least `margin` below zero on every banked position, so the first
+    edit's logits are untouched. (On zsRE without the bank, later patches fired on earlier
+    questions and overwrote them: bench/RESULTS.md.)"""
+    model = make_tiny_model(tokenizer, layers=3)
+    earlier = f"{EIFFEL.rewrite_prompt} {EIFFEL.target_new}"
+    handle = edit(model, [EIFFEL], method="t-patcher", progress=False, **SETTINGS["t-patcher"])
+    after_first = logits(model, earlier)
+    handle.step([LOUVRE])
+    editor = handle.editor
+    layer = editor.layers[0]
+    banked = editor.memory_bank[0][layer]
+    n_prompt = len(encode(tokenizer, earlier))
+    assert banked.shape[0] == n_prompt + sum(len(encode(tokenizer, f"{p} {a}"))
+                                             for p, a in EIFFEL.neighborhood)
+    second = editor.neurons[1]
+    z = banked @ second.keys.T.to(banked.dtype) + second.bias.to(banked.dtype)
+    assert float(z.max()) <= -editor.config.margin + 1e-9
+    assert torch.equal(logits(model, earlier), after_first)
+    handle.remove(0)
+    assert list(editor.memory_bank) == [1]
+    off = edit(make_tiny_model(tokenizer, layers=3), [EIFFEL], method="t-patcher",
+               progress=False, memory_history=0, steps=1)
+    assert off.editor.memory_bank == {}
+
+
 @pytest.mark.parametrize("method", ["t-patcher", "calinet"])
 def test_remove_and_save_resume_are_exact(tokenizer, tmp_path, method):
     model = make_tiny_model(tokenizer, layers=3)
@@ -67,6 +94,7 @@ def test_remove_and_save_resume_are_exact(tokenizer, tmp_path, method):
 
     fresh = make_tiny_model(tokenizer, layers=3)
     resumed = EditHandle.resume(fresh, tmp_path / method)
+    assert sorted(resumed.editor.memory_bank) == [0, 1]  # later edits still avoid these
     for r in (EIFFEL, LOUVRE):
         assert torch.equal(logits(fresh, r.rewrite_prompt), edited[r.uid])
     resumed.restore()

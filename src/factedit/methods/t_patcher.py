@@ -17,8 +17,9 @@ spread, b halfway between the edit's lowest and the memory's highest projection,
 Departures: the paper's activation and memory losses use an exponential margin loss and
 add a second memory term (the edit's activation above every memory activation by a gap);
 here both are hinges with one `margin`, which the second term then implies. The memory set
-is the requests' neighbourhood prompts and `patches.MEMORY_PROMPTS` (the paper samples it
-from the training data). The neuron is ReLU whatever the MLP's own activation is, so it is
+is the requests' neighbourhood prompts, `patches.MEMORY_PROMPTS` and the texts of earlier
+live edits (`memory_history`, ours: so a later patch does not fire on an earlier edit's
+prompt and overwrite it). The paper samples its memory set from the training data. The neuron is ReLU whatever the MLP's own activation is, so it is
 exactly zero wherever it does not fire.
 """
 
