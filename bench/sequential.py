@@ -39,7 +39,8 @@ def editor_state_mib(editor) -> dict[str, float]:
     tensors, _manifest = editor.state_dict()
     sizes: dict[str, float] = {}
     for name, t in tensors.items():
-        kind = name.split(".")[0]
+        # "12.keys" (the neurons of edit 12) counts as "keys": one entry per kind, not per edit
+        kind = next((part for part in name.split(".") if not part.isdigit()), name)
         sizes[kind] = sizes.get(kind, 0.0) + t.numel() * t.element_size() / 2**20
     return sizes
 
