@@ -71,6 +71,12 @@ def test_metric_undefined_without_target_true_is_left_out(tiny_model):
     assert out["per_request"][0]["efficacy"] is None
     assert out["efficacy"] == out["per_request"][1]["efficacy"]
     assert out["locality"] is None  # no baseline, no neighbours
+    # Either order: a record without target_true after one with it raised KeyError
+    # ('efficacy_magnitude') on the first 1,000 zsRE records; the magnitudes were also
+    # dropped from the means whenever the first record had no target_true.
+    for requests, defined in (([a, b], 1), ([b, a], 0)):
+        out = evaluate(tiny_model, requests)
+        assert out["efficacy_magnitude"] == out["per_request"][defined]["efficacy_magnitude"]
 
 
 def test_baseline_must_cover_requests(tiny_model):

@@ -90,8 +90,9 @@ def request_metrics(req: EditRequest, scores: dict[tuple[str, str], PairScore],
         para = [(scores[(p, new)], scores[(p, req.target_true)]) for p in req.paraphrases]
         row["generalization"] = _mean(float(n.mean_nll < t.mean_nll) for n, t in para)
         row["generalization_magnitude"] = _mean(_prob(n) - _prob(t) for n, t in para)
-    else:
+    else:  # nothing to compare with (some zsRE records have no ground truth)
         row["efficacy"] = row["generalization"] = None
+        row["efficacy_magnitude"] = row["generalization_magnitude"] = None
     neigh = [(scores[(p, e)], scores[(p, new)]) for p, e in req.neighborhood if e != new]
     row["specificity"] = _mean(float(e.mean_nll < n.mean_nll) for e, n in neigh)
     row["specificity_magnitude"] = _mean(_prob(e) - _prob(n) for e, n in neigh)
@@ -126,8 +127,8 @@ def evaluate(model: EditableModel, requests: Sequence[EditRequest] | EditRequest
                          "with capture_baseline(model, requests) before editing")
     scores = score_pairs(model, [p for r in requests for p in _pairs_of(r)], batch_size)
     rows = [request_metrics(r, scores, baseline) for r in requests]
-    keys = [k for k in rows[0] if k != "case_id"]
-    out: dict[str, Any] = {k: _mean(row[k] for row in rows) for k in keys}
+    keys = list(dict.fromkeys(k for row in rows for k in row if k != "case_id"))
+    out: dict[str, Any] = {k: _mean(row.get(k) for row in rows) for k in keys}
     out["n"] = len(rows)
     if per_request:
         out["per_request"] = rows
