@@ -243,12 +243,16 @@ def _step_without_prepare(model, method, requests, **config):
     return handle
 
 
-@pytest.mark.parametrize("method", ["d4s", "rome"])
-def test_values_prepared_in_batches_equal_values_optimised_alone(tokenizer, method):
+@pytest.mark.parametrize("method,residual", [("d4s", "once"), ("d4s", "per_layer"),
+                                             ("rome", None)])
+def test_values_prepared_in_batches_equal_values_optimised_alone(tokenizer, method, residual):
     """The protocol optimises history-free target values ahead, several requests per forward
-    pass (d4s sequential, any method in single mode); the edits equal one-at-a-time values."""
+    pass (d4s sequential on W_0 with either residual mode, any method in single mode); the
+    edits equal one-at-a-time values."""
     layers = [1] if method == "rome" else LAYERS
     config = small(layers=layers, value_batch_size=4)
+    if residual is not None:
+        config["residual"] = residual
     w0, ahead, alone = tiny(tokenizer), tiny(tokenizer), tiny(tokenizer)
     mode = "sequential" if method == "d4s" else "single"
     captured = []
@@ -256,6 +260,7 @@ def test_values_prepared_in_batches_equal_values_optimised_alone(tokenizer, meth
                   evaluate=lambda m, reqs: captured.append(deltas(m, w0, layers)), **config)
     assert not handle.editor._prepared, "every prepared value is used exactly once"
     if method == "d4s":
+        assert handle.editor.values_independent_of_history, "z is prepared on W_0 ahead"
         _step_without_prepare(alone, method, REQUESTS, **config)
         assert_same_edit(deltas(ahead, w0, layers), deltas(alone, w0, layers), rtol=1e-6)
     else:  # single mode: compare the last request's edit, made alone on W_0

@@ -125,7 +125,9 @@ class D4SEditor(MemitEditor):
 
     @property
     def values_independent_of_history(self) -> bool:  # type: ignore[override]
-        return self.config.values_on == "original" and self.config.residual == "once"
+        # The target z is optimised on W_0 whatever the residual mode: "per_layer" re-reads
+        # only the residual R (on the history's weights), not z, so z can be prepared ahead.
+        return self.config.values_on == "original"
 
     def values_start(self) -> dict[int, torch.Tensor] | None:
         if self.config.values_on == "original":
