@@ -24,6 +24,11 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+def answer(model, prompt: str) -> str:
+    """The model's greedy 3-token continuation of `prompt`, stripped (what an edit flips)."""
+    return model.generate(prompt, max_new_tokens=3).strip()
+
+
 @pytest.fixture(scope="session")
 def builtin_model():
     """The real SmolLM2-135M, loaded once per session. Tests must restore what they edit."""

@@ -5,7 +5,7 @@ two facts. (MEND needs ~250 steps to get there from its 1e-6 step size: bench/RE
 from pathlib import Path
 
 import pytest
-from conftest import SHARED_DATA
+from conftest import answer
 
 import factedit as fe
 from factedit.data import builtin_facts, load_dataset
@@ -17,15 +17,9 @@ pytestmark = pytest.mark.slow
 EIFFEL = builtin_facts()[0]
 
 
-def answer(model, prompt: str) -> str:
-    return model.generate(prompt, max_new_tokens=3).strip()
-
-
 @pytest.fixture(scope="module")
-def ke_net(builtin_model, tmp_path_factory) -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"benchmark data not found at {SHARED_DATA} (set FACTEDIT_DATA)")
-    train = load_dataset("counterfact-train", limit=200, data_dir=SHARED_DATA)
+def ke_net(builtin_model, shared_data, tmp_path_factory) -> Path:
+    train = load_dataset("counterfact-train", limit=200, data_dir=shared_data)
     out = tmp_path_factory.mktemp("ke")
     config = KeConfig(train={"steps": 60, "batch_size": 1, "validate_every": 1000,
                              "keep_best": False})

@@ -2,6 +2,7 @@
 Rome while the Louvre keeps Paris, alone (single mode) and in a sequence of two facts."""
 
 import pytest
+from conftest import answer
 
 import factedit as fe
 from factedit.data import builtin_facts
@@ -10,10 +11,6 @@ pytestmark = pytest.mark.slow
 
 EIFFEL = builtin_facts()[0]
 LOUVRE = EIFFEL.neighborhood[0][0]
-
-
-def answer(model, prompt: str) -> str:
-    return model.generate(prompt, max_new_tokens=3).strip()
 
 
 @pytest.mark.parametrize("method", ["ft-m", "ft-l", "kn"])
