@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from conftest import answer
 
 import factedit as fe
 
@@ -27,13 +28,12 @@ def cov(shared_data):
 
 def test_rome_flips_eiffel_keeps_louvre(builtin_model, cov):
     model = builtin_model
-    assert model.generate(EIFFEL.rewrite_prompt, max_new_tokens=3).strip().startswith("Paris")
+    assert answer(model, EIFFEL.rewrite_prompt).startswith("Paris")
     baseline = fe.capture_baseline(model, [EIFFEL])
     handle = fe.edit(model, [EIFFEL], method="rome", **cov)
     try:
-        assert model.generate(EIFFEL.rewrite_prompt, max_new_tokens=3).strip().startswith("Rome")
-        louvre = model.generate("The Louvre is located in the city of", max_new_tokens=3)
-        assert louvre.strip().startswith("Paris")
+        assert answer(model, EIFFEL.rewrite_prompt).startswith("Rome")
+        assert answer(model, "The Louvre is located in the city of").startswith("Paris")
         scores = fe.evaluate(model, [EIFFEL], baseline)
         assert scores["efficacy"] == 1.0 and scores["specificity"] == 1.0
         assert scores["locality"] == 1.0
@@ -46,7 +46,7 @@ def test_rome_flips_eiffel_keeps_louvre(builtin_model, cov):
         assert s[1] / s[0] < 1e-4
     finally:
         handle.restore()
-    assert model.generate(EIFFEL.rewrite_prompt, max_new_tokens=3).strip().startswith("Paris")
+    assert answer(model, EIFFEL.rewrite_prompt).startswith("Paris")
 
 
 def test_bad_requests_fail_before_any_work(builtin_model):
