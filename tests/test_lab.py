@@ -296,3 +296,52 @@ def test_downstream_tasks_run_through_lm_eval_at_their_checkpoints(lab_env, toke
     assert "downstream tasks" in report.plots
     assert [(r["method"], r["N"]) for r in report.downstream] == [("unedited", 0), ("d4s", 5)]
     assert "Downstream tasks (lm_eval, %)" in report.html.read_text()
+
+
+# -- comparison of runs ----------------------------------------------------------------------
+
+def fake_run(folder, name, question_type, efficacy, arc_after, ppl):
+    """A finished run folder written straight into a store: d4s after 10 edits."""
+    from factedit.lab.store import score_rows
+
+    folder.mkdir(parents=True)
+    config = {"name": name, "model": "tiny", "mode": "sequential", "batch_size": 1,
+              "dataset": {"name": "counterfact", "question_type": question_type},
+              "methods": [{"name": "d4s"}], "n_edits": [10]}
+    (folder / "config.json").write_text(json.dumps(config))
+    with ResultsStore(folder / "results.sqlite") as store:
+        store.write(scores=[
+            *score_rows("unedited", 10, "unedited", {"target_ppl": ppl}, uid="*"),
+            *score_rows("unedited", 0, "downstream", {"arc_challenge/acc": 0.30}, uid="*"),
+            *score_rows("d4s", 10, "checkpoint", {"efficacy": efficacy, "generalization": 0.5,
+                                                  "specificity": 0.7}, uid="*"),
+            *score_rows("d4s", 10, "downstream", {"arc_challenge/acc": arc_after}, uid="*")])
+    return folder
+
+
+def test_comparison_of_runs_names_what_differs_and_the_downstream_change(tmp_path, capsys):
+    from factedit.cli import main
+    from factedit.lab.compare import compare_runs
+
+    runs = [fake_run(tmp_path / "tf", "mqd-tf", "true_false", 1.0, 0.29, 1.5),
+            fake_run(tmp_path / "gen", "mqd-gen", "generated", 0.9, 0.21, 400.0)]
+    comparison = compare_runs(runs, tmp_path / "cmp")
+    assert comparison.settings == ["question type"]  # model, mode, batch size are shared
+    assert comparison.tasks == ["arc_challenge/acc"]
+    tf, gen = comparison.rows
+    assert (tf["question type"], gen["question type"]) == ("true_false", "generated")
+    assert tf["Eff"] == pytest.approx(100.0) and gen["Avg"] == pytest.approx(70.0)
+    assert tf["downstream"]["arc_challenge/acc"] == pytest.approx(-1.0)
+    assert gen["downstream_mean"] == pytest.approx(-9.0)
+    assert gen["target_ppl"] == pytest.approx(400.0)
+    assert set(comparison.plots) == {"scores after N edits", "downstream change",
+                                     "target perplexity"}
+    page = comparison.html.read_text()
+    assert page.count("data:image/png;base64,") == 3 and "<td>true_false</td>" in page
+    assert json.loads((tmp_path / "cmp" / "comparison.json").read_text())["rows"][1]["N"] == 10
+    # The command line: several folders make one comparison, printed as a table.
+    assert main(["report", str(runs[0]), str(runs[1]), "--out", str(tmp_path / "cli")]) == 0
+    printed = capsys.readouterr().out
+    assert "question type" in printed and "-9.0" in printed and "Δ arc_challenge" in printed
+    assert main(["report", str(runs[0]), str(tmp_path / "nothing")]) == 2
+    assert "holds no run" in capsys.readouterr().err

@@ -9,9 +9,10 @@ import subprocess
 
 import pytest
 from conftest import make_tiny_model
-from test_lab import experiment_dict, lab_env  # noqa: F401  (fixture)
+from test_lab import experiment_dict, fake_run, lab_env  # noqa: F401  (fixture)
 
 from factedit.lab import run_experiment, write_report
+from factedit.lab.compare import compare_runs
 
 BROWSER = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome")
                 if shutil.which(b)), None)
@@ -30,11 +31,24 @@ def test_every_plot_renders_in_headless_chromium(lab_env, tokenizer, tmp_path): 
     out = run_experiment(experiment_dict(corpus, dataset, eval={"every": 1}), tmp / "run",
                          model=make_tiny_model(tokenizer), progress=False)
     report = write_report(out)
+    assert_plots_render(report.html, len(report.plots), tmp_path)
+
+
+@pytest.mark.skipif(BROWSER is None, reason="no chromium on this machine (.ci/run installs "
+                                            "Debian's chromium; apt-get install chromium)")
+def test_every_plot_of_a_comparison_renders_in_headless_chromium(tmp_path):
+    runs = [fake_run(tmp_path / "tf", "mqd-tf", "true_false", 1.0, 0.29, 1.5),
+            fake_run(tmp_path / "gen", "mqd-gen", "generated", 0.9, 0.21, 400.0)]
+    comparison = compare_runs(runs, tmp_path / "cmp")
+    assert_plots_render(comparison.html, len(comparison.plots), tmp_path)
+
+
+def assert_plots_render(html_page, n_plots, tmp_path):
     page = tmp_path / "probe.html"
-    page.write_text(report.html.read_text().replace("</body>", PROBE + "</body>"))
+    page.write_text(html_page.read_text().replace("</body>", PROBE + "</body>"))
     dom = subprocess.run(
         [BROWSER, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000",
          "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120).stdout
-    assert f'data-probed="{len(report.plots)}"' in dom, dom[-2000:]
+    assert f'data-probed="{n_plots}"' in dom, dom[-2000:]
     widths = [int(w) for w in re.findall(r'data-width="(\d+)"', dom)]
-    assert len(widths) == len(report.plots) and all(w > 100 for w in widths), widths
+    assert len(widths) == n_plots and all(w > 100 for w in widths), widths

@@ -8,6 +8,7 @@
     factedit run EXPERIMENT.yaml [--out DIR]   run an experiment (docs/experiments.md)
     factedit run --resume DIR             continue a run that was stopped or killed
     factedit report DIR                   plots, tables and an HTML page of a run
+    factedit report DIR DIR ... [--out D] one page comparing runs (MQD types, batch sizes)
 """
 
 from __future__ import annotations
@@ -224,9 +225,20 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from factedit.lab.report import format_tables, write_report
 
-    report = write_report(args.run_dir, args.out)
+    if len(args.run_dir) > 1:
+        from factedit.lab.compare import compare_runs, format_comparison
+
+        out = Path(args.out) if args.out else Path(args.run_dir[0]).parent / "comparison"
+        comparison = compare_runs(args.run_dir, out)
+        print(format_comparison(comparison))
+        print(f"plots: {', '.join(str(p) for p in comparison.plots.values())}")
+        print(f"report: {comparison.html}")
+        return 0
+    report = write_report(args.run_dir[0], args.out)
     print(format_tables(report))
     print(f"plots: {', '.join(str(p) for p in report.plots.values())}")
     print(f"report: {report.html}")
@@ -354,9 +366,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="network config field (repeatable), e.g. --set edit_lr_init=1e-6")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("report", help="plots, tables and an HTML page of a run folder")
-    p.add_argument("run_dir", help="a folder written by `factedit run`")
-    p.add_argument("--out", help="where to write (default: RUN_DIR/report)")
+    p = sub.add_parser("report", help="plots, tables and an HTML page of a run folder, or "
+                       "a comparison of several (MQD question types, batch sizes)")
+    p.add_argument("run_dir", nargs="+", help="a folder written by `factedit run`; several: "
+                   "one comparison page across them")
+    p.add_argument("--out", help="where to write (default: RUN_DIR/report; for several "
+                   "runs: comparison/ beside the first)")
     p.set_defaults(func=cmd_report)
     return parser
 

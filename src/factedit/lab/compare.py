@@ -1,0 +1,250 @@
+"""Several runs side by side: the studies that vary one thing between experiment files.
+
+    comparison = compare_runs(["runs/mqd-true-false", "runs/mqd-multiple-choice",
+                               "runs/mqd-generated"], "runs/mqd")
+    # factedit report runs/mqd-true-false runs/mqd-multiple-choice runs/mqd-generated --out runs/mqd
+
+The MQD study edits the same facts as three question types, the batch-size study the same
+edits in batches of 1 to 256; each is one run folder per setting (a run edits one request
+list), and the finding is in the comparison: which setting costs the model most. One row per
+(run, method) at the run's last checkpoint N:
+
+    run              the experiment's name; the settings that differ between the runs
+                     (question type, batch size, mode, dataset, model) get their own columns
+    target_ppl       mean perplexity of the N edit targets under the unedited model (the
+                     paper's predictor of an edit type's damage)
+    Eff/Gen/Spe/Avg  checkpoint scores after N edits, in %
+    downstream       per lm_eval task: accuracy after N edits minus the unedited model's, in
+                     points; "mean" is their average (the degradation, negative = worse)
+
+Written to OUT: compare.png (scores after N per run and method), downstream.png (the change of
+each task), perplexity.png (target perplexity per run), comparison.html (self-contained) and
+comparison.json (the rows).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .report import _CSS, PAPER_COLUMNS, _figure, _fmt, _methods
+from .runner import CONFIG_FILE, STORE_FILE
+from .store import MEAN, UNEDITED, ResultsStore
+
+# Settings that tell the runs of a study apart: (path in config.json, column heading).
+SETTINGS = (("dataset.question_type", "question type"), ("batch_size", "batch size"),
+            ("mode", "mode"), ("dataset.name", "dataset"), ("model", "model"))
+
+
+@dataclass
+class Comparison:
+    folder: Path
+    html: Path
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    settings: list[str] = field(default_factory=list)  # headings of the differing settings
+    tasks: list[str] = field(default_factory=list)  # "task/acc" metrics with a change
+    plots: dict[str, Path] = field(default_factory=dict)
+
+
+def _setting(config: dict[str, Any], path: str) -> Any:
+    value: Any = config
+    for part in path.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def _run_rows(run_dir: Path, config: dict[str, Any], settings: dict[str, Any]
+              ) -> list[dict[str, Any]]:
+    """One row per method of one run, at its last checkpoint."""
+    with ResultsStore(run_dir / STORE_FILE) as store:
+        methods = _methods(run_dir, store)
+        counts = sorted({r["n_edits"] for r in store.scores(view="checkpoint", uid=MEAN)})
+        if not counts:
+            raise ValueError(f"{run_dir}: no checkpoint scores yet; finish the run with "
+                             f"`factedit run --resume {run_dir}`")
+        n = counts[-1]
+        ppl = store.means("unedited", "target_ppl").get(UNEDITED, {}).get(n)
+        accs = sorted({r["metric"] for r in store.scores(view="downstream", uid=MEAN)
+                       if r["metric"].endswith("/acc")})
+        downstream = {m: store.means("downstream", m) for m in accs}
+        scores = {metric: store.means("checkpoint", metric) for metric, _ in PAPER_COLUMNS}
+        rows = []
+        for method in methods:
+            row: dict[str, Any] = {"run": config.get("name") or run_dir.name,
+                                   "folder": str(run_dir), **settings, "method": method,
+                                   "N": n, "target_ppl": ppl}
+            present = []
+            for metric, heading in PAPER_COLUMNS:
+                value = scores[metric].get(method, {}).get(n)
+                row[heading] = None if value is None else 100 * value
+                present.append(row[heading])
+            row["Avg"] = (sum(present) / len(present)) if None not in present else None
+            changes = {}
+            for metric in accs:
+                before = downstream[metric].get(UNEDITED, {}).get(0)
+                after = downstream[metric].get(method, {}).get(n)
+                if before is not None and after is not None:
+                    changes[metric] = 100 * (after - before)
+            row["downstream"] = changes
+            row["downstream_mean"] = (sum(changes.values()) / len(changes)) if changes else None
+            rows.append(row)
+    return rows
+
+
+def compare_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Comparison:
+    """Tables, plots and one HTML page comparing finished (or partly finished) runs."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ImportError("factedit report draws with matplotlib: pip install "
+                          "'factedit[lab]' (or matplotlib)") from None
+    dirs = [Path(d) for d in run_dirs]
+    if len(dirs) < 2:
+        raise ValueError("compare_runs: give two or more run folders (one: write_report)")
+    configs = []
+    for d in dirs:
+        if not (d / STORE_FILE).is_file() or not (d / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"{d} holds no run ({CONFIG_FILE} + {STORE_FILE}); "
+                                    f"make one with `factedit run CONFIG --out {d}`")
+        configs.append(json.loads((d / CONFIG_FILE).read_text()))
+    values = {path: [_setting(c, path) for c in configs] for path, _ in SETTINGS}
+    differing = [(path, heading) for path, heading in SETTINGS
+                 if len({json.dumps(v) for v in values[path]}) > 1]
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    comparison = Comparison(folder=folder, html=folder / "comparison.html",
+                            settings=[heading for _, heading in differing])
+    for d, config in zip(dirs, configs):
+        settings = {heading: _setting(config, path) for path, heading in differing}
+        comparison.rows += _run_rows(d, config, settings)
+    comparison.tasks = sorted({t for r in comparison.rows for t in r["downstream"]})
+    for name, filename, draw in (("scores after N edits", "compare.png", _plot_scores),
+                                 ("downstream change", "downstream.png", _plot_downstream),
+                                 ("target perplexity", "perplexity.png", _plot_perplexity)):
+        if draw(comparison, folder / filename):
+            comparison.plots[name] = folder / filename
+    (folder / "comparison.json").write_text(json.dumps(
+        {"runs": [str(d) for d in dirs], "settings": comparison.settings,
+         "rows": comparison.rows}, indent=1))
+    comparison.html.write_text(_html_page(comparison), encoding="utf-8")
+    return comparison
+
+
+# -- plots -----------------------------------------------------------------------------------
+
+def _grouped_bars(ax, comparison: Comparison, value_of) -> None:
+    """Bars grouped by run (x), one colour per method."""
+    runs = list(dict.fromkeys(r["run"] for r in comparison.rows))
+    methods = list(dict.fromkeys(r["method"] for r in comparison.rows))
+    width = 0.8 / len(methods)
+    for j, method in enumerate(methods):
+        xs, ys = [], []
+        for i, run in enumerate(runs):
+            row = next((r for r in comparison.rows
+                        if r["run"] == run and r["method"] == method), None)
+            value = value_of(row) if row else None
+            if value is not None:
+                xs.append(i - 0.4 + width * (j + 0.5))
+                ys.append(value)
+        ax.bar(xs, ys, width=width, label=method)
+    ax.set_xticks(range(len(runs)), runs, rotation=20, ha="right", fontsize="small")
+
+
+def _plot_scores(comparison: Comparison, path: Path) -> bool:
+    headings = [h for _, h in PAPER_COLUMNS] + ["Avg"]
+    if not any(r[h] is not None for r in comparison.rows for h in headings):
+        return False
+    fig, axes = _figure(len(headings))
+    for ax, heading in zip(axes, headings):
+        _grouped_bars(ax, comparison, lambda r, h=heading: r[h])
+        ax.set(title=f"{heading} after N edits", ylabel="%")
+        ax.set_ylim(0, 100)
+    axes[0].legend(fontsize="small")
+    fig.savefig(path, dpi=100)
+    return True
+
+
+def _plot_downstream(comparison: Comparison, path: Path) -> bool:
+    if not comparison.tasks:
+        return False
+    panels = [*comparison.tasks, "mean"]
+    fig, axes = _figure(len(panels))
+    for ax, task in zip(axes, panels):
+        if task == "mean":
+            _grouped_bars(ax, comparison, lambda r: r["downstream_mean"])
+        else:
+            _grouped_bars(ax, comparison, lambda r, t=task: r["downstream"].get(t))
+        ax.axhline(0, color="grey", linewidth=0.5)
+        ax.set(title=f"{task}: edited - unedited", ylabel="accuracy points")
+    axes[0].legend(fontsize="small")
+    fig.savefig(path, dpi=100)
+    return True
+
+
+def _plot_perplexity(comparison: Comparison, path: Path) -> bool:
+    per_run = {r["run"]: r["target_ppl"] for r in comparison.rows if r["target_ppl"]}
+    if not per_run:
+        return False
+    fig, axes = _figure(1)
+    axes[0].bar(range(len(per_run)), list(per_run.values()))
+    axes[0].set_xticks(range(len(per_run)), list(per_run), rotation=20, ha="right",
+                       fontsize="small")
+    axes[0].set(title="edit targets under the unedited model", ylabel="mean perplexity",
+                yscale="log")
+    fig.savefig(path, dpi=100)
+    return True
+
+
+# -- text and HTML ---------------------------------------------------------------------------
+
+def _columns(comparison: Comparison) -> list[tuple[str, Any]]:
+    """(heading, value of a row) for every column of the table, in order."""
+    cols: list[tuple[str, Any]] = [("run", lambda r: r["run"])]
+    cols += [(h, lambda r, h=h: r[h]) for h in comparison.settings]
+    cols += [("method", lambda r: r["method"]), ("N", lambda r: r["N"]),
+             ("target ppl", lambda r: _fmt(r["target_ppl"]))]
+    cols += [(h, lambda r, h=h: _fmt(r[h])) for h in [*(h for _, h in PAPER_COLUMNS), "Avg"]]
+    cols += [(f"Δ {t.split('/')[0]}", lambda r, t=t: _fmt(r["downstream"].get(t)))
+             for t in comparison.tasks]
+    if comparison.tasks:
+        cols.append(("Δ mean", lambda r: _fmt(r["downstream_mean"])))
+    return cols
+
+
+def format_comparison(comparison: Comparison) -> str:
+    """The comparison table as plain text (what `factedit report DIR DIR ...` prints)."""
+    cols = _columns(comparison)
+    cells = [[h for h, _ in cols]] + [[str(get(r)) for _, get in cols] for r in comparison.rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells)
+
+
+def _html_page(comparison: Comparison) -> str:
+    cols = _columns(comparison)
+    title = "factedit comparison: " + ", ".join(dict.fromkeys(r["run"]
+                                                              for r in comparison.rows))
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+             f"</title><style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>",
+             "<p>One row per run and method at the run's last checkpoint N. Scores in %; "
+             "target ppl: mean perplexity of the edit targets under the unedited model; "
+             "&Delta; task: lm_eval accuracy after N edits minus the unedited model's, in "
+             "points (negative: the edits cost the model that ability).</p>",
+             "<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h, _ in cols)
+             + "</tr></thead><tbody>"]
+    for row in comparison.rows:
+        parts.append("<tr>" + "".join(f"<td>{html.escape(str(get(row)))}</td>"
+                                      for _, get in cols) + "</tr>")
+    parts.append("</tbody></table>")
+    for name, path in comparison.plots.items():
+        data = base64.b64encode(path.read_bytes()).decode("ascii")
+        parts.append(f"<h2>{html.escape(name)}</h2>"
+                     f"<img alt='{html.escape(name)}' src='data:image/png;base64,{data}'>")
+    parts.append("<h2>Runs</h2><ul>" + "".join(
+        f"<li><code>{html.escape(f)}</code></li>"
+        for f in dict.fromkeys(r["folder"] for r in comparison.rows)) + "</ul></body></html>")
+    return "\n".join(parts)
