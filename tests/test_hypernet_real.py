@@ -1,6 +1,6 @@
-"""KE on the real built-in SmolLM2-135M: a network trained for 60 steps (~30 s on two cores)
-on the CounterFact train split flips the Eiffel Tower to Rome, alone and in a sequence of
-two facts. (MEND needs ~250 steps to get there from its 1e-6 step size: bench/RESULTS.md.)"""
+"""KE and MEND on the real built-in SmolLM2-135M: each network, trained for 60 steps (~30 s
+each on two cores) on the CounterFact train split with its method's defaults, flips the
+Eiffel Tower to Rome, alone and in a sequence of two facts, and restores it."""
 
 from pathlib import Path
 
@@ -9,39 +9,45 @@ from conftest import answer
 
 import factedit as fe
 from factedit.data import builtin_facts, load_dataset
-from factedit.methods import KeConfig
+from factedit.methods import KeConfig, MendConfig
 from factedit.methods.ke import train_ke
+from factedit.methods.mend import train_mend
 
 pytestmark = pytest.mark.slow
 
 EIFFEL = builtin_facts()[0]
+TRAINERS = {"ke": (KeConfig, train_ke), "mend": (MendConfig, train_mend)}
 
 
-@pytest.fixture(scope="module")
-def ke_net(builtin_model, shared_data, tmp_path_factory) -> Path:
-    train = load_dataset("counterfact-train", limit=200, data_dir=shared_data)
-    out = tmp_path_factory.mktemp("ke")
-    config = KeConfig(train={"steps": 60, "batch_size": 1, "validate_every": 1000,
-                             "keep_best": False})
-    train_ke(builtin_model, train, [], out, config, progress=False)
-    return out
+@pytest.fixture(scope="module", params=sorted(TRAINERS))
+def trained_net(request, builtin_model, shared_data, tmp_path_factory) -> tuple[str, Path]:
+    kind = request.param
+    config_cls, train = TRAINERS[kind]
+    examples = load_dataset("counterfact-train", limit=200, data_dir=shared_data)
+    out = tmp_path_factory.mktemp(kind)
+    config = config_cls(train={"steps": 60, "batch_size": 1, "validate_every": 1000,
+                               "keep_best": False})
+    train(builtin_model, examples, [], out, config, progress=False)
+    return kind, out
 
 
-def test_trained_ke_flips_one_fact_and_restores(builtin_model, ke_net):
+def test_trained_hypernet_flips_one_fact_and_restores(builtin_model, trained_net):
     model = builtin_model
+    kind, net = trained_net
     assert answer(model, EIFFEL.rewrite_prompt).startswith("Paris")
-    handle = fe.edit(model, [EIFFEL], method="ke", mode="single", checkpoint=str(ke_net),
+    handle = fe.edit(model, [EIFFEL], method=kind, mode="single", checkpoint=str(net),
                      evaluate=lambda m, reqs: {"after": answer(m, EIFFEL.rewrite_prompt)},
                      progress=False)
     assert handle.records[0].metrics["after"].startswith("Rome"), handle.records[0].metrics
     assert answer(model, EIFFEL.rewrite_prompt).startswith("Paris")  # single mode restores
 
 
-def test_trained_ke_keeps_two_sequential_edits(builtin_model, ke_net):
+def test_trained_hypernet_keeps_two_sequential_edits(builtin_model, trained_net):
     model = builtin_model
+    kind, net = trained_net
     second = builtin_facts()[1]
-    handle = fe.edit(model, [EIFFEL, second], method="ke", mode="sequential",
-                     checkpoint=str(ke_net), progress=False)
+    handle = fe.edit(model, [EIFFEL, second], method=kind, mode="sequential",
+                     checkpoint=str(net), progress=False)
     try:
         scores = fe.evaluate(model, [EIFFEL, second])
         assert scores["efficacy"] == 1.0, scores["per_request"]
