@@ -24,14 +24,17 @@ ITALY = fe.EditRequest(prompt="The capital of {} is", subject="Italy", target_ne
                        target_true="Rome", case_id="italy")
 
 
-def test_true_false_states_the_new_fact():
+def test_true_false_states_the_new_fact(tokenizer):
     (tf,) = mqd_requests([EIFFEL], "true_false")
     assert tf.rewrite_prompt == ("True or false: The Eiffel Tower is located in the city of "
                                  "Rome.\nAnswer:")
     assert (tf.target_new, tf.target_true, tf.uid) == ("True", "False", "eiffel")
     assert tf.paraphrases == ["True or false: The Eiffel Tower stands in Rome.\nAnswer:"]
-    assert tf.neighborhood == [("True or false: The Louvre is located in the city of Paris."
-                                "\nAnswer:", "True")]
+    # the neighbour stated with the new object must stay false (specificity's meaning)
+    assert tf.neighborhood == [("True or false: The Louvre is located in the city of Rome."
+                                "\nAnswer:", "False")]
+    scores = fe.evaluate(make_tiny_model(tokenizer), [tf])
+    assert scores["specificity"] is not None
 
 
 def test_multiple_choice_letters_point_at_the_answers():
@@ -48,6 +51,8 @@ def test_multiple_choice_letters_point_at_the_answers():
         assert mc.subject in mc.rewrite_prompt and mc.rewrite_prompt.endswith("Answer:")
     prompt, letter = requests[0].neighborhood[0]
     assert f"\n{letter}. Paris\n" in prompt
+    # Rome sits at the edit's own letter: choosing it is the edit leaking to the neighbour
+    assert f"\n{requests[0].target_new}. Rome\n" in prompt and letter != requests[0].target_new
     assert mqd_requests([EIFFEL], "generated") == [EIFFEL]
     with pytest.raises(ValueError, match="question_type"):
         mqd_requests([EIFFEL], "essay")

@@ -10,12 +10,19 @@ the same sequence can be run three times; `target_perplexity` measures each edit
     generated        the request unchanged: "{} is located in the city of" -> "Rome"
     true_false       "True or false: {} is located in the city of Rome.\nAnswer:" -> "True"
                      (target_true "False"); paraphrases the same way; each neighbour
-                     (prompt, answer) becomes its true statement -> "True"
+                     (prompt, answer) becomes the statement with the *new* object, which
+                     stays false: "True or false: The Louvre is located in the city of
+                     Rome.\nAnswer:" -> "False"
     multiple_choice  "Question: {} is located in the city of ...?\nA. Paris\nB. Rome\n..."
                      -> the letter of target_new (target_true: the letter of the old
                      answer); four options: target_new, target_true and distractors drawn
                      from other requests' targets, in an order fixed by the request id;
-                     neighbours get their own four options
+                     each neighbour gets four options of its own, target_new among them at
+                     the edit's letter, and expects the letter of its own answer
+
+Neighbours are built so that CounterFact's specificity keeps its meaning in every type: a
+neighbour must go on preferring its own answer over what the edit taught. (Stating a
+neighbour's true fact -> "True" would compare "True" with the edit's own "True".)
 
 The prompts are written for factedit (the paper's exact wording is not reproduced).
 """
@@ -79,7 +86,9 @@ def mqd_requests(requests: Sequence[EditRequest], question_type: str) -> list[Ed
                 r, prompt=_true_false(r.prompt, r.target_new), target_new="True",
                 target_true="False",
                 paraphrases=[_true_false(p, r.target_new) for p in r.paraphrases],
-                neighborhood=[(_true_false(p, a), "True") for p, a in r.neighborhood],
+                neighborhood=[(_true_false(p, r.target_new),
+                               "True" if a == r.target_new else "False")
+                              for p, a in r.neighborhood],
                 portability=[], metadata={**r.metadata, "mqd": question_type,
                                           "mqd_answer": r.target_new}))
         return out
@@ -91,7 +100,11 @@ def mqd_requests(requests: Sequence[EditRequest], question_type: str) -> list[Ed
         old_letter = LETTERS[options.index(r.target_true)] if r.target_true else None
         neighbours = []
         for i, (prompt, answer) in enumerate(r.neighborhood):
-            n_options = _options(f"{r.uid}/{i}", answer, [], pool)
+            n_options = _options(f"{r.uid}/{i}", answer, [r.target_new], pool)
+            # target_new at the edit's letter: picking that letter is the edit leaking
+            at = n_options.index(r.target_new)
+            n_options[at], n_options[LETTERS.index(new_letter)] = (
+                n_options[LETTERS.index(new_letter)], n_options[at])
             neighbours.append((_multiple_choice(prompt, n_options),
                                LETTERS[n_options.index(answer)]))
         out.append(replace(
