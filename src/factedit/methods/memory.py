@@ -71,6 +71,16 @@ class MemoryConfig(MethodConfig):
                               f"[-1, 1]")
 
 
+def check_context_template(config: MethodConfig, field_name: str = "template") -> None:
+    """ConfigError unless the config's context template formats with {prompt} and {target}."""
+    template = getattr(config, field_name)
+    try:
+        template.format(prompt="p", target="t")
+    except (KeyError, IndexError, ValueError, AttributeError) as err:
+        raise ConfigError(f"{type(config).__name__}.{field_name}={template!r}: only {{prompt}} "
+                          f"and {{target}} may appear in braces ({err!r})") from None
+
+
 @dataclass
 class MemoryEntry:
     """One stored request: the edit it belongs to, the request, its retrieval key (d,)."""

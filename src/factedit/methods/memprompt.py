@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 from ..requests import EditRequest
 from ..text import continuation_text
-from .base import ConfigError, register_method
-from .memory import MemoryConfig, MemoryEditor
+from .base import register_method
+from .memory import MemoryConfig, MemoryEditor, check_context_template
 
 
 @dataclass
@@ -36,11 +36,7 @@ class MemPromptConfig(MemoryConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        try:
-            self.template.format(prompt="p", target="t")
-        except (KeyError, IndexError, ValueError, AttributeError) as err:
-            raise ConfigError(f"MemPromptConfig.template={self.template!r}: only {{prompt}} "
-                              f"and {{target}} may appear in braces ({err!r})") from None
+        check_context_template(self)
 
 
 class MemPromptEditor(MemoryEditor):

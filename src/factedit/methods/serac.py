@@ -40,8 +40,8 @@ from safetensors.torch import load_file, save_file
 from ..models import EditableModel
 from ..requests import EditRequest
 from ..text import continuation_text
-from .base import ConfigError, register_method
-from .memory import MemoryConfig, MemoryEditor, MemoryEntry
+from .base import register_method
+from .memory import MemoryConfig, MemoryEditor, MemoryEntry, check_context_template
 from .sentence import SentenceEmbedder
 
 log = logging.getLogger(__name__)
@@ -68,11 +68,7 @@ class SeracConfig(MemoryConfig):
             self.threshold = 0.0
         super().__post_init__()
         self.threshold = threshold
-        try:
-            self.template.format(prompt="p", target="t")
-        except (KeyError, IndexError, ValueError, AttributeError) as err:
-            raise ConfigError(f"SeracConfig.template={self.template!r}: only {{prompt}} and "
-                              f"{{target}} may appear in braces ({err!r})") from None
+        check_context_template(self)
 
 
 class SeracEditor(MemoryEditor):
