@@ -37,12 +37,20 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class DownstreamTask:
     """An lm_eval task file (relative to lm_eval/tasks), the local file, its split, and
-    fields that adapt the task to the file's layout."""
+    fields that adapt the task to the file's layout.
+
+    loader, loader_kwargs: the `datasets` builder that reads the file and its options.
+    stop: for generation tasks, the strings that end an answer (their max_gen_toks is
+    capped by `gen_max_tokens`: generation is what makes a task slow on a CPU).
+    """
 
     task_file: str
     data_file: str
     split: str
     overrides: dict[str, Any] = field(default_factory=dict)
+    loader: str = "json"
+    loader_kwargs: dict[str, Any] = field(default_factory=dict)
+    stop: tuple[str, ...] = ()
 
 
 TASKS: dict[str, DownstreamTask] = {
@@ -67,7 +75,14 @@ TASKS: dict[str, DownstreamTask] = {
                            "{{['entailment', 'not_entailment'].index(label)}}"}),
     # Few-shot examples come from the train file; generation is slow on CPU, cap it.
     "gsm8k": DownstreamTask("gsm8k/gsm8k.yaml", "gsm8k/test.jsonl", "test",
-                            {"fewshot_split": "train"}),
+                            {"fewshot_split": "train"},
+                            stop=("Question:", "</s>", "<|im_end|>")),
+    "sst2": DownstreamTask("glue/sst2/default.yaml", "sst2/sst2_validation.tsv", "validation",
+                           loader="csv", loader_kwargs={"delimiter": "\t"}),
+    "mutual": DownstreamTask("mutual/mutual.yaml", "mutual/mutual_dev.jsonl", "validation"),
+    # Zero-shot open questions, exact match against any of the listed answers.
+    "nq_open": DownstreamTask("nq_open/nq_open.yaml", "nq_open/NQ-open.dev.jsonl",
+                              "validation", stop=("\n", ".", ",")),
 }
 
 
@@ -103,17 +118,16 @@ def task_configs(tasks: Sequence[str], data_dir: str | Path | None = None,
             files["train"] = str((data.parent / "train.jsonl").resolve())
         config: dict[str, Any] = {
             "include": str(task_root / spec.task_file), "task": f"factedit_{name}", "tag": [],
-            "dataset_path": "json", "dataset_name": None,
-            "dataset_kwargs": {"data_files": files},
+            "dataset_path": spec.loader, "dataset_name": None,
+            "dataset_kwargs": {"data_files": files, **spec.loader_kwargs},
             "training_split": "train" if "train" in files else None,
             "validation_split": spec.split if spec.split == "validation" else None,
             "test_split": spec.split if spec.split == "test" else None,
             **spec.overrides,
         }
-        if name == "gsm8k" and gen_max_tokens is not None:
-            config["generation_kwargs"] = {"until": ["Question:", "</s>", "<|im_end|>"],
-                                           "do_sample": False, "temperature": 0.0,
-                                           "max_gen_toks": gen_max_tokens}
+        if spec.stop and gen_max_tokens is not None:
+            config["generation_kwargs"] = {"until": list(spec.stop), "do_sample": False,
+                                           "temperature": 0.0, "max_gen_toks": gen_max_tokens}
         configs.append(config)
     return configs
 
