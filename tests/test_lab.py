@@ -345,3 +345,65 @@ def test_comparison_of_runs_names_what_differs_and_the_downstream_change(tmp_pat
     assert "question type" in printed and "-9.0" in printed and "Δ arc_challenge" in printed
     assert main(["report", str(runs[0]), str(tmp_path / "nothing")]) == 2
     assert "holds no run" in capsys.readouterr().err
+
+
+def test_run_killed_with_sigkill_resumes_to_the_same_rows(lab_env, tokenizer):
+    """`factedit run` in a child process, SIGKILLed right after its first commit, then
+    `factedit run --resume`: the store equals an unbroken child run's, number for number."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    tmp, corpus, dataset = lab_env
+    folder = tmp / "tiny-model"  # a model a child process can load by name
+    make_tiny_model(tokenizer).model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    more = [dict(f.to_dict(), case_id=f"{f.uid}-{i}") for i in range(3) for f in FACTS]
+    dataset.write_text(json.dumps(more))
+    config = experiment_dict(corpus, dataset, n_edits=[5, 15], model=str(folder),
+                             eval={"every": 1}, checkpoint_every=1)
+    (tmp / "experiment.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+    def factedit(*args: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "factedit.cli", "run", *args], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    straight = factedit(str(tmp / "experiment.yaml"), "--out", str(tmp / "straight"))
+    assert straight.wait(timeout=600) == 0, straight.stderr.read()[-3000:]
+
+    child = factedit(str(tmp / "experiment.yaml"), "--out", str(tmp / "killed"))
+    store = tmp / "killed" / "results.sqlite"
+    deadline = time.monotonic() + 600
+    while child.poll() is None and time.monotonic() < deadline:
+        if store.is_file():
+            with sqlite3.connect(store) as conn:
+                done = conn.execute("SELECT MAX(n_done) FROM progress WHERE method = 'd4s'"
+                                    ).fetchone()[0]
+            if done:
+                break
+        time.sleep(0.02)
+    child.send_signal(signal.SIGKILL)
+    assert child.wait(timeout=60) == -signal.SIGKILL, "the run ended before it was killed"
+    with sqlite3.connect(store) as conn:
+        assert not conn.execute("SELECT finished FROM progress WHERE method = 'memit'"
+                                ).fetchall()  # killed inside the first method
+
+    resumed = factedit("--resume", str(tmp / "killed"))
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()[-3000:]
+    assert "d4s: resumed after" in (tmp / "killed" / "run.log").read_text()
+    for name in ("scores", "weight_stats"):
+        got = table(store, name)
+        expected = table(tmp / "straight" / "results.sqlite", name)
+        if name == "scores":  # seconds differ between runs; every measured number must not
+            got = [r for r in got if r[4] != "edit_seconds"]
+            expected = [r for r in expected if r[4] != "edit_seconds"]
+        assert [r[:-1] for r in got] == [r[:-1] for r in expected]
+        assert [r[-1] for r in got] == pytest.approx([r[-1] for r in expected], rel=1e-9,
+                                                      abs=1e-12)
+    assert [r[:4] for r in table(store, "edits")] == \
+        [r[:4] for r in table(tmp / "straight" / "results.sqlite", "edits")]
