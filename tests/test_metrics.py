@@ -90,3 +90,14 @@ def test_baseline_must_cover_requests(tiny_model):
 def test_ngram_entropy_ranks_repetition_low():
     assert ngram_entropy("the the the the the the the") < ngram_entropy(
         "Paris is the capital of France and a large city on the Seine")
+
+
+def test_long_scorings_show_a_progress_bar(tiny_model, capsys):
+    from factedit.metrics.scoring import PROGRESS_MIN_BATCHES
+
+    pairs = [(f"Fact number {i} is", " true") for i in range(PROGRESS_MIN_BATCHES)]
+    score_pairs(tiny_model, pairs, batch_size=1)  # one batch per pair: long enough
+    assert f"scoring {len(pairs)} pairs" in capsys.readouterr().err
+    score_pairs(tiny_model, pairs, batch_size=1, progress=False)
+    score_pairs(tiny_model, pairs[:-1], batch_size=1)  # one batch short of a bar
+    assert "scoring" not in capsys.readouterr().err

@@ -138,7 +138,7 @@ def _run(store: ResultsStore, out: Path, experiment: Experiment, resume: bool,
     # One pre-edit baseline for every method (locality compares against it); it is a
     # pure function of the unedited model, so a resumed run captures it again.
     baseline = capture_baseline(model, requests)
-    _score_unedited(store, experiment, model, requests, baseline)
+    _score_unedited(store, experiment, model, requests, baseline, progress)
     budget = _Budget(stop_after_edits)
     for i, run in enumerate(experiment.methods):
         log.info("method %d/%d: %s", i + 1, len(experiment.methods), run.key)
@@ -232,12 +232,12 @@ def _mean_row(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
 
 
 def _score_unedited(store: ResultsStore, experiment: Experiment, model: EditableModel,
-                    requests: list[EditRequest], baseline: Baseline) -> None:
+                    requests: list[EditRequest], baseline: Baseline, progress: bool) -> None:
     done = store.progress(UNEDITED)
     if done and done["finished"]:
         return
     log.info("scoring the unedited model on %d requests", len(requests))
-    per_request = evaluate(model, requests, baseline)["per_request"]
+    per_request = evaluate(model, requests, baseline, progress=progress)["per_request"]
     # The perplexity of each edit target under the unedited model (MQD's measure).
     for row, ppl in zip(per_request, target_perplexity(model, requests)):
         row["target_ppl"] = ppl

@@ -114,8 +114,8 @@ def request_metrics(req: EditRequest, scores: dict[tuple[str, str], PairScore],
 
 def evaluate(model: EditableModel, requests: Sequence[EditRequest] | EditRequest,
              baseline: Baseline | None = None, batch_size: int = 64,
-             per_request: bool = True) -> dict[str, Any]:
-    """Score requests on the model as it is now.
+             per_request: bool = True, progress: bool = True) -> dict[str, Any]:
+    """Score requests on the model as it is now (a progress bar when that takes many batches).
 
     Returns {"efficacy", "generalization", "specificity", their "_magnitude"s, the EasyEdit
     metrics, "n", "per_request": [...]}; means are over requests where a metric is defined
@@ -125,7 +125,8 @@ def evaluate(model: EditableModel, requests: Sequence[EditRequest] | EditRequest
     if baseline is not None and not baseline.covers(requests):
         raise ValueError("baseline does not cover these requests' neighbourhoods: capture it "
                          "with capture_baseline(model, requests) before editing")
-    scores = score_pairs(model, [p for r in requests for p in _pairs_of(r)], batch_size)
+    scores = score_pairs(model, [p for r in requests for p in _pairs_of(r)], batch_size,
+                         progress)
     rows = [request_metrics(r, scores, baseline) for r in requests]
     keys = list(dict.fromkeys(k for row in rows for k in row if k != "case_id"))
     out: dict[str, Any] = {k: _mean(row.get(k) for row in rows) for k in keys}

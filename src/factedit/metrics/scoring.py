@@ -96,10 +96,20 @@ def mean_nll_per_row(model: EditableModel, hidden: torch.Tensor, row: torch.Tens
     return total / torch.bincount(row, minlength=n_rows).clamp_min(1)
 
 
+# Scorings of at least this many batches get a progress bar (a checkpoint over 1,000
+# CounterFact records is ~100 batches and minutes on a CPU; one request's scoring is one).
+PROGRESS_MIN_BATCHES = 8
+
+
 def score_pairs(
-    model: EditableModel, pairs: Sequence[tuple[str, str]], batch_size: int = 64
+    model: EditableModel, pairs: Sequence[tuple[str, str]], batch_size: int = 64,
+    progress: bool = True,
 ) -> dict[tuple[str, str], PairScore]:
-    """Score every (prompt, answer) pair; returns a dict keyed by the pair."""
+    """Score every (prompt, answer) pair; returns a dict keyed by the pair.
+
+    progress: show a bar with ETA when the pairs fill PROGRESS_MIN_BATCHES batches or more."""
+    from tqdm.auto import tqdm
+
     unique = list(dict.fromkeys((p, a) for p, a in pairs))
     if not unique:
         return {}
@@ -111,7 +121,9 @@ def score_pairs(
     base = model.model.base_model
     results: dict[tuple[str, str], PairScore] = {}
     with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
+        starts = range(0, len(order), batch_size)
+        for start in tqdm(starts, desc=f"scoring {len(unique)} pairs", unit="batch",
+                          disable=not progress or len(starts) < PROGRESS_MIN_BATCHES):
             batch = order[start:start + batch_size]
             ids, mask = pad_right([encoded[i][0] for i in batch], tok.pad_token_id)
             ids_t = torch.tensor(ids, device=model.device)

@@ -141,7 +141,7 @@ def run_sequence(
         _check_continuation(handle, requests, method, config, overrides)
     report = SequenceReport(handle.method, mode, handle)
     if unedited:
-        report.unedited = evaluate(model, requests, baseline)
+        report.unedited = evaluate(model, requests, baseline, progress=progress)
     done = sum(len(r.request_ids) for r in handle.records)
     due = sorted(set(eval_at))
     if eval_every:
@@ -163,16 +163,16 @@ def run_sequence(
         record = handle.step(group)
         done += len(group)
         if immediate:
-            scores = evaluate(model, group, baseline)
+            scores = evaluate(model, group, baseline, progress=False)  # inside the edit bar
             record.metrics = {k: scores.get(k) for k in SUMMARY_METRICS}
             report.immediate_rows += scores["per_request"]
         if due and done >= due[0] and done < len(requests):
-            _checkpoint(report, requests[:done], baseline, on_checkpoint)
+            _checkpoint(report, requests[:done], baseline, on_checkpoint, progress)
             due = [n for n in due if n > done]
         if on_edit is not None:
             on_edit(report, record)
     if final:
-        _checkpoint(report, requests, baseline, on_checkpoint)
+        _checkpoint(report, requests, baseline, on_checkpoint, progress)
         report.final = report.checkpoints[-1].scores
     return report
 
@@ -195,10 +195,10 @@ def _check_continuation(handle: EditHandle, requests: Sequence[EditRequest],
 
 
 def _checkpoint(report: SequenceReport, edited: Sequence[EditRequest], baseline: Baseline,
-                on_checkpoint: Callable | None) -> None:
+                on_checkpoint: Callable | None, progress: bool = True) -> None:
     handle = report.handle
     checkpoint = Checkpoint(
-        n_edits=len(edited), scores=evaluate(handle.model, edited, baseline),
+        n_edits=len(edited), scores=evaluate(handle.model, edited, baseline, progress=progress),
         weight_stats=handle.weight_stats(),
         seconds=report.edit_seconds(len(edited)))
     report.checkpoints.append(checkpoint)
