@@ -311,7 +311,13 @@ def fake_run(folder, name, question_type, efficacy, arc_after, ppl):
     (folder / "config.json").write_text(json.dumps(config))
     with ResultsStore(folder / "results.sqlite") as store:
         store.write(scores=[
-            *score_rows("unedited", 10, "unedited", {"target_ppl": ppl}, uid="*"),
+            *score_rows("unedited", 10, "unedited", {"target_ppl": ppl, "efficacy": 0.4,
+                                                     "generalization": 0.3,
+                                                     "specificity": 0.8}, uid="*"),
+            # per request (n_edits 0): 100, 300 and 800 times ppl / 400
+            *[row for i, f in enumerate((0.25, 0.75, 2.0))
+              for row in score_rows("unedited", 0, "unedited", {"target_ppl": ppl * f},
+                                    uid=f"r{i}")],
             *score_rows("unedited", 0, "downstream", {"arc_challenge/acc": 0.30}, uid="*"),
             *score_rows("d4s", 10, "checkpoint", {"efficacy": efficacy, "generalization": 0.5,
                                                   "specificity": 0.7}, uid="*"),
@@ -328,17 +334,21 @@ def test_comparison_of_runs_names_what_differs_and_the_downstream_change(tmp_pat
     comparison = compare_runs(runs, tmp_path / "cmp")
     assert comparison.settings == ["question type"]  # model, mode, batch size are shared
     assert comparison.tasks == ["arc_challenge/acc"]
-    tf, gen = comparison.rows
+    assert [(r["run"], r["method"]) for r in comparison.rows] == [
+        ("mqd-tf", "unedited"), ("mqd-tf", "d4s"), ("mqd-gen", "unedited"), ("mqd-gen", "d4s")]
+    _, tf, unedited_gen, gen = comparison.rows
+    assert unedited_gen["Eff"] == pytest.approx(40.0) and unedited_gen["downstream_mean"] == 0
     assert (tf["question type"], gen["question type"]) == ("true_false", "generated")
     assert tf["Eff"] == pytest.approx(100.0) and gen["Avg"] == pytest.approx(70.0)
     assert tf["downstream"]["arc_challenge/acc"] == pytest.approx(-1.0)
     assert gen["downstream_mean"] == pytest.approx(-9.0)
     assert gen["target_ppl"] == pytest.approx(400.0)
+    assert gen["target_ppl_median"] == pytest.approx(300.0)  # of 100, 300 and 800
     assert set(comparison.plots) == {"scores after N edits", "downstream change",
                                      "target perplexity"}
     page = comparison.html.read_text()
     assert page.count("data:image/png;base64,") == 3 and "<td>true_false</td>" in page
-    assert json.loads((tmp_path / "cmp" / "comparison.json").read_text())["rows"][1]["N"] == 10
+    assert json.loads((tmp_path / "cmp" / "comparison.json").read_text())["rows"][3]["N"] == 10
     # The command line: several folders make one comparison, printed as a table.
     assert main(["report", str(runs[0]), str(runs[1]), "--out", str(tmp_path / "cli")]) == 0
     printed = capsys.readouterr().out

@@ -7,12 +7,12 @@
 The MQD study edits the same facts as three question types, the batch-size study the same
 edits in batches of 1 to 256; each is one run folder per setting (a run edits one request
 list), and the finding is in the comparison: which setting costs the model most. One row per
-(run, method) at the run's last checkpoint N:
+(run, method), the unedited model first, at the run's last checkpoint N:
 
     run              the experiment's name; the settings that differ between the runs
                      (question type, batch size, mode, dataset, model) get their own columns
-    target_ppl       mean perplexity of the N edit targets under the unedited model (the
-                     paper's predictor of an edit type's damage)
+    target_ppl       mean (and median) perplexity of the N edit targets under the unedited
+                     model (the paper's predictor of an edit type's damage)
     Eff/Gen/Spe/Avg  checkpoint scores after N edits, in %
     downstream       per lm_eval task: accuracy after N edits minus the unedited model's, in
                      points; "mean" is their average (the degradation, negative = worse)
@@ -27,6 +27,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,25 +70,32 @@ def _run_rows(run_dir: Path, config: dict[str, Any], settings: dict[str, Any]
                              f"`factedit run --resume {run_dir}`")
         n = counts[-1]
         ppl = store.means("unedited", "target_ppl").get(UNEDITED, {}).get(n)
+        per_request = sorted(r["value"] for r in store.scores(view="unedited",
+                                                              metric="target_ppl", n_edits=0)
+                             if r["uid"] != MEAN)[:n]
+        # The mean is dominated by a few very unlikely targets; the median is the typical one.
+        median = statistics.median(per_request) if per_request else None
         accs = sorted({r["metric"] for r in store.scores(view="downstream", uid=MEAN)
                        if r["metric"].endswith("/acc")})
         downstream = {m: store.means("downstream", m) for m in accs}
         scores = {metric: store.means("checkpoint", metric) for metric, _ in PAPER_COLUMNS}
+        unedited = {metric: store.means("unedited", metric) for metric, _ in PAPER_COLUMNS}
         rows = []
-        for method in methods:
+        for method in [UNEDITED, *methods]:  # the unedited model on the same N requests first
             row: dict[str, Any] = {"run": config.get("name") or run_dir.name,
                                    "folder": str(run_dir), **settings, "method": method,
-                                   "N": n, "target_ppl": ppl}
+                                   "N": n, "target_ppl": ppl, "target_ppl_median": median}
+            source = unedited if method == UNEDITED else scores
             present = []
             for metric, heading in PAPER_COLUMNS:
-                value = scores[metric].get(method, {}).get(n)
+                value = source[metric].get(method, {}).get(n)
                 row[heading] = None if value is None else 100 * value
                 present.append(row[heading])
             row["Avg"] = (sum(present) / len(present)) if None not in present else None
             changes = {}
             for metric in accs:
                 before = downstream[metric].get(UNEDITED, {}).get(0)
-                after = downstream[metric].get(method, {}).get(n)
+                after = before if method == UNEDITED else downstream[metric].get(method, {}).get(n)
                 if before is not None and after is not None:
                     changes[metric] = 100 * (after - before)
             row["downstream"] = changes
@@ -137,10 +145,10 @@ def compare_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Compari
 
 # -- plots -----------------------------------------------------------------------------------
 
-def _grouped_bars(ax, comparison: Comparison, value_of) -> None:
-    """Bars grouped by run (x), one colour per method."""
+def _grouped_bars(ax, comparison: Comparison, value_of, skip: Sequence[str] = ()) -> None:
+    """Bars grouped by run (x), one colour per method (those in `skip` left out)."""
     runs = list(dict.fromkeys(r["run"] for r in comparison.rows))
-    methods = list(dict.fromkeys(r["method"] for r in comparison.rows))
+    methods = [m for m in dict.fromkeys(r["method"] for r in comparison.rows) if m not in skip]
     width = 0.8 / len(methods)
     for j, method in enumerate(methods):
         xs, ys = [], []
@@ -176,9 +184,10 @@ def _plot_downstream(comparison: Comparison, path: Path) -> bool:
     fig, axes = _figure(len(panels))
     for ax, task in zip(axes, panels):
         if task == "mean":
-            _grouped_bars(ax, comparison, lambda r: r["downstream_mean"])
+            _grouped_bars(ax, comparison, lambda r: r["downstream_mean"], skip=[UNEDITED])
         else:
-            _grouped_bars(ax, comparison, lambda r, t=task: r["downstream"].get(t))
+            _grouped_bars(ax, comparison, lambda r, t=task: r["downstream"].get(t),
+                          skip=[UNEDITED])
         ax.axhline(0, color="grey", linewidth=0.5)
         ax.set(title=f"{task}: edited - unedited", ylabel="accuracy points")
     axes[0].legend(fontsize="small")
@@ -187,15 +196,20 @@ def _plot_downstream(comparison: Comparison, path: Path) -> bool:
 
 
 def _plot_perplexity(comparison: Comparison, path: Path) -> bool:
-    per_run = {r["run"]: r["target_ppl"] for r in comparison.rows if r["target_ppl"]}
+    per_run = {r["run"]: (r["target_ppl"], r["target_ppl_median"]) for r in comparison.rows
+               if r["target_ppl"]}
     if not per_run:
         return False
     fig, axes = _figure(1)
-    axes[0].bar(range(len(per_run)), list(per_run.values()))
-    axes[0].set_xticks(range(len(per_run)), list(per_run), rotation=20, ha="right",
-                       fontsize="small")
-    axes[0].set(title="edit targets under the unedited model", ylabel="mean perplexity",
+    xs = range(len(per_run))
+    axes[0].bar([x - 0.2 for x in xs], [v[0] for v in per_run.values()], width=0.4,
+                label="mean")
+    axes[0].bar([x + 0.2 for x in xs], [v[1] or 0 for v in per_run.values()], width=0.4,
+                label="median")
+    axes[0].set_xticks(xs, list(per_run), rotation=20, ha="right", fontsize="small")
+    axes[0].set(title="edit targets under the unedited model", ylabel="perplexity",
                 yscale="log")
+    axes[0].legend(fontsize="small")
     fig.savefig(path, dpi=100)
     return True
 
@@ -207,7 +221,8 @@ def _columns(comparison: Comparison) -> list[tuple[str, Any]]:
     cols: list[tuple[str, Any]] = [("run", lambda r: r["run"])]
     cols += [(h, lambda r, h=h: r[h]) for h in comparison.settings]
     cols += [("method", lambda r: r["method"]), ("N", lambda r: r["N"]),
-             ("target ppl", lambda r: _fmt(r["target_ppl"]))]
+             ("target ppl mean", lambda r: _fmt(r["target_ppl"])),
+             ("median", lambda r: _fmt(r["target_ppl_median"]))]
     cols += [(h, lambda r, h=h: _fmt(r[h])) for h in [*(h for _, h in PAPER_COLUMNS), "Avg"]]
     cols += [(f"Δ {t.split('/')[0]}", lambda r, t=t: _fmt(r["downstream"].get(t)))
              for t in comparison.tasks]
