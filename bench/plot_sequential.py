@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from matplotlib.figure import Figure
 
+    from factedit.lab.store import layer_of
+
     files = [(Path(path), label) for path, _, label in (f.partition("=") for f in args.files)]
     loaded = [json.loads(path.read_text()) for path, _ in files]
     w0 = unedited_mean_abs(args.model, loaded)
@@ -101,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             row = by_n[n]
             print(" | ".join([label, str(n), *(f"{row[m]:.3f}" if m in row else "-"
                                                 for m in SCORES),
-                              points["layer"].split(".")[2] if "layer" in points else "-",
+                              str(layer_of(points["layer"])) if "layer" in points else "-",
                               f"{row['mean_abs']:.4f}" if "mean_abs" in row else "-",
                               f"{row['fro_change']:.1f}" if "fro_change" in row else "-"]))
     print(f"plot: {out}")
