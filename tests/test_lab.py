@@ -300,12 +300,13 @@ def test_downstream_tasks_run_through_lm_eval_at_their_checkpoints(lab_env, toke
 
 # -- comparison of runs ----------------------------------------------------------------------
 
-def fake_run(folder, name, question_type, efficacy, arc_after, ppl):
+def fake_run(folder, name, question_type, efficacy, arc_after, ppl, batch_size=1):
     """A finished run folder written straight into a store: d4s after 10 edits."""
     from factedit.lab.store import score_rows
 
     folder.mkdir(parents=True)
-    config = {"name": name, "model": "tiny", "mode": "sequential", "batch_size": 1,
+    mode = "sequential" if batch_size == 1 else "sequential-batch"
+    config = {"name": name, "model": "tiny", "mode": mode, "batch_size": batch_size,
               "dataset": {"name": "counterfact", "question_type": question_type},
               "methods": [{"name": "d4s"}], "n_edits": [10]}
     (folder / "config.json").write_text(json.dumps(config))
@@ -323,6 +324,30 @@ def fake_run(folder, name, question_type, efficacy, arc_after, ppl):
                                                   "specificity": 0.7}, uid="*"),
             *score_rows("d4s", 10, "downstream", {"arc_challenge/acc": arc_after}, uid="*")])
     return folder
+
+
+def test_batch_size_study_draws_curves_over_the_batch_size(tmp_path):
+    """Runs that differ by a number (and the mode it implies) are compared along it: one
+    curve per method over batch sizes 1-64 on a log axis; question types stay bars."""
+    import matplotlib.pyplot as plt
+
+    from factedit.lab.compare import _numeric_setting, _per_method, compare_runs
+
+    runs = [fake_run(tmp_path / f"bs{b}", f"batch-size-{b}", None, e, 0.3, 9.0, batch_size=b)
+            for b, e in ((16, 0.8), (1, 1.0), (64, 0.6))]
+    comparison = compare_runs(runs, tmp_path / "cmp")
+    assert comparison.settings == ["batch size", "mode"]
+    assert _numeric_setting(comparison) == "batch size"
+    fig, ax = plt.subplots()
+    _per_method(ax, comparison, lambda r: r["Eff"], skip=["unedited"])
+    (curve,) = ax.lines
+    assert list(curve.get_xdata()) == [1, 16, 64]  # sorted by batch size, not by run order
+    assert list(curve.get_ydata()) == pytest.approx([100.0, 80.0, 60.0])
+    assert ax.get_xscale() == "log"
+    plt.close(fig)
+    mqd = [fake_run(tmp_path / "tf", "mqd-tf", "true_false", 1.0, 0.29, 1.5),
+           fake_run(tmp_path / "gen", "mqd-gen", "generated", 0.9, 0.21, 400.0)]
+    assert _numeric_setting(compare_runs(mqd, tmp_path / "cmp2")) is None
 
 
 def test_comparison_of_runs_names_what_differs_and_the_downstream_change(tmp_path, capsys):

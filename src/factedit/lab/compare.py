@@ -18,7 +18,8 @@ list), and the finding is in the comparison: which setting costs the model most.
                      points; "mean" is their average (the degradation, negative = worse)
 
 Written to OUT: compare.png (scores after N per run and method), downstream.png (the change of
-each task), perplexity.png (target perplexity per run), comparison.html (self-contained) and
+each task; both as curves over the setting where the runs differ by a number, batch size,
+and as bars per run otherwise), perplexity.png (target perplexity per run), comparison.html (self-contained) and
 comparison.json (the rows).
 """
 
@@ -145,6 +146,37 @@ def compare_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Compari
 
 # -- plots -----------------------------------------------------------------------------------
 
+def _numeric_setting(comparison: Comparison) -> str | None:
+    """The first differing setting that is a distinct number in every run (batch size), so
+    its plots are curves over it; None where the runs differ in kind (question type)."""
+    runs = {r["run"]: r for r in comparison.rows}
+    for heading in comparison.settings:
+        values = [row.get(heading) for row in runs.values()]
+        if (all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+                and len(set(values)) == len(values)):
+            return heading
+    return None
+
+
+def _per_method(ax, comparison: Comparison, value_of, skip: Sequence[str] = ()) -> None:
+    """One series per method (those in `skip` left out): curves over the numeric setting
+    that tells the runs apart (log x where it spans 8x or more), else bars grouped by run."""
+    heading = _numeric_setting(comparison)
+    if heading is None:
+        _grouped_bars(ax, comparison, value_of, skip)
+        return
+    methods = [m for m in dict.fromkeys(r["method"] for r in comparison.rows) if m not in skip]
+    for method in methods:
+        points = sorted((r[heading], value_of(r)) for r in comparison.rows
+                        if r["method"] == method and value_of(r) is not None)
+        ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=method)
+    xs = sorted({r[heading] for r in comparison.rows})
+    if xs[0] > 0 and xs[-1] >= 8 * xs[0]:
+        ax.set_xscale("log", base=2)
+    ax.set_xticks(xs, [str(x) for x in xs])
+    ax.set_xlabel(heading)
+
+
 def _grouped_bars(ax, comparison: Comparison, value_of, skip: Sequence[str] = ()) -> None:
     """Bars grouped by run (x), one colour per method (those in `skip` left out)."""
     runs = list(dict.fromkeys(r["run"] for r in comparison.rows))
@@ -169,7 +201,7 @@ def _plot_scores(comparison: Comparison, path: Path) -> bool:
         return False
     fig, axes = _figure(len(headings))
     for ax, heading in zip(axes, headings):
-        _grouped_bars(ax, comparison, lambda r, h=heading: r[h])
+        _per_method(ax, comparison, lambda r, h=heading: r[h])
         ax.set(title=f"{heading} after N edits", ylabel="%")
         ax.set_ylim(0, 100)
     axes[0].legend(fontsize="small")
@@ -184,10 +216,10 @@ def _plot_downstream(comparison: Comparison, path: Path) -> bool:
     fig, axes = _figure(len(panels))
     for ax, task in zip(axes, panels):
         if task == "mean":
-            _grouped_bars(ax, comparison, lambda r: r["downstream_mean"], skip=[UNEDITED])
+            _per_method(ax, comparison, lambda r: r["downstream_mean"], skip=[UNEDITED])
         else:
-            _grouped_bars(ax, comparison, lambda r, t=task: r["downstream"].get(t),
-                          skip=[UNEDITED])
+            _per_method(ax, comparison, lambda r, t=task: r["downstream"].get(t),
+                        skip=[UNEDITED])
         ax.axhline(0, color="grey", linewidth=0.5)
         ax.set(title=f"{task}: edited - unedited", ylabel="accuracy points")
     axes[0].legend(fontsize="small")
