@@ -220,6 +220,7 @@ def test_rome_is_rank_one_and_lands_on_v_star(tokenizer):
     (D4SConfig, "keep_history", "yes"),
     (D4SAlphaEditConfig, "alpha", -3.0),
     (RomeConfig, "solve_key", "median"),
+    (D4SConfig, "key_prefixes", -1),
 ])
 def test_config_rejects_a_bad_field_by_name(config_cls, field, value):
     with pytest.raises(ConfigError, match=field):
@@ -324,6 +325,30 @@ def test_value_cache_reuses_values_and_refuses_other_weights(tokenizer):
         fourth.prepare(REQUESTS[:1])
     assert torch.allclose(next(iter(fourth._prepared.values())).delta,
                           computed[next(iter(computed))], rtol=1e-6, atol=1e-9)
+
+
+def test_key_prefixes_average_the_keys_and_leave_the_values_alone(tokenizer):
+    """key_prefixes=2 with bare-prompt values: keys are the means over the two prefixed
+    contexts and the bare prompt, the values' cache setting is the bare one's, and a saved
+    state brings the key contexts back."""
+    from factedit.linalg import compute_keys
+    from factedit.linalg.context import context_templates
+
+    model = tiny(tokenizer)
+    bare = make_editor(model, "d4s", **small(context_prefixes=0, value_cache=True))
+    keyed = make_editor(model, "d4s", **small(context_prefixes=0, key_prefixes=2,
+                                              value_cache=True))
+    templates = context_templates(model, 2, 5, 0)
+    assert keyed.templates() == ["{}"] and len(keyed.key_templates()) == 3
+    expected = compute_keys(model, REQUESTS[:2], [2], templates)[2]
+    assert torch.allclose(keyed.keys(REQUESTS[:2], [2])[2], expected, rtol=1e-12)
+    assert not torch.allclose(bare.keys(REQUESTS[:2], [2])[2], expected, rtol=1e-3)
+    assert first_folder(keyed) == first_folder(bare)
+    EditHandle(model, keyed).edit(REQUESTS[:1], mode="sequential", progress=False)
+    tensors, manifest = keyed.state_dict()
+    resumed = make_editor(model, "d4s", config=json.loads(json.dumps(manifest["config"])))
+    resumed.load_state_dict(tensors, json.loads(json.dumps(manifest)))
+    assert resumed.key_templates() == keyed.key_templates()
 
 
 def first_folder(editor):

@@ -81,6 +81,10 @@ class LocateEditConfig(MethodConfig):
     kl_factor: weight of the KL term that keeps "{subject} is a" predictions unchanged.
     early_stop_nll: stop optimising a request once its mean target NLL is below this.
     context_prefixes, context_length: number and token length of sampled prefixes.
+    key_prefixes: number of sampled prefixes the keys k are averaged over (None: the same
+        templates as the values). Keys cost one forward each, values an optimisation: this
+        averages the keys over prefixed contexts while the values stay on the bare prompt
+        (`context_prefixes=0`), and leaves cached values valid.
     covariance_corpus: text file/folder for C; None samples text from the model itself.
     covariance_tokens, covariance_seq_len: token positions in C and the window length.
     covariance_precision: "float64" (every product) or "mixed" (each ~1k-token batch's
@@ -104,6 +108,7 @@ class LocateEditConfig(MethodConfig):
     early_stop_nll: float = 0.05
     context_prefixes: int = 5
     context_length: int = 10
+    key_prefixes: int | None = None
     covariance_corpus: str | None = None
     covariance_tokens: int = 100_000
     covariance_seq_len: int = 128
@@ -123,6 +128,9 @@ class LocateEditConfig(MethodConfig):
         for name in ("v_lr", "clamp_factor"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.key_prefixes is not None and self.key_prefixes < 0:
+            raise ConfigError(f"key_prefixes must be >= 0 (or null: the values' "
+                              f"context_prefixes), got {self.key_prefixes}")
         for name in ("kl_factor", "v_weight_decay", "early_stop_nll", "condition_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -209,6 +217,7 @@ class LocateEditor(Editor):
         self._originals: dict[int, torch.Tensor] = {}
         # Kept on the editor (not only on the model) so a resumed editor reuses them exactly.
         self._templates: list[str] | None = None
+        self._key_templates: list[str] | None = None
         # Target values computed ahead by `prepare`, one per request (see there).
         self._prepared: dict[tuple, TargetValues] = {}
         self._sessions = 0  # edits (and removals) computed: condition_every counts these
@@ -217,6 +226,7 @@ class LocateEditor(Editor):
         """A history-free editor sharing this one's covariance, templates, prepared values."""
         other = super().fresh()
         other._covariance, other._templates = self._covariance, self._templates
+        other._key_templates = self._key_templates
         other._prepared = self._prepared
         return other
 
@@ -227,6 +237,16 @@ class LocateEditor(Editor):
             self._templates = context_templates(self.model, c.context_prefixes,
                                                 c.context_length, c.seed)
         return self._templates
+
+    def key_templates(self) -> list[str]:
+        """The contexts the keys are averaged over: the values' unless `key_prefixes` is set."""
+        c = self.config
+        if c.key_prefixes is None:
+            return self.templates()
+        if self._key_templates is None:
+            self._key_templates = context_templates(self.model, c.key_prefixes,
+                                                    c.context_length, c.seed)
+        return self._key_templates
 
     def covariance(self, layer: int) -> torch.Tensor:
         """C at `layer` (float64, CPU), computed once for all edited layers and cached."""
@@ -246,7 +266,7 @@ class LocateEditor(Editor):
         return self._null_bases[key]
 
     def keys(self, requests: Sequence[EditRequest], layers: Sequence[int]) -> dict[int, torch.Tensor]:
-        return compute_keys(self.model, requests, layers, self.templates())
+        return compute_keys(self.model, requests, layers, self.key_templates())
 
     def _value_options(self) -> dict[str, float]:
         c = self.config
@@ -370,6 +390,7 @@ class LocateEditor(Editor):
                         self.set_weight(layer, entry[layer])
             with result.timed("context"):
                 self.templates()
+                self.key_templates()
             for layer, W in (start or {}).items():
                 self.set_weight(layer, W)
             yield new
@@ -459,7 +480,8 @@ class LocateEditor(Editor):
         tensors = {f"C.{layer}": self.covariance(layer) for layer in self.layers}
         tensors.update({f"W0.{layer}": w for layer, w in self._originals.items()})
         manifest = {"method": self.config.method, "config": self.config.to_dict(),
-                    "layers": list(self.layers), "templates": self.templates()}
+                    "layers": list(self.layers), "templates": self.templates(),
+                    "key_templates": self.key_templates()}
         return tensors, manifest
 
     def load_locate_state(self, tensors: dict[str, torch.Tensor], manifest: dict[str, Any]) -> None:
@@ -468,6 +490,8 @@ class LocateEditor(Editor):
                              f"{type(self).__name__} edits {self.layers}: build it with the "
                              f"saved config")
         self._templates = list(manifest["templates"])
+        # States saved before key_prefixes existed averaged the keys over the same templates.
+        self._key_templates = list(manifest.get("key_templates", manifest["templates"]))
         for layer in self.layers:
             self._covariance[layer] = tensors[f"C.{layer}"].to(torch.float64)
             if f"W0.{layer}" in tensors:
