@@ -344,6 +344,7 @@ def test_batch_size_study_draws_curves_over_the_batch_size(tmp_path):
     assert list(curve.get_xdata()) == [1, 16, 64]  # sorted by batch size, not by run order
     assert list(curve.get_ydata()) == pytest.approx([100.0, 80.0, 60.0])
     assert ax.get_xscale() == "log"
+    assert curve.get_color() == "C1"  # d4s keeps its colour with the unedited row left out
     plt.close(fig)
     mqd = [fake_run(tmp_path / "tf", "mqd-tf", "true_false", 1.0, 0.29, 1.5),
            fake_run(tmp_path / "gen", "mqd-gen", "generated", 0.9, 0.21, 400.0)]

@@ -158,6 +158,12 @@ def _numeric_setting(comparison: Comparison) -> str | None:
     return None
 
 
+def _colour(comparison: Comparison, method: str) -> str:
+    """One colour per method on every plot, whichever methods a plot leaves out."""
+    methods = list(dict.fromkeys(r["method"] for r in comparison.rows))
+    return f"C{methods.index(method) % 10}"
+
+
 def _per_method(ax, comparison: Comparison, value_of, skip: Sequence[str] = ()) -> None:
     """One series per method (those in `skip` left out): curves over the numeric setting
     that tells the runs apart (log x where it spans 8x or more), else bars grouped by run."""
@@ -169,7 +175,8 @@ def _per_method(ax, comparison: Comparison, value_of, skip: Sequence[str] = ()) 
     for method in methods:
         points = sorted((r[heading], value_of(r)) for r in comparison.rows
                         if r["method"] == method and value_of(r) is not None)
-        ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=method)
+        ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=method,
+                color=_colour(comparison, method))
     xs = sorted({r[heading] for r in comparison.rows})
     if xs[0] > 0 and xs[-1] >= 8 * xs[0]:
         ax.set_xscale("log", base=2)
@@ -191,7 +198,7 @@ def _grouped_bars(ax, comparison: Comparison, value_of, skip: Sequence[str] = ()
             if value is not None:
                 xs.append(i - 0.4 + width * (j + 0.5))
                 ys.append(value)
-        ax.bar(xs, ys, width=width, label=method)
+        ax.bar(xs, ys, width=width, label=method, color=_colour(comparison, method))
     ax.set_xticks(range(len(runs)), runs, rotation=20, ha="right", fontsize="small")
 
 
