@@ -300,30 +300,47 @@ def test_downstream_tasks_run_through_lm_eval_at_their_checkpoints(lab_env, toke
 
 # -- comparison of runs ----------------------------------------------------------------------
 
-def fake_run(folder, name, question_type, efficacy, arc_after, ppl, batch_size=1):
-    """A finished run folder written straight into a store: d4s after 10 edits."""
+def fake_run(folder, name, question_type, efficacy, arc_after, ppl, batch_size=1, n=10,
+             order=(0, 1, 2)):
+    """A finished run folder written straight into a store: d4s after n edits of the
+    requests r0, r1, r2 (in `order` in requests.json)."""
     from factedit.lab.store import score_rows
 
     folder.mkdir(parents=True)
     mode = "sequential" if batch_size == 1 else "sequential-batch"
     config = {"name": name, "model": "tiny", "mode": mode, "batch_size": batch_size,
               "dataset": {"name": "counterfact", "question_type": question_type},
-              "methods": [{"name": "d4s"}], "n_edits": [10]}
+              "methods": [{"name": "d4s"}], "n_edits": [n]}
     (folder / "config.json").write_text(json.dumps(config))
+    (folder / "requests.json").write_text(json.dumps([
+        {"case_id": f"r{i}", "prompt": "{} is in", "subject": f"Place {i}", "target_new": "Rome"}
+        for i in order]))
     with ResultsStore(folder / "results.sqlite") as store:
         store.write(scores=[
-            *score_rows("unedited", 10, "unedited", {"target_ppl": ppl, "efficacy": 0.4,
-                                                     "generalization": 0.3,
-                                                     "specificity": 0.8}, uid="*"),
+            *score_rows("unedited", n, "unedited", {"target_ppl": ppl, "efficacy": 0.4,
+                                                    "generalization": 0.3,
+                                                    "specificity": 0.8}, uid="*"),
             # per request (n_edits 0): 100, 300 and 800 times ppl / 400
             *[row for i, f in enumerate((0.25, 0.75, 2.0))
               for row in score_rows("unedited", 0, "unedited", {"target_ppl": ppl * f},
                                     uid=f"r{i}")],
             *score_rows("unedited", 0, "downstream", {"arc_challenge/acc": 0.30}, uid="*"),
-            *score_rows("d4s", 10, "checkpoint", {"efficacy": efficacy, "generalization": 0.5,
-                                                  "specificity": 0.7}, uid="*"),
-            *score_rows("d4s", 10, "downstream", {"arc_challenge/acc": arc_after}, uid="*")])
+            *score_rows("d4s", n, "checkpoint", {"efficacy": efficacy, "generalization": 0.5,
+                                                 "specificity": 0.7}, uid="*"),
+            *score_rows("d4s", n, "downstream", {"arc_challenge/acc": arc_after}, uid="*")])
     return folder
+
+
+def test_median_target_perplexity_is_over_the_first_n_requests_in_run_order(tmp_path):
+    """A run scored after 2 of its 3 requests: the median is over the first two of
+    requests.json (r2, r0: 800 and 100), not over the two smallest values."""
+    from factedit.lab.compare import compare_runs
+
+    runs = [fake_run(tmp_path / "a", "a", "true_false", 1.0, 0.3, 400.0, n=2, order=(2, 0, 1)),
+            fake_run(tmp_path / "b", "b", "generated", 1.0, 0.3, 400.0, n=2)]
+    a, _, b, _ = compare_runs(runs, tmp_path / "cmp").rows
+    assert a["target_ppl_median"] == pytest.approx(450.0)  # (800 + 100) / 2
+    assert b["target_ppl_median"] == pytest.approx(200.0)  # (100 + 300) / 2
 
 
 def test_batch_size_study_draws_curves_over_the_batch_size(tmp_path):

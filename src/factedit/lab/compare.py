@@ -19,8 +19,8 @@ list), and the finding is in the comparison: which setting costs the model most.
 
 Written to OUT: compare.png (scores after N per run and method), downstream.png (the change of
 each task; both as curves over the setting where the runs differ by a number, batch size,
-and as bars per run otherwise), perplexity.png (target perplexity per run), comparison.html (self-contained) and
-comparison.json (the rows).
+and as bars per run otherwise), perplexity.png (target perplexity per run), comparison.html
+(self-contained) and comparison.json (the rows).
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..requests import EditRequest
 from .report import _CSS, PAPER_COLUMNS, _figure, _fmt, _methods
-from .runner import CONFIG_FILE, STORE_FILE
+from .runner import CONFIG_FILE, REQUESTS_FILE, STORE_FILE
 from .store import MEAN, UNEDITED, ResultsStore
 
 # Settings that tell the runs of a study apart: (path in config.json, column heading).
@@ -71,10 +72,14 @@ def _run_rows(run_dir: Path, config: dict[str, Any], settings: dict[str, Any]
                              f"`factedit run --resume {run_dir}`")
         n = counts[-1]
         ppl = store.means("unedited", "target_ppl").get(UNEDITED, {}).get(n)
-        per_request = sorted(r["value"] for r in store.scores(view="unedited",
-                                                              metric="target_ppl", n_edits=0)
-                             if r["uid"] != MEAN)[:n]
-        # The mean is dominated by a few very unlikely targets; the median is the typical one.
+        # The median over the same first N requests as the mean (the store orders rows by
+        # uid; requests.json keeps the run's order). The mean is dominated by a few very
+        # unlikely targets; the median is the typical one.
+        first_n = [EditRequest.from_dict(d).uid
+                   for d in json.loads((run_dir / REQUESTS_FILE).read_text())[:n]]
+        ppl_of = {r["uid"]: r["value"] for r in store.scores(view="unedited",
+                                                             metric="target_ppl", n_edits=0)}
+        per_request = [ppl_of[uid] for uid in first_n if uid in ppl_of]
         median = statistics.median(per_request) if per_request else None
         accs = sorted({r["metric"] for r in store.scores(view="downstream", uid=MEAN)
                        if r["metric"].endswith("/acc")})
