@@ -163,10 +163,14 @@ def _numeric_setting(comparison: Comparison) -> str | None:
     return None
 
 
+def _method_order(comparison: Comparison, skip: Sequence[str] = ()) -> list[str]:
+    """The methods in the order of the rows (the unedited model first), less `skip`."""
+    return [m for m in dict.fromkeys(r["method"] for r in comparison.rows) if m not in skip]
+
+
 def _colour(comparison: Comparison, method: str) -> str:
     """One colour per method on every plot, whichever methods a plot leaves out."""
-    methods = list(dict.fromkeys(r["method"] for r in comparison.rows))
-    return f"C{methods.index(method) % 10}"
+    return f"C{_method_order(comparison).index(method) % 10}"
 
 
 def _per_method(ax, comparison: Comparison, value_of, skip: Sequence[str] = ()) -> None:
@@ -176,8 +180,7 @@ def _per_method(ax, comparison: Comparison, value_of, skip: Sequence[str] = ()) 
     if heading is None:
         _grouped_bars(ax, comparison, value_of, skip)
         return
-    methods = [m for m in dict.fromkeys(r["method"] for r in comparison.rows) if m not in skip]
-    for method in methods:
+    for method in _method_order(comparison, skip):
         points = sorted((r[heading], value_of(r)) for r in comparison.rows
                         if r["method"] == method and value_of(r) is not None)
         ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=method,
@@ -192,7 +195,7 @@ def _per_method(ax, comparison: Comparison, value_of, skip: Sequence[str] = ()) 
 def _grouped_bars(ax, comparison: Comparison, value_of, skip: Sequence[str] = ()) -> None:
     """Bars grouped by run (x), one colour per method (those in `skip` left out)."""
     runs = list(dict.fromkeys(r["run"] for r in comparison.rows))
-    methods = [m for m in dict.fromkeys(r["method"] for r in comparison.rows) if m not in skip]
+    methods = _method_order(comparison, skip)
     width = 0.8 / len(methods)
     for j, method in enumerate(methods):
         xs, ys = [], []
