@@ -327,6 +327,35 @@ def test_value_cache_reuses_values_and_refuses_other_weights(tokenizer):
                           computed[next(iter(computed))], rtol=1e-6, atol=1e-9)
 
 
+def test_prepare_reads_values_stored_by_another_process_meanwhile(tokenizer, tmp_path):
+    """prepare re-reads the cache before each batch: values another process stored after
+    this one started (bench/fill_values.py from the other end) are read, not recomputed."""
+    config = small(value_cache=True, value_batch_size=2)
+    model = tiny(tokenizer)
+    other = make_editor(model, "d4s", **config)
+    other.prepare(REQUESTS[2:4])
+    folder = first_folder(other)
+    for entry in folder.iterdir():  # not there yet when `first` starts
+        entry.rename(tmp_path / entry.name)
+
+    first = make_editor(model, "d4s", **config)
+    compute, batches = first.compute_target, []
+
+    def compute_while_the_other_stores(batch):
+        batches.append(len(batch))
+        values = compute(batch)
+        for entry in tmp_path.iterdir():  # the other process stores its two meanwhile
+            entry.rename(folder / entry.name)
+        return values
+
+    first.compute_target = compute_while_the_other_stores
+    first.prepare(REQUESTS[:4])
+    assert batches == [2]  # the second batch was read, not optimised
+    assert len(first._prepared) == 4
+    for key, values in other._prepared.items():
+        assert torch.equal(first._prepared[key].delta, values.delta)
+
+
 def test_key_prefixes_average_the_keys_and_leave_the_values_alone(tokenizer):
     """key_prefixes=2 with bare-prompt values: keys are the means over the two prefixed
     contexts and the bare prompt, the values' cache setting is the bare one's, and a saved

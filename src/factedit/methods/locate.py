@@ -331,6 +331,15 @@ class LocateEditor(Editor):
             batches = [todo[i:i + size] for i in range(0, len(todo), size)]
             for batch in tqdm(batches, desc=f"{self.config.method} target values", unit="batch",
                               disable=not progress or len(batches) < 2):
+                if cache is not None:
+                    # Another process may have stored some since (bench/fill_values.py fills
+                    # one cache from the other end side by side): read them, compute the rest.
+                    found = cache.load_many(batch)
+                    for i, values in found.items():
+                        self._prepared[_request_key(batch[i])] = values
+                    batch = [r for i, r in enumerate(batch) if i not in found]
+                    if not batch:
+                        continue
                 values = self.compute_target(batch)
                 for request, one in zip(batch, values.split()):
                     self._prepared[_request_key(request)] = one

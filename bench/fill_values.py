@@ -1,0 +1,62 @@
+"""Fill the target-value cache of a locate-then-edit setting ahead of a benchmark run.
+
+    python bench/fill_values.py --method d4s-alphaedit --dataset counterfact --n 1000 \
+        --reverse --set d4s-alphaedit.context_prefixes=2 --set d4s-alphaedit.context_length=5
+
+Values are the slow part of an edit with context prefixes (~5 s a request on one core) and,
+where they are computed on W_0 (D4S, single mode), they do not depend on the edits before.
+`LocateEditor.prepare` re-reads the cache before every batch, so this script started with
+`--reverse` beside a `bench/sequential.py` run of the same setting fills the cache from the
+other end and both meet in the middle: two cores, half the wall time. It sets
+value_cache=true itself; give it the same value options (`--set`) as the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--method", default="d4s")
+    ap.add_argument("--dataset", default="counterfact")
+    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[1].parent
+                                          / "shared" / "data"))
+    ap.add_argument("--corpus", default=None, help="covariance corpus, as bench/sequential.py "
+                    "(default: wikitext-2-raw under --data; the session reads C from its cache)")
+    ap.add_argument("--n", type=int, default=1000, help="the first N records")
+    ap.add_argument("--reverse", action="store_true", help="start from the N-th record")
+    ap.add_argument("--set", action="append", default=[], metavar="METHOD.FIELD=JSON")
+    args = ap.parse_args(argv)
+
+    import factedit as fe
+    from factedit.data import load_dataset
+    from factedit.methods import LocateEditor, options_for
+    from factedit.protocol import make_editor
+
+    corpus = args.corpus or str(Path(args.data) / "corpus" / "wikitext-2-raw")
+    overrides = {**options_for(args.method, covariance_corpus=corpus), "value_cache": True}
+    for item in args.set:
+        key, value = item.split("=", 1)
+        method, field = key.split(".", 1)
+        if method == args.method:
+            overrides[field] = json.loads(value)
+    model = fe.load_model(args.model)
+    editor = make_editor(model, args.method, **overrides)
+    if not isinstance(editor, LocateEditor) or not editor.values_independent_of_history:
+        raise SystemExit(f"{args.method} with these options computes values on the edited "
+                         f"model, so they cannot be computed ahead")
+    requests = load_dataset(args.dataset, limit=args.n, data_dir=args.data)
+    editor.prepare(requests[::-1] if args.reverse else requests, progress=True)
+    print(f"{len(requests)} requests' values in {editor.value_cache().folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
