@@ -31,6 +31,19 @@ Options:
         M_{n-1} K K^T from both sides), needs only as many right-hand sides as the edit
         has requests, and is re-solved in full every `resolve_every` edits so rounding
         cannot drift. After a resume or a removal the next edit solves in full.
+    fit="history" (reference): the sums hold each edit's own (K_n, R_n) as read above, and the
+        weight is the ridge fit of every edit's first targets at once. "sequential": keys and
+        residuals are read on the model as edited so far and the sums take
+            R'_n = R_n + (W_{n-1} - W_0) K_n,
+        the layer output the edit asks for, relative to W_0. Then M_n A_n = S_RK still holds
+        and each step is M_n = M_{n-1} + R_n K_n^T A_n^{-1} (subtract M_{n-1} A_n from both
+        sides): the update of sequential MEMIT/AlphaEdit with S_KK as the memory of earlier
+        keys. Earlier edits keep the outputs they reached, where "history" re-fits them to
+        their first targets whenever a later edit moves them; the weight stays the solve of
+        two bounded sums, saved, resumed and removed as before (a removal then subtracts the
+        edit's terms; the model is not the one edited without it). With d4s-alphaedit,
+        values_on="current" and residual="per_layer" this is AlphaEdit's sequence exactly
+        (a test checks it); values_on="original" keeps z on W_0, so values can be cached.
     keep_history=True: each edit's per-layer (K_n, R_n) are kept (float64, CPU; (d_in + d_out)
         x n numbers per layer), so `remove(edit_id)` subtracts exactly its terms and re-solves.
         False keeps only the requests and recomputes the terms on W_0 when removing: exact
@@ -65,12 +78,14 @@ class D4SConfig(MemitConfig):
     """D4S: MEMIT's fields plus where edits are computed and whether history is kept.
 
     residual: "once" (reference) or "per_layer". values_on: "original" (reference) or
-    "current". keep_history: keep each edit's terms for exact removal. solve: "full" or
-    "incremental", with a full solve every `resolve_every` edits (see module docstring).
+    "current". fit: "history" (reference) or "sequential". keep_history: keep each edit's
+    terms for exact removal. solve: "full" or "incremental", with a full solve every
+    `resolve_every` edits (see module docstring).
     """
 
     residual: str = "once"
     values_on: str = "original"
+    fit: str = "history"
     keep_history: bool = True
     solve: str = "full"
     resolve_every: int = 100
@@ -78,6 +93,7 @@ class D4SConfig(MemitConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice(self, "values_on", ("original", "current"))
+        check_choice(self, "fit", ("history", "sequential"))
         check_choice(self, "solve", ("full", "incremental"))
         check_positive(self, "resolve_every")
         if not isinstance(self.keep_history, bool):
@@ -152,8 +168,20 @@ class D4SEditor(MemitEditor):
     def compute(self, requests: Sequence[EditRequest]) -> EditResult:
         sums: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         solved: dict[int, torch.Tensor] = {}
+        start = self.values_start()
+        sequential = self.config.fit == "sequential"
+        if sequential:
+            # z where values_on says (W_0: computed or read now, in its own session), keys
+            # and residuals on the model as it is.
+            if start is not None:
+                self.prepare(requests)
+            start = None
+        corrected: dict[int, torch.Tensor] = {}
 
         def solve(j: int, layer: int, K: torch.Tensor, R: torch.Tensor):
+            if sequential:  # R' = R + (W_{n-1} - W_0) K: layer j is not written yet
+                M = self.weight64(layer) - self.original_weight(layer)
+                R = corrected[layer] = R.to(torch.float64) + M @ K.to(torch.float64)
             sums[layer] = self._sums_with(layer, K, R)
             if self._incremental(layer):
                 W_new, A = self.update_sums(layer, K, R, sums[layer][1])
@@ -162,7 +190,8 @@ class D4SEditor(MemitEditor):
             solved[layer] = W_new
             return W_new, A
 
-        result, terms = self.edit_layers(requests, solve, self.config.residual, self.values_start())
+        result, terms = self.edit_layers(requests, solve, self.config.residual, start)
+        terms = {layer: (K, corrected.get(layer, R)) for layer, (K, R) in terms.items()}
         # The sums change only once the whole edit succeeded.
         edit_id = self.next_edit_id
         for layer, (S_RK, S_KK) in sums.items():
@@ -182,10 +211,11 @@ class D4SEditor(MemitEditor):
     def _recompute_terms(self, requests: Sequence[EditRequest]) -> Terms:
         """An edit's (K_j, R_j) again, on W_0 with residual once (call inside edit_session)."""
         c = self.config
-        if (c.values_on, c.residual) != ("original", "once"):
+        if (c.values_on, c.residual, c.fit) != ("original", "once", "history"):
             log.warning("d4s remove without history recomputes the edit on W_0 with residual "
-                        "'once'; this run used values_on=%r, residual=%r, so the removal is "
-                        "approximate (keep_history=True makes it exact)", c.values_on, c.residual)
+                        "'once'; this run used values_on=%r, residual=%r, fit=%r, so the "
+                        "removal is approximate (keep_history=True makes it exact)",
+                        c.values_on, c.residual, c.fit)
         values = self.target(requests)
         return {layer: (K, R) for _j, layer, K, R in self.layer_terms(requests, values, "once")}
 

@@ -11,6 +11,11 @@ of deltas each solved on the weights the previous ones left. The update still sa
 (W_n - W_0) = (W_n - W_0) P, so keys C preserves are untouched; and like D4S, an edit can be
 removed exactly and the state saved and resumed. D4S's lambda (mom2_update_weight) plays no
 part: P takes the place of lambda C.
+
+With fit="sequential" (d4s module docstring) the sums take R_n + (W_{n-1} - W_0) K_n, and each
+step becomes W_n = W_{n-1} + R_n K_n^T P (P S_KK P + alpha I)^{-1}: AlphaEdit's own update,
+S_KK being its K_p K_p^T + K K^T. With values_on="current" the sequence equals AlphaEdit's to
+rounding (tested); with values_on="original" the values stay on W_0 and can be cached.
 """
 
 from __future__ import annotations
