@@ -320,26 +320,28 @@ class LocateEditor(Editor):
 
         with self.edit_session(EditResult(), self.values_start(), is_edit=False):
             cache = self.value_cache() if self.config.value_cache else None
-            if cache is not None:
-                found = cache.load_many(todo)
+
+            def not_cached(pending: list[EditRequest]) -> list[EditRequest]:
+                """Take the cached values of `pending` as prepared; return the rest."""
+                if cache is None:
+                    return pending
+                found = cache.load_many(pending)
                 for i, values in found.items():
-                    self._prepared[_request_key(todo[i])] = values
-                todo = [r for i, r in enumerate(todo) if i not in found]
-                if found:
-                    log.info("%s: target values of %d requests read from %s",
-                             self.config.method, len(found), cache.folder)
+                    self._prepared[_request_key(pending[i])] = values
+                return [r for i, r in enumerate(pending) if i not in found]
+
+            n_todo, todo = len(todo), not_cached(todo)
+            if len(todo) < n_todo:
+                log.info("%s: target values of %d requests read from %s",
+                         self.config.method, n_todo - len(todo), cache.folder)
             batches = [todo[i:i + size] for i in range(0, len(todo), size)]
             for batch in tqdm(batches, desc=f"{self.config.method} target values", unit="batch",
                               disable=not progress or len(batches) < 2):
-                if cache is not None:
-                    # Another process may have stored some since (bench/fill_values.py fills
-                    # one cache from the other end side by side): read them, compute the rest.
-                    found = cache.load_many(batch)
-                    for i, values in found.items():
-                        self._prepared[_request_key(batch[i])] = values
-                    batch = [r for i, r in enumerate(batch) if i not in found]
-                    if not batch:
-                        continue
+                # Another process may have stored some since (bench/fill_values.py fills one
+                # cache from the other end side by side): read them, compute the rest.
+                batch = not_cached(batch)
+                if not batch:
+                    continue
                 values = self.compute_target(batch)
                 for request, one in zip(batch, values.split()):
                     self._prepared[_request_key(request)] = one
