@@ -14,9 +14,9 @@ value_cache=true itself; give it the same value options (`--set`) as the run.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-from pathlib import Path
+
+from bench_common import DATA, corpus_in, method_overrides
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -26,8 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--method", default="d4s")
     ap.add_argument("--dataset", default="counterfact")
-    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[1].parent
-                                          / "shared" / "data"))
+    ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--corpus", default=None, help="covariance corpus, as bench/sequential.py "
                     "(default: wikitext-2-raw under --data; the session reads C from its cache)")
     ap.add_argument("--n", type=int, default=1000, help="the first N records")
@@ -40,13 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     from factedit.methods import LocateEditor, options_for
     from factedit.protocol import make_editor
 
-    corpus = args.corpus or str(Path(args.data) / "corpus" / "wikitext-2-raw")
-    overrides = {**options_for(args.method, covariance_corpus=corpus), "value_cache": True}
-    for item in args.set:
-        key, value = item.split("=", 1)
-        method, field = key.split(".", 1)
-        if method == args.method:
-            overrides[field] = json.loads(value)
+    corpus = args.corpus or corpus_in(args.data)
+    overrides = {**options_for(args.method, covariance_corpus=corpus), "value_cache": True,
+                 **method_overrides(args.set).get(args.method, {})}
     model = fe.load_model(args.model)
     editor = make_editor(model, args.method, **overrides)
     if not isinstance(editor, LocateEditor) or not editor.values_independent_of_history:

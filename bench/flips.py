@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench_common import DATA, corpus_in
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -26,8 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--methods", default="serac,ike,memprompt")
     ap.add_argument("--facts", type=int, default=None, help="first N built-in facts")
-    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[1].parent
-                                          / "shared" / "data"))
+    ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--out", default="bench/out/flips")
     args = ap.parse_args(argv)
 
@@ -50,8 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         if path.is_file():
             data = json.loads(path.read_text())
         else:
-            options = options_for(method, covariance_corpus=str(Path(args.data) / "corpus"
-                                                                / "wikitext-2-raw"))
+            options = options_for(method, covariance_corpus=corpus_in(args.data))
             records = []
             started = time.perf_counter()
             for fact, (before, neighbour_before) in zip(facts, unedited):

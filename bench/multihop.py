@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench_common import DATA, corpus_in, method_overrides
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -28,8 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default="unedited,mello,memit,d4s")
     ap.add_argument("--cases", type=int, default=50)
     ap.add_argument("--dataset", default="mquake")
-    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[1].parent
-                                          / "shared" / "data"))
+    ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--covariance-tokens", type=int, default=100_000)
     ap.add_argument("--set", action="append", default=[], metavar="METHOD.FIELD=JSON")
     ap.add_argument("--out", default="bench/out/multihop")
@@ -43,11 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model = fe.load_model(args.model)
     cases = mquake_cases(load_dataset(args.dataset, limit=args.cases, data_dir=args.data))
-    overrides: dict[str, dict] = {}
-    for item in args.set:
-        key, value = item.split("=", 1)
-        method, field = key.split(".", 1)
-        overrides.setdefault(method, {})[field] = json.loads(value)
+    overrides = method_overrides(args.set)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -62,8 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             data["cases"][i] = case_result(cases[i], lambda q, stored=stored: next(stored))
         editor = None
         if method != "unedited" and len(data["cases"]) < len(cases):
-            options = {**options_for(method, covariance_corpus=str(Path(args.data) / "corpus"
-                                                                  / "wikitext-2-raw"),
+            options = {**options_for(method, covariance_corpus=corpus_in(args.data),
                                      covariance_tokens=args.covariance_tokens),
                        **overrides.get(method, {})}
             editor = make_editor(model, method, **options)

@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench_common import DATA, corpus_in, method_overrides
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -58,8 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default="rome,memit,pmet,alphaedit,d4s,d4s-alphaedit")
     ap.add_argument("--n", default="100", help="comma-separated sequence lengths")
     ap.add_argument("--dataset", default="counterfact-rome")
-    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[1].parent
-                                          / "shared" / "data"))
+    ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--corpus", default=None, help="covariance corpus (default: wikitext-2-raw "
                     "under --data)")
     ap.add_argument("--covariance-tokens", type=int, default=100_000)
@@ -81,18 +82,14 @@ def main(argv: list[str] | None = None) -> int:
     sizes = sorted(int(x) for x in args.n.split(","))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    corpus = args.corpus or str(Path(args.data) / "corpus" / "wikitext-2-raw")
+    corpus = args.corpus or corpus_in(args.data)
     t0 = time.perf_counter()
     model = fe.load_model(args.model)
     load_seconds = time.perf_counter() - t0
     requests = load_dataset(args.dataset, limit=sizes[-1], data_dir=args.data)
     if len(requests) < sizes[-1]:
         sys.exit(f"{args.dataset} has only {len(requests)} usable records")
-    overrides: dict[str, dict] = {}
-    for item in args.set:
-        key, value = item.split("=", 1)
-        method, field = key.split(".", 1)
-        overrides.setdefault(method, {})[field] = json.loads(value)
+    overrides = method_overrides(args.set)
 
     results = {}
     for method in args.methods.split(","):

@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench_common import DATA, corpus_in
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -28,8 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--method", default="rome")
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--dataset", default="counterfact-rome")
-    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[1].parent
-                                          / "shared" / "data"))
+    ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--covariance-tokens", type=int, default=100_000)
     ap.add_argument("--layers", default=None)
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     from factedit.methods import options_for
 
     overrides = options_for(args.method,
-                            covariance_corpus=str(Path(args.data) / "corpus" / "wikitext-2-raw"),
+                            covariance_corpus=corpus_in(args.data),
                             covariance_tokens=args.covariance_tokens)
     if args.layers:
         overrides["layers"] = [int(x) for x in args.layers.split(",")]

@@ -42,6 +42,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from bench_common import DATA, corpus_in
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -49,7 +51,6 @@ import torch  # noqa: E402
 
 METHODS = ("rome", "memit", "pmet", "alphaedit", "d4s", "ft-l", "kn", "grace")
 LOCATE = ("rome", "memit", "pmet", "alphaedit", "d4s")
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 # -- models -----------------------------------------------------------------------------------
@@ -295,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--tiny", action="store_true",
                     help="a tiny random Llama instead of --model (checks the script runs)")
-    ap.add_argument("--corpus", default=str(DATA / "corpus" / "wikitext-2-raw"))
+    ap.add_argument("--corpus", default=corpus_in(DATA))
     ap.add_argument("--covariance-tokens", type=int, default=20_000)
     ap.add_argument("--covariance-seq-len", type=int, default=128)
     ap.add_argument("--out", default="bench/out/speed")

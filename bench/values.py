@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench_common import DATA
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -30,8 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layer", type=int, default=8)
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--alone", type=int, default=4, help="requests timed at batch size 1")
-    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[1].parent
-                                          / "shared" / "data"))
+    ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--out", default="bench/out/values.json")
     args = ap.parse_args(argv)
 
