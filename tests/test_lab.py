@@ -434,9 +434,12 @@ def test_run_killed_with_sigkill_resumes_to_the_same_rows(lab_env, tokenizer):
     deadline = time.monotonic() + 600
     while child.poll() is None and time.monotonic() < deadline:
         if store.is_file():
-            with sqlite3.connect(store) as conn:
-                done = conn.execute("SELECT MAX(n_done) FROM progress WHERE method = 'd4s'"
-                                    ).fetchone()[0]
+            try:
+                with sqlite3.connect(store) as conn:
+                    done = conn.execute("SELECT MAX(n_done) FROM progress WHERE method = 'd4s'"
+                                        ).fetchone()[0]
+            except sqlite3.OperationalError:  # the child has created the file, not its tables
+                done = None
             if done:
                 break
         time.sleep(0.02)

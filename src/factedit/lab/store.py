@@ -94,7 +94,8 @@ class ResultsStore:
         # isolation_level=None: transactions are ours (BEGIN IMMEDIATE ... COMMIT in `write`).
         self._conn = sqlite3.connect(str(self.path), isolation_level=None)
         self._conn.row_factory = sqlite3.Row
-        self._conn.executescript(_SCHEMA)
+        # One transaction, so a reader polling a running store sees all the tables or none.
+        self._conn.executescript(f"BEGIN IMMEDIATE;\n{_SCHEMA}\nCOMMIT;")
         version = self.meta().get("store_version")
         if version is None:
             self.write(meta={"store_version": str(STORE_VERSION)})
