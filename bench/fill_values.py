@@ -24,6 +24,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--device", default="cpu", help="as bench/sequential.py: cpu, cuda, "
+                    "cuda:N, auto")
     ap.add_argument("--method", default="d4s")
     ap.add_argument("--dataset", default="counterfact")
     ap.add_argument("--data", default=str(DATA))
@@ -42,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     corpus = args.corpus or corpus_in(args.data)
     overrides = {**options_for(args.method, covariance_corpus=corpus), "value_cache": True,
                  **method_overrides(args.set).get(args.method, {})}
-    model = fe.load_model(args.model)
+    model = fe.load_model(args.model, device=args.device)
     editor = make_editor(model, args.method, **overrides)
     if not isinstance(editor, LocateEditor) or not editor.values_independent_of_history:
         raise SystemExit(f"{args.method} with these options computes values on the edited "

@@ -57,6 +57,9 @@ def previous_state(path: Path) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--device", default="cpu",
+                    help="where the model runs: cpu, cuda, cuda:N, auto (a GPU if torch sees "
+                    "one). The editors' float64 algebra stays on the CPU either way")
     ap.add_argument("--methods", default="rome,memit,pmet,alphaedit,d4s,d4s-alphaedit")
     ap.add_argument("--n", default="100", help="comma-separated sequence lengths")
     ap.add_argument("--dataset", default="counterfact-rome")
@@ -84,7 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     corpus = args.corpus or corpus_in(args.data)
     t0 = time.perf_counter()
-    model = fe.load_model(args.model)
+    import torch
+
+    model = fe.load_model(args.model, device=args.device)
     load_seconds = time.perf_counter() - t0
     requests = load_dataset(args.dataset, limit=sizes[-1], data_dir=args.data)
     if len(requests) < sizes[-1]:
@@ -138,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             data["editor_state_mib"] = state_by_n[n_done]
             data["editor_state_mib_by_n"] = dict(state_by_n)
             data.update(complete=complete, dataset=args.dataset, model=model.model_id,
+                        device=str(model.device), threads=torch.get_num_threads(),
                         load_model_seconds=load_seconds, peak_rss_mib=peak_rss_mib(),
                         overrides=overrides.get(method, {}), config=report.handle.config.to_dict())
             old_state = previous_state(path)

@@ -54,3 +54,32 @@ def test_builtin_model_loads_from_safetensors_cache(builtin_model):
     folder = gguf_cache_folder(BUILTIN_MODELS["smollm2-135m"]())
     assert (folder / "model.safetensors").is_file() and _verify_cache(folder)
     assert builtin_model.num_layers == 30 and builtin_model.weight(0).shape == (576, 1536)
+
+
+def test_device_names_resolve_or_fail_before_any_load(tmp_path, monkeypatch):
+    import torch
+
+    from factedit.models import load_model, resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ValueError, match="sees no CUDA GPU.*give \"cpu\""):
+        resolve_device("cuda:0")
+    with pytest.raises(ValueError, match="device='gpu0'"):
+        resolve_device("gpu0")
+    # The device is checked before the model: the folder does not even exist.
+    with pytest.raises(ValueError, match="device='gpu0'"):
+        load_model(str(tmp_path / "no-such-model"), device="gpu0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")
+
+
+def test_cli_passes_the_device_to_every_model_loading_command():
+    from factedit.cli import build_parser
+
+    parser = build_parser()
+    for argv in (["demo"], ["edit", "--prompt", "{} x"], ["info"], ["run", "x.yaml"],
+                 ["train", "mend", "--out", "o"]):
+        assert parser.parse_args(argv).device == "cpu"
+        assert parser.parse_args([*argv, "--device", "cuda:1"]).device == "cuda:1"

@@ -85,7 +85,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
             target_true=args.target_true, paraphrases=args.paraphrase or [],
             neighborhood=args.neighbor or [])]
     t0 = time.perf_counter()
-    model = fe.load_model(args.model)
+    model = fe.load_model(args.model, device=args.device)
     load_seconds = time.perf_counter() - t0
     prompts = [r.rewrite_prompt for r in requests]
     before = model.generate(prompts, max_new_tokens=args.max_new_tokens)
@@ -126,7 +126,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     facts = builtin_facts()[: args.n]
     print(f"loading {args.model} ...", flush=True)
-    model = fe.load_model(args.model)
+    model = fe.load_model(args.model, device=args.device)
     # Each fact with its first neighbour: the neighbour shows what the edit must leave alone.
     probes = [[f.rewrite_prompt, f.neighborhood[0][0]] for f in facts]
     before = model.generate([p for pair in probes for p in pair], max_new_tokens=6)
@@ -181,7 +181,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     import factedit as fe
     from factedit.methods.locate import default_layers
 
-    model = fe.load_model(args.model)
+    model = fe.load_model(args.model, device=args.device)
     print(model)
     print(f"architecture: {model.arch}")
     d_out, d_in = model.weight(0).shape
@@ -212,7 +212,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         out = Path(args.out or Path("runs") / (config.name or Path(args.config).stem))
     else:
         raise SystemExit("factedit run: give an experiment file, or --resume DIR")
-    run_experiment(config, out, resume=bool(args.resume))
+    run_experiment(config, out, resume=bool(args.resume), device=args.device)
     print(f"run finished in {out}")
     try:
         report = write_report(out)
@@ -275,7 +275,7 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"{manifest['threshold']:.3f}")
         print(f"edit with: factedit edit --method serac --set classifier={args.out} ...")
         return 0
-    model = fe.load_model(args.model)
+    model = fe.load_model(args.model, device=args.device)
     config = _train_config(spec.config_cls, args)
     result = train_editor(spec.editor_cls, model, train, validation, args.out, config,
                           resume=not args.restart)
@@ -292,9 +292,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    def device(p: argparse.ArgumentParser) -> None:
+        # The CPU by default: the locate-then-edit family and the scoring have run on CUDA
+        # (bench/RESULTS.md, "On an H200"); the other editors have not been run on a GPU yet.
+        p.add_argument("--device", default="cpu", help="where the model runs: cpu (default), "
+                       "cuda, cuda:N, or auto (a CUDA GPU if torch sees one)")
+
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--model", default="smollm2-135m",
                        help="built-in alias, HF folder, hub id or .gguf file")
+        device(p)
         p.add_argument("--method", default="rome", help="editing method (factedit methods)")
         p.add_argument("--layers", help="comma-separated layers to edit (default: per model)")
         p.add_argument("--corpus", help="text file/folder for covariance statistics "
@@ -334,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="model layout, default layers, method memory")
     p.add_argument("--model", default="smollm2-135m")
+    device(p)
     p.add_argument("--method", default="rome")
     p.set_defaults(func=cmd_info)
 
@@ -341,12 +349,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", help="experiment file (see docs/experiments.md)")
     p.add_argument("--out", help="run folder (default: runs/<experiment name>)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR where it stopped")
+    device(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("train", help="train what an editor needs: MEND's or KE's hypernetwork, "
                        "SERAC's scope classifier")
     p.add_argument("kind", choices=["mend", "ke", "serac"], help="which editor")
     p.add_argument("--model", default="smollm2-135m")
+    device(p)
     p.add_argument("--data", default="counterfact-train", help="dataset name or file")
     p.add_argument("--val-data", default="counterfact-val")
     p.add_argument("--data-dir", default=None, help="benchmark data folder ($FACTEDIT_DATA)")

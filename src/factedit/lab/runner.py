@@ -73,12 +73,15 @@ def run_experiment(
     model: EditableModel | None = None,
     progress: bool = True,
     stop_after_edits: int | None = None,
+    device: str | None = None,
 ) -> Path:
     """Run (or with `resume=True` continue) an experiment in `out_dir`; returns the folder.
 
     config: an Experiment, a parsed dict, or the path of a YAML/TOML/JSON file; with
     `resume` it may be None (config.json of the folder is used) and must otherwise match it.
     model: an already built EditableModel instead of loading `config.model` by name.
+    device: where a model loaded by name runs ("auto", "cpu", "cuda:0"; None: the CPU). Not
+        part of the experiment: a run may be resumed on another machine.
     stop_after_edits: a test hook; raise RunInterrupted after that many edits of this call.
     """
     out = Path(out_dir)
@@ -86,7 +89,7 @@ def run_experiment(
     store = ResultsStore(out / STORE_FILE)
     try:
         with _run_log(out / LOG_FILE):
-            _run(store, out, experiment, resume, stop_after_edits, progress)
+            _run(store, out, experiment, resume, stop_after_edits, progress, device)
     finally:
         store.close()
     return out
@@ -125,13 +128,14 @@ class _ForwardToRoot(logging.Handler):
 
 
 def _run(store: ResultsStore, out: Path, experiment: Experiment, resume: bool,
-         stop_after_edits: int | None, progress: bool) -> None:
+         stop_after_edits: int | None, progress: bool, device: str | None) -> None:
     log.info("%s run in %s (%s)", "resuming" if resume else "starting", out,
              ", ".join(r.key for r in experiment.methods))
     if isinstance(experiment.model, str):
         from ..models import load_model
 
-        model = load_model(experiment.model)
+        model = load_model(experiment.model, device=device)
+        log.info("model %s on %s", model.model_id, model.device)
     else:
         model = experiment.model
     requests = _requests(experiment, out)
@@ -147,9 +151,10 @@ def _run(store: ResultsStore, out: Path, experiment: Experiment, resume: bool,
 
 
 def resume_experiment(out_dir: str | Path, *, model: EditableModel | None = None,
-                      progress: bool = True) -> Path:
+                      progress: bool = True, device: str | None = None) -> Path:
     """Continue the run in `out_dir` where it stopped (`factedit run --resume DIR`)."""
-    return run_experiment(None, out_dir, resume=True, model=model, progress=progress)
+    return run_experiment(None, out_dir, resume=True, model=model, progress=progress,
+                          device=device)
 
 
 # -- set-up ----------------------------------------------------------------------------------

@@ -172,7 +172,9 @@ def load_model(
         name: built-in alias ("smollm2-135m", "gemma3-270m"), a HF folder, a hub id, or a
             path to a .gguf file.
         dtype: torch dtype or its name; default float32 (editing numerics want it on CPU).
-        device: move the model there ("cpu", "cuda:0"); ignored with device_map.
+        device: move the model there ("cpu", "cuda:0"; "auto": the first GPU if torch sees
+            one, else the CPU); None leaves it where transformers put it. Ignored with
+            device_map.
         device_map: passed to transformers/accelerate ("auto" or a dict) for models that
             span devices or offload to CPU/disk (give `offload_folder=` for "disk"); the
             result is edited in place wherever its weights live (see `models.params`).
@@ -184,6 +186,8 @@ def load_model(
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     dtype = dtype or torch.float32
+    # Checked before the load: a wrong device name should not cost a model load first.
+    target = resolve_device(device) if device is not None and device_map is None else None
     kind, path = resolve_source(name)
     if kind == "gguf":
         folder = gguf_cache_folder(path)
@@ -202,10 +206,25 @@ def load_model(
         load_kwargs["device_map"] = device_map
     model = AutoModelForCausalLM.from_pretrained(source, **load_kwargs)
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-    if device is not None and device_map is None:
-        model.to(device)
+    if target is not None:
+        model.to(target)
     spec = resolve_arch(model.config, arch)
     return EditableModel(model, tokenizer, spec, model_id)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device; "auto" is "cuda" when torch sees a GPU, else "cpu"."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device={device!r}: give \"auto\", \"cpu\", \"cuda\" or "
+                         f"\"cuda:N\" ({err})") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}: torch sees no CUDA GPU here; give \"cpu\" "
+                         f"or \"auto\"")
+    return resolved
 
 
 def _folder_fingerprint(path: Path) -> str:
