@@ -98,12 +98,15 @@ def test_sequential_d4s_equals_memit_batch_on_w0(tokenizer):
 def test_incremental_solve_equals_full_solve(tokenizer, method, resolve_every, monkeypatch):
     """The recursive least-squares step lands on the full solve of the sums, with or
     without the periodic full re-solve, and removal afterwards stays exact."""
+    from factedit.linalg import WoodburySolver
     from factedit.methods.d4s import D4SEditor
 
-    steps = []
-    original_step = D4SEditor.update_sums
+    steps, added = [], []
+    original_step, original_add = D4SEditor.update_sums, WoodburySolver.add
     monkeypatch.setattr(D4SEditor, "update_sums",
                         lambda self, *a: steps.append(a[0]) or original_step(self, *a))
+    monkeypatch.setattr(WoodburySolver, "add",
+                        lambda self, V: added.append(V.shape) or original_add(self, V))
     w0, full, incremental = tiny(tokenizer), tiny(tokenizer), tiny(tokenizer)
     options = small(**NULL_SPACE.get(method, {}))
     edit(full, REQUESTS[:5], method=method, mode="sequential", progress=False, **options)
@@ -112,6 +115,8 @@ def test_incremental_solve_equals_full_solve(tokenizer, method, resolve_every, m
     assert_same_edit(deltas(incremental, w0), deltas(full, w0), rtol=1e-9)
     # edit 0 solves in full (nothing to step from), and so does edit 3 when resolve_every=3
     assert len(steps) == len(LAYERS) * (3 if resolve_every == 3 else 4)
+    # the step after a full solve factors its matrix; the steps after it reuse that factor
+    assert len(added) == len(LAYERS) * (1 if resolve_every == 3 else 3)
     handle.remove(1)
     without = tiny(tokenizer)
     edit(without, [r for i, r in enumerate(REQUESTS[:5]) if i != 1], method=method,

@@ -30,7 +30,9 @@ Options:
         which satisfies M_n A_n = S_RK exactly when M_{n-1} A_{n-1} did (subtract
         M_{n-1} K K^T from both sides), needs only as many right-hand sides as the edit
         has requests, and is re-solved in full every `resolve_every` edits so rounding
-        cannot drift. After a resume or a removal the next edit solves in full.
+        cannot drift. After a resume or a removal the next edit solves in full. A_n^{-1} K_n
+        comes from one Cholesky factor of an earlier A and the keys added since
+        (linalg.WoodburySolver), not from factoring A_n at every edit.
     fit="history" (reference): the sums hold each edit's own (K_n, R_n) as read above, and the
         weight is the ridge fit of every edit's first targets at once. "sequential": keys and
         residuals are read on the model as edited so far and the sums take
@@ -60,7 +62,7 @@ from typing import Any
 
 import torch
 
-from ..linalg import memit_system, solve_update
+from ..linalg import WoodburySolver, memit_system, solve_update
 from ..linalg.solve import spd_solve
 from ..models import EditableModel
 from ..requests import EditRequest
@@ -114,6 +116,8 @@ class D4SEditor(MemitEditor):
         self.live_edits: list[int] = []
         self.next_edit_id = 0
         self._solved: dict[int, torch.Tensor] = {}  # layer -> M = W_n - W_0 (incremental)
+        # layer -> the factor of the last incremental step's system (incremental)
+        self._factors: dict[int, WoodburySolver] = {}
 
     # -- the update rule ------------------------------------------------------------------------
     def solve_sums(self, layer: int, S_RK: torch.Tensor, S_KK: torch.Tensor
@@ -135,11 +139,34 @@ class D4SEditor(MemitEditor):
         """W_0 + M_n by the recursive least-squares step (module docstring), and A_n."""
         K = K.to(torch.float64)
         A, K_system, lift = self.incremental_system(layer, K, S_KK)
-        X = spd_solve(A, K_system, f"D4S system at layer {layer}")  # A_n^{-1} K'_n
+        X = self._step_solve(layer, A, K_system, S_KK)  # A_n^{-1} K'_n
         if lift is not None:
             X = lift @ X
         M = self._solved[layer]
         return self.original_weight(layer) + M + (R.to(torch.float64) - M @ K) @ X.T, A
+
+    def _step_solve(self, layer: int, A: torch.Tensor, K_system: torch.Tensor,
+                    S_KK: torch.Tensor) -> torch.Tensor:
+        """A^{-1} K_system, where A = A_{n-1} + K_system K_system^T.
+
+        The layer's WoodburySolver stands for A_{n-1} when its token is the committed S_KK
+        (checked by identity: a failed edit, a full solve, a removal or a resume commit
+        another object, or none); then only the new keys are added. Otherwise A is factored
+        afresh. Either way the solver now stands for this edit's S_KK.
+        """
+        solver = self._factors.get(layer)
+        committed = self._s_kk.get(layer)
+        if (solver is not None and committed is not None and solver.token is committed
+                and solver.room(K_system.shape[1])):
+            solver.add(K_system)
+        else:
+            solver = WoodburySolver.factor(A)
+            if solver is None:  # not positive definite: spd_solve's eigen fallback and warning
+                self._factors.pop(layer, None)
+                return spd_solve(A, K_system, f"D4S system at layer {layer}")
+        solver.token = S_KK
+        self._factors[layer] = solver
+        return solver.solve(K_system)
 
     def _incremental(self, layer: int) -> bool:
         return (self.config.solve == "incremental" and layer in self._solved
@@ -245,6 +272,7 @@ class D4SEditor(MemitEditor):
         self._requests.pop(edit_id, None)
         self.live_edits.remove(edit_id)
         self._solved.clear()  # the next edit solves in full
+        self._factors.clear()
         result.info["removed_edit_id"] = edit_id
         return result
 
@@ -273,6 +301,7 @@ class D4SEditor(MemitEditor):
         self.next_edit_id = int(manifest["next_edit_id"])
         self.live_edits = [int(e) for e in manifest["live_edits"]]
         self._solved.clear()  # the next edit solves in full
+        self._factors.clear()
         self._requests = {int(e): [EditRequest.from_dict(r) for r in reqs]
                           for e, reqs in manifest.get("requests", {}).items()}
         self._history = {}
