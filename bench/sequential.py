@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="config override, e.g. d4s.values_on=\"current\"")
     args = ap.parse_args(argv)
 
+    import torch
+
     import factedit as fe
     from factedit.data import load_dataset
     from factedit.methods import options_for
@@ -87,8 +89,6 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     corpus = args.corpus or corpus_in(args.data)
     t0 = time.perf_counter()
-    import torch
-
     model = fe.load_model(args.model, device=args.device)
     load_seconds = time.perf_counter() - t0
     requests = load_dataset(args.dataset, limit=sizes[-1], data_dir=args.data)
