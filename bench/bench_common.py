@@ -1,7 +1,9 @@
-"""What the bench scripts share: the benchmark data folder, its covariance corpus, --set."""
+"""What the bench scripts share: the benchmark data folder, its covariance corpus, --set,
+--device."""
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -22,3 +24,10 @@ def method_overrides(items: list[str]) -> dict[str, dict]:
         method, field = key.split(".", 1)
         overrides.setdefault(method, {})[field] = json.loads(value)
     return overrides
+
+
+def add_device_argument(ap: argparse.ArgumentParser) -> None:
+    """--device, passed to `factedit.load_model` (the CLI's own option, same choices)."""
+    ap.add_argument("--device", default="cpu",
+                    help="where the model runs: cpu, cuda, cuda:N, auto (a GPU if torch sees "
+                    "one). The editors' float64 algebra stays on the CPU either way")

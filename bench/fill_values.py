@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from bench_common import DATA, corpus_in, method_overrides
+from bench_common import DATA, add_device_argument, corpus_in, method_overrides
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -24,8 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--device", default="cpu", help="as bench/sequential.py: cpu, cuda, "
-                    "cuda:N, auto")
+    add_device_argument(ap)
     ap.add_argument("--method", default="d4s")
     ap.add_argument("--dataset", default="counterfact")
     ap.add_argument("--data", default=str(DATA))

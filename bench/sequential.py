@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_common import DATA, corpus_in, method_overrides
+from bench_common import DATA, add_device_argument, corpus_in, method_overrides
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -57,9 +57,7 @@ def previous_state(path: Path) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--device", default="cpu",
-                    help="where the model runs: cpu, cuda, cuda:N, auto (a GPU if torch sees "
-                    "one). The editors' float64 algebra stays on the CPU either way")
+    add_device_argument(ap)
     ap.add_argument("--methods", default="rome,memit,pmet,alphaedit,d4s,d4s-alphaedit")
     ap.add_argument("--n", default="100", help="comma-separated sequence lengths")
     ap.add_argument("--dataset", default="counterfact-rome")

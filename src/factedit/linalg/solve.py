@@ -18,6 +18,14 @@ class SingularMatrixError(RuntimeError):
     """The system matrix is singular or not finite; the message says what to change."""
 
 
+def cholesky_factor(A: torch.Tensor) -> torch.Tensor | None:
+    """L with A = L L^T (A float64), or None when A is not positive definite."""
+    L, info = torch.linalg.cholesky_ex(A)
+    if int(info) != 0 or not torch.isfinite(L).all():
+        return None
+    return L
+
+
 def spd_solve(A: torch.Tensor, B: torch.Tensor, what: str = "system") -> torch.Tensor:
     """Solve A X = B for symmetric positive (semi-)definite A, in float64.
 
@@ -30,8 +38,8 @@ def spd_solve(A: torch.Tensor, B: torch.Tensor, what: str = "system") -> torch.T
             f"{what}: matrix has NaN/inf entries (covariance statistics corrupt? delete the "
             f"cache file and recompute)"
         )
-    L, info = torch.linalg.cholesky_ex(A)
-    if int(info) == 0:
+    L = cholesky_factor(A)
+    if L is not None:
         return torch.cholesky_solve(B, L)
     # Not positive definite in float64: solve on the eigenbasis, dropping null directions.
     evals, evecs = torch.linalg.eigh(A)
@@ -83,9 +91,8 @@ class WoodburySolver:
     def factor(cls, A: torch.Tensor, max_columns: int | None = None) -> WoodburySolver | None:
         """The solver of A (float64), or None when A is not positive definite (solve it with
         `spd_solve`, whose eigen fallback handles that case)."""
-        A = A.to(torch.float64)
-        L, info = torch.linalg.cholesky_ex(A)
-        if int(info) != 0 or not torch.isfinite(L).all():
+        L = cholesky_factor(A.to(torch.float64))
+        if L is None:
             return None
         return cls(L, max(8, A.shape[0] // 8) if max_columns is None else max_columns)
 
