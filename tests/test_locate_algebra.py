@@ -109,10 +109,16 @@ def test_incremental_solve_equals_full_solve(tokenizer, method, resolve_every, m
                         lambda self, V: added.append(V.shape) or original_add(self, V))
     w0, full, incremental = tiny(tokenizer), tiny(tokenizer), tiny(tokenizer)
     options = small(**NULL_SPACE.get(method, {}))
-    edit(full, REQUESTS[:5], method=method, mode="sequential", progress=False, **options)
+    full_handle = edit(full, REQUESTS[:5], method=method, mode="sequential", progress=False,
+                       **options)
     handle = edit(incremental, REQUESTS[:5], method=method, mode="sequential", progress=False,
                   solve="incremental", resolve_every=resolve_every, **options)
     assert_same_edit(deltas(incremental, w0), deltas(full, w0), rtol=1e-9)
+    # The steps build their system only for the logged condition number: the same matrix.
+    for ours, reference in zip(handle.records, full_handle.records, strict=True):
+        for layer in LAYERS:
+            assert ours.info["layers"][layer]["cond"] == pytest.approx(
+                reference.info["layers"][layer]["cond"], rel=1e-8)
     # edit 0 solves in full (nothing to step from), and so does edit 3 when resolve_every=3
     assert len(steps) == len(LAYERS) * (3 if resolve_every == 3 else 4)
     # the step after a full solve factors its matrix; the steps after it reuse that factor
@@ -439,3 +445,35 @@ def test_null_space_update_equals_alphaedit_reference_formula():
     delta, A = null_space_update(U, B @ U, U.T @ S @ U, alpha)
     assert A.shape == (U.shape[1], U.shape[1])
     torch.testing.assert_close(delta, reference, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("model_type,site", [("llama", "mlp_out"), ("llama", "attn_out"),
+                                              ("gpt2", "residual")])
+def test_layer_by_layer_reads_equal_reads_from_the_embeddings(tokenizer, model_type, site):
+    """MEMIT's per-layer loop reads K at l_j and h at z's site after writing l_{j-1}: one pass
+    from block l_{j-1}'s kept input gives what compute_keys and site_values read from the
+    embeddings (prefixed templates, several batches, the weights changed between reads)."""
+    from factedit.linalg import LayerByLayerReads, compute_keys, site_module_name, site_values
+    from factedit.linalg.context import context_templates
+
+    model = tiny(tokenizer, model_type)
+    templates = context_templates(model, 2, 5, 0)
+    requests, layers, z_layer = REQUESTS[:3], [0, 2, 3], 3
+    reads = LayerByLayerReads(model, requests, templates, z_layer,
+                              site_module_name(model, z_layer, site), batch_size=4)
+    generator = torch.Generator().manual_seed(1)
+    for j, layer in enumerate(layers):
+        K, h = reads.read(layer, with_site=j > 0)
+        assert torch.allclose(K, compute_keys(model, requests, [layer], templates)[layer],
+                              rtol=1e-10, atol=1e-12)
+        if j == 0:
+            assert h is None
+        else:
+            assert torch.allclose(h, site_values(model, requests, z_layer, site),
+                                  rtol=1e-10, atol=1e-12)
+        # Write the layer just read, as the loop does, so the next read must see it.
+        weight = model.mlp_out(layer).weight
+        with torch.no_grad():
+            weight.add_(0.5 * torch.randn(weight.shape, generator=generator, dtype=weight.dtype))
+    with pytest.raises(ValueError, match="layers must increase"):
+        reads.read(1)

@@ -2,7 +2,13 @@
 
 from .context import context_templates
 from .covariance import covariance
-from .keys import capture_at_subject, compute_keys, hidden_at_subject, subject_rows
+from .keys import (
+    LayerByLayerReads,
+    capture_at_subject,
+    compute_keys,
+    hidden_at_subject,
+    subject_rows,
+)
 from .solve import SingularMatrixError, WoodburySolver, condition_number, spd_solve
 from .update import (
     condition_estimate,
@@ -22,7 +28,8 @@ from .values import (
 )
 
 __all__ = [
-    "SingularMatrixError", "TargetValues", "WoodburySolver", "capture_at_subject", "compute_keys",
+    "LayerByLayerReads", "SingularMatrixError", "TargetValues", "WoodburySolver",
+    "capture_at_subject", "compute_keys",
     "condition_estimate", "condition_number", "context_templates", "covariance",
     "hidden_at_subject", "memit_system", "null_space_basis",
     "null_space_update", "optimise_joint_target_values",

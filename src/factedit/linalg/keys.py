@@ -8,12 +8,13 @@ asked for.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from ..models import EditableModel, TraceDict
+from ..models import EditableModel, Trace, TraceDict, start_at_layer
 from ..requests import EditRequest
 from ..text import pad_right, subject_last_index
 
@@ -105,3 +106,73 @@ def hidden_at_subject(
     rows = subject_rows(model, requests, ["{}"])
     name = model.arch.layer(model.check_layer(layer))
     return capture_at_subject(model, rows, [name], "output", batch_size)[name]
+
+
+class LayerByLayerReads:
+    """Keys of each edited layer and h at z's site, read as MEMIT's loop writes the layers.
+
+    With residual="per_layer" the loop writes l_0, reads K and h, writes l_1, reads again...
+    Writing l_{j-1} changes nothing below block l_{j-1}, so the pass for l_j starts at block
+    l_{j-1} from the block input the previous pass kept (`start_at_layer`), and one pass
+    yields both the keys at l_j (over the key templates) and h (the rows of the bare
+    template, every template list's first), where reading them apart took two passes from
+    the embeddings. For layers 2-8 (of 30) and bare prompts: 30 block passes per edit, not 96.
+
+    The kept input stays valid while only blocks at or above the last layer read change:
+    `read` must be called with increasing layers, each after the layer before it is written.
+    """
+
+    def __init__(self, model: EditableModel, requests: Sequence[EditRequest],
+                 templates: Sequence[str], z_layer: int, site_name: str,
+                 batch_size: int = 64) -> None:
+        if not templates or templates[0] != "{}":
+            raise ValueError(f"templates must start with the bare prompt '{{}}', got {templates!r}")
+        self.model, self.n_requests, self.site_name = model, len(requests), site_name
+        self.z_layer = model.check_layer(z_layer)
+        self.rows = subject_rows(model, requests, templates)
+        self._bare = torch.tensor([t == 0 for t in self.rows.template_of_row])
+        pad = model.tokenizer.pad_token_id
+        self._batches = []
+        for batch in _batches(len(self.rows.ids), batch_size):
+            ids, mask = pad_right([self.rows.ids[r] for r in batch], pad)
+            self._batches.append((torch.tensor(ids, device=model.device),
+                                  torch.tensor(mask, device=model.device),
+                                  torch.tensor([self.rows.subject_index[r] for r in batch])))
+        self._kept: tuple[int, list[torch.Tensor]] | None = None  # (block, its inputs)
+
+    def read(self, layer: int, with_site: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """K at `layer` (n_requests, d_in) and, with `with_site`, h (n_requests, d): float64."""
+        model = self.model
+        layer = model.check_layer(layer)
+        start, kept = self._kept if self._kept is not None else (None, None)
+        if start is not None and start >= layer:
+            raise ValueError(f"read layer {layer} after layer {start}: layers must increase")
+        key_name, block_name = model.arch.mlp_out_at(layer), model.arch.layer(layer)
+        # Stop after the block holding the last thing read (z's site may sit below the key
+        # at the last layer: the attention output precedes the MLP).
+        stop_name = model.arch.layer(max(layer, self.z_layer) if with_site else layer)
+        keys, sites, inputs = [], [], []
+        with torch.inference_mode():
+            for b, (ids, mask, pos) in enumerate(self._batches):
+                with contextlib.ExitStack() as stack:
+                    if start is not None:
+                        stack.enter_context(start_at_layer(model.layers, start, kept[b],
+                                                           model.block_returns_tuple))
+                    key = stack.enter_context(Trace(model.model, key_name, retain_input=True))
+                    block = stack.enter_context(Trace(model.model, block_name,
+                                                      retain_input=True))
+                    site = (stack.enter_context(Trace(model.model, self.site_name,
+                                                      retain_output=True))
+                            if with_site else None)
+                    # Registered last, so its hook runs after the others' on a shared module.
+                    stack.enter_context(Trace(model.model, stop_name, stop=True))
+                    model.model(input_ids=ids, attention_mask=mask, use_cache=False)
+                rows = torch.arange(len(pos))
+                keys.append(key.input[rows, pos].to(torch.float64).cpu())
+                inputs.append(block.input)
+                if site is not None:
+                    sites.append(site.output[rows, pos].to(torch.float64).cpu())
+        self._kept = (layer, inputs)
+        K = average_per_request(torch.cat(keys), self.rows, self.n_requests)
+        h = torch.cat(sites)[self._bare] if with_site else None
+        return K, h

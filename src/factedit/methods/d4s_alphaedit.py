@@ -27,6 +27,7 @@ import torch
 from .alphaedit import check_null_space_fields, projected_update
 from .base import register_method
 from .d4s import D4SConfig, D4SEditor
+from .locate import SystemMatrix
 
 
 @dataclass
@@ -50,9 +51,10 @@ class D4SAlphaEditEditor(D4SEditor):
 
     def __init__(self, model, config: D4SAlphaEditConfig) -> None:
         super().__init__(model, config)
-        # layer -> (S_KK, U^T S_KK U) of the last incremental step: when that S_KK is the one
-        # committed (checked by identity), the next step adds only its own keys' projection.
-        self._reduced: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # layer -> (S_KK, G, pending): U^T S_KK U = G + sum of P P^T over the projected keys P
+        # in `pending`. While that S_KK is the one committed (checked by identity), the next
+        # step only appends its own keys' projection; G is formed when a step needs it.
+        self._reduced: dict[int, tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]] = {}
 
     def solve_sums(self, layer: int, S_RK: torch.Tensor, S_KK: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,20 +64,32 @@ class D4SAlphaEditEditor(D4SEditor):
         return self.original_weight(layer) + delta, A
 
     def incremental_system(self, layer: int, K: torch.Tensor, S_KK: torch.Tensor
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                           ) -> tuple[SystemMatrix, torch.Tensor, torch.Tensor]:
         """(U^T S_KK U + alpha I, U^T K, U): the reduced system grows by (U^T K)(U^T K)^T per
         edit and S_RK U by R (U^T K)^T, so D4S's incremental step holds in U's coordinates,
-        lifted back by U (linalg.null_space_update)."""
+        lifted back by U (linalg.null_space_update). The system is built when called: a
+        Woodbury step needs only U^T K."""
         c = self.config
         U = self.null_basis(layer, c.nullspace_threshold)
         KU = U.T @ K
         last = self._reduced.get(layer)
         if last is not None and layer in self._s_kk and last[0] is self._s_kk[layer]:
-            G = last[1] + KU @ KU.T  # S_KK = committed sum + K K^T (D4SEditor._sums_with)
+            # S_KK = committed sum + K K^T (D4SEditor._sums_with)
+            self._reduced[layer] = (S_KK, last[1], [*last[2], KU])
         else:  # first step, or after a full solve, a removal, a failed edit or a resume
-            G = U.T @ S_KK @ U
-        self._reduced[layer] = (S_KK, G)
-        return G + c.alpha * torch.eye(U.shape[1], dtype=torch.float64), KU, U
+            self._reduced[layer] = (S_KK, U.T @ S_KK @ U, [])
+
+        def system() -> torch.Tensor:
+            S, G, pending = self._reduced[layer]
+            if S is not S_KK:
+                raise RuntimeError("d4s-alphaedit: a step's system was asked for after the next")
+            if pending:
+                P = torch.cat(pending, dim=1)
+                G = G + P @ P.T
+                self._reduced[layer] = (S_KK, G, [])
+            return G + c.alpha * torch.eye(U.shape[1], dtype=torch.float64)
+
+        return system, KU, U
 
 
 register_method("d4s-alphaedit", D4SAlphaEditConfig, D4SAlphaEditEditor,

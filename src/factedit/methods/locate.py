@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ..linalg import (
+    LayerByLayerReads,
     TargetValues,
     compute_keys,
     condition_estimate,
@@ -26,7 +27,7 @@ from ..linalg import (
     null_space_basis,
     optimise_joint_target_values,
     optimise_target_values,
-    site_values,
+    site_module_name,
     spread_residual,
     weight_stats,
 )
@@ -180,9 +181,12 @@ def _request_key(request: EditRequest) -> tuple:
     return (request.uid, request.prompt, request.subject, request.target_new)
 
 
-# solve(j, layer, K, R) -> (W_new, A): layer l_j's new weight (d_out, d_in) and the SPD matrix
-# the update solved against (its condition number is logged). K (d_in, n), R (d_out, n).
-LayerSolve = Callable[[int, int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# The SPD matrix an update solved against, or a function that builds it: its condition number
+# is logged every `condition_every` edits, and a step that never forms it need not build it.
+SystemMatrix = torch.Tensor | Callable[[], torch.Tensor]
+# solve(j, layer, K, R) -> (W_new, A): layer l_j's new weight (d_out, d_in) and its system
+# matrix. K (d_in, n), R (d_out, n).
+LayerSolve = Callable[[int, int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, SystemMatrix]]
 
 
 class LocateEditor(Editor):
@@ -427,12 +431,16 @@ class LocateEditor(Editor):
         """
         n_layers, z_layer = len(self.layers), self.layers[-1]
         once = self.keys(requests, self.layers) if residual == "once" else None
+        reads = None if once is not None else LayerByLayerReads(
+            self.model, requests, self.key_templates(), z_layer,
+            site_module_name(self.model, z_layer, values.site))
         for j, layer in enumerate(self.layers):
-            if once is not None or j == 0:
-                h = values.init  # the model is still the one z was optimised on
+            if once is not None:
+                K, h = once[layer], None
             else:
-                h = site_values(self.model, requests, z_layer, values.site)
-            K = once[layer] if once is not None else self.keys(requests, [layer])[layer]
+                K, h = reads.read(layer, with_site=j > 0)
+            if h is None:
+                h = values.init  # the model is still the one z was optimised on
             yield j, layer, K.T, spread_residual(values.target, h, n_layers - j,
                                                  self.spread_exponent)
 
@@ -459,13 +467,13 @@ class LocateEditor(Editor):
         return terms
 
     def store_layer(self, result: EditResult, new: dict[int, torch.Tensor], layer: int,
-                    W_new: torch.Tensor, A: torch.Tensor) -> None:
+                    W_new: torch.Tensor, A: SystemMatrix) -> None:
         """Write a solved layer into the model (for the layers after it) and the session."""
         every = self.config.condition_every
         if every and (self._sessions - 1) % every == 0:
             with result.timed("condition"):
                 result.info.setdefault("layers", {}).setdefault(layer, {})["cond"] = (
-                    condition_estimate(A))
+                    condition_estimate(A() if callable(A) else A))
         self.set_weight(layer, W_new)
         new[layer] = W_new
 
