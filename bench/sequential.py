@@ -70,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="bench/out/sequential")
     ap.add_argument("--resume-every", type=int, default=50,
                     help="save a resume point every k edits (0: only at checkpoints)")
+    ap.add_argument("--no-immediate", dest="immediate", action="store_false",
+                    help="skip scoring each request right after its edit (no forgetting "
+                         "column): halves the scoring of editors whose prompts are long, "
+                         "such as IKE's demonstrations")
     ap.add_argument("--set", action="append", default=[], metavar="METHOD.FIELD=JSON",
                     help="config override, e.g. d4s.values_on=\"current\"")
     args = ap.parse_args(argv)
@@ -169,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{method}: {sizes[-1]} {args.mode} edits", flush=True)
         report = fe.run_sequence(
             model, requests, method, mode=args.mode, batch_size=args.batch_size,
-            eval_at=sizes, on_checkpoint=save, on_edit=on_edit,
+            eval_at=sizes, on_checkpoint=save, on_edit=on_edit, immediate=args.immediate,
             baseline=baseline, handle=handle, unedited=resume is None,
             # a resumed handle brings its own config (corpus and overrides included)
             **({} if handle else {**options_for(method, covariance_corpus=corpus,
