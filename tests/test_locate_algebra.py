@@ -459,11 +459,16 @@ def test_layer_by_layer_reads_equal_reads_from_the_embeddings(tokenizer, model_t
     model = tiny(tokenizer, model_type)
     templates = context_templates(model, 2, 5, 0)
     requests, layers, z_layer = REQUESTS[:3], [0, 2, 3], 3
-    reads = LayerByLayerReads(model, requests, templates, z_layer,
-                              site_module_name(model, z_layer, site), batch_size=4)
+    # keep_bytes=0: the same reads with every pass from the embeddings (nothing kept)
+    reads, uncached = (LayerByLayerReads(model, requests, templates, z_layer,
+                                         site_module_name(model, z_layer, site), batch_size=4,
+                                         keep_bytes=keep) for keep in (2**30, 0))
     generator = torch.Generator().manual_seed(1)
     for j, layer in enumerate(layers):
         K, h = reads.read(layer, with_site=j > 0)
+        assert torch.allclose(uncached.read(layer, with_site=j > 0)[0], K, rtol=1e-10,
+                              atol=1e-12)
+        assert uncached._kept is None and reads._kept is not None
         assert torch.allclose(K, compute_keys(model, requests, [layer], templates)[layer],
                               rtol=1e-10, atol=1e-12)
         if j == 0:

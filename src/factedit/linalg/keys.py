@@ -120,11 +120,13 @@ class LayerByLayerReads:
 
     The kept input stays valid while only blocks at or above the last layer read change:
     `read` must be called with increasing layers, each after the layer before it is written.
+    It holds every row's hidden states (rows x tokens x d); past `keep_bytes` (a large batch
+    edit of a large model) nothing is kept and each pass starts at the embeddings again.
     """
 
     def __init__(self, model: EditableModel, requests: Sequence[EditRequest],
                  templates: Sequence[str], z_layer: int, site_name: str,
-                 batch_size: int = 64) -> None:
+                 batch_size: int = 64, keep_bytes: int = 2**30) -> None:
         if not templates or templates[0] != "{}":
             raise ValueError(f"templates must start with the bare prompt '{{}}', got {templates!r}")
         self.model, self.n_requests, self.site_name = model, len(requests), site_name
@@ -139,6 +141,7 @@ class LayerByLayerReads:
                                   torch.tensor(mask, device=model.device),
                                   torch.tensor([self.rows.subject_index[r] for r in batch])))
         self._kept: tuple[int, list[torch.Tensor]] | None = None  # (block, its inputs)
+        self.keep_bytes = keep_bytes
 
     def read(self, layer: int, with_site: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """K at `layer` (n_requests, d_in) and, with `with_site`, h (n_requests, d): float64."""
@@ -172,7 +175,8 @@ class LayerByLayerReads:
                 inputs.append(block.input)
                 if site is not None:
                     sites.append(site.output[rows, pos].to(torch.float64).cpu())
-        self._kept = (layer, inputs)
+        kept_bytes = sum(x.numel() * x.element_size() for x in inputs)
+        self._kept = (layer, inputs) if kept_bytes <= self.keep_bytes else None
         K = average_per_request(torch.cat(keys), self.rows, self.n_requests)
         h = torch.cat(sites)[self._bare] if with_site else None
         return K, h
