@@ -482,3 +482,34 @@ def test_layer_by_layer_reads_equal_reads_from_the_embeddings(tokenizer, model_t
             weight.add_(0.5 * torch.randn(weight.shape, generator=generator, dtype=weight.dtype))
     with pytest.raises(ValueError, match="layers must increase"):
         reads.read(1)
+
+
+@pytest.mark.parametrize("residual", ["once", "per_layer"])
+def test_key_columns_each_adds_the_spread_of_context_keys_to_s_kk(tokenizer, residual):
+    """key_columns="each": one column per key template with weight 1/n. Against the mean
+    key, R K^T is unchanged and K K^T gains sum_t (k_t - k_mean)(k_t - k_mean)^T / n."""
+    from factedit.linalg import compute_keys
+
+    model = tiny(tokenizer)
+    mean, each = (make_editor(model, "memit", **small(residual=residual, key_columns=columns))
+                  for columns in ("mean", "each"))
+    requests = REQUESTS[:2]
+    values = mean.compute_target(requests)
+    # The first layer's terms: read before any layer of this edit is written.
+    _, layer, K_mean, R_mean = next(mean.layer_terms(requests, values, residual))
+    _, _, K_each, R_each = next(each.layer_terms(requests, values, residual))
+    n_templates = len(mean.key_templates())
+    assert n_templates == 3 and K_each.shape[1] == len(requests) * n_templates
+    assert torch.allclose(R_each @ K_each.T, R_mean @ K_mean.T, rtol=1e-10, atol=1e-12)
+    per_context = compute_keys(model, requests, [layer], mean.key_templates(), each=True)[layer]
+    spread = per_context.view(len(requests), n_templates, -1) - K_mean.T.unsqueeze(1)
+    expected = K_mean @ K_mean.T + torch.einsum("qtd,qte->de", spread, spread) / n_templates
+    assert torch.allclose(K_each @ K_each.T, expected, rtol=1e-9, atol=1e-12)
+    assert not torch.allclose(K_each @ K_each.T, K_mean @ K_mean.T, rtol=1e-3)
+
+
+def test_key_columns_is_checked(tokenizer):
+    with pytest.raises(ConfigError, match="key_columns"):
+        MemitConfig(key_columns="all")
+    with pytest.raises(ConfigError, match="rank-one"):
+        RomeConfig(key_columns="each")

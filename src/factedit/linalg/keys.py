@@ -90,11 +90,16 @@ def compute_keys(
     layers: Sequence[int],
     templates: Sequence[str],
     batch_size: int = 64,
+    each: bool = False,
 ) -> dict[int, torch.Tensor]:
-    """Keys k_i at each layer: layer -> (n_requests, d_in) float64 on CPU."""
+    """Keys k_i at each layer: layer -> (n_requests, d_in) float64 on CPU, the mean over
+    templates; `each`: one key per template instead, (n_requests * n_templates, d_in),
+    request-major (row r belongs to request r // n_templates)."""
     rows = subject_rows(model, requests, templates)
     names = {layer: model.arch.mlp_out_at(model.check_layer(layer)) for layer in layers}
     acts = capture_at_subject(model, rows, list(names.values()), "input", batch_size)
+    if each:
+        return {layer: acts[name] for layer, name in names.items()}
     return {layer: average_per_request(acts[name], rows, len(requests))
             for layer, name in names.items()}
 
@@ -143,8 +148,10 @@ class LayerByLayerReads:
         self._kept: tuple[int, list[torch.Tensor]] | None = None  # (block, its inputs)
         self.keep_bytes = keep_bytes
 
-    def read(self, layer: int, with_site: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """K at `layer` (n_requests, d_in) and, with `with_site`, h (n_requests, d): float64."""
+    def read(self, layer: int, with_site: bool = True, each: bool = False
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """K at `layer` (n_requests, d_in; `each`: one row per template, request-major, as
+        `compute_keys`) and, with `with_site`, h (n_requests, d): float64."""
         model = self.model
         layer = model.check_layer(layer)
         start, kept = self._kept if self._kept is not None else (None, None)
@@ -177,6 +184,8 @@ class LayerByLayerReads:
                     sites.append(site.output[rows, pos].to(torch.float64).cpu())
         kept_bytes = sum(x.numel() * x.element_size() for x in inputs)
         self._kept = (layer, inputs) if kept_bytes <= self.keep_bytes else None
-        K = average_per_request(torch.cat(keys), self.rows, self.n_requests)
+        K = torch.cat(keys)
+        if not each:
+            K = average_per_request(K, self.rows, self.n_requests)
         h = torch.cat(sites)[self._bare] if with_site else None
         return K, h

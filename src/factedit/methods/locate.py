@@ -86,6 +86,13 @@ class LocateEditConfig(MethodConfig):
         templates as the values). Keys cost one forward each, values an optimisation: this
         averages the keys over prefixed contexts while the values stay on the bare prompt
         (`context_prefixes=0`), and leaves cached values valid.
+    key_columns: "mean" (MEMIT): one key per request, the mean over the key templates.
+        "each": one column per key template, each with the request's residual and weight
+        1/n_templates. S_RK is then the same as with the mean key, and S_KK gains each
+        request's spread of keys across its contexts, sum_t (k_t - k_mean)(k_t - k_mean)^T / n:
+        the update is asked to be flat across the contexts, so the edit reaches the bare
+        prompt and the prefixed ones alike instead of only the mean key no prompt has.
+        (Not for rome, whose rank-one update writes one key.)
     covariance_corpus: text file/folder for C; None samples text from the model itself.
     covariance_tokens, covariance_seq_len: token positions in C and the window length.
     covariance_precision: "float64" (every product) or "mixed" (each ~1k-token batch's
@@ -110,6 +117,7 @@ class LocateEditConfig(MethodConfig):
     context_prefixes: int = 5
     context_length: int = 10
     key_prefixes: int | None = None
+    key_columns: str = "mean"
     covariance_corpus: str | None = None
     covariance_tokens: int = 100_000
     covariance_seq_len: int = 128
@@ -136,9 +144,11 @@ class LocateEditConfig(MethodConfig):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         check_choice(self, "covariance_precision", PRECISIONS)
+        check_choice(self, "key_columns", KEY_COLUMNS)
 
 
 RESIDUAL_MODES = ("per_layer", "once")
+KEY_COLUMNS = ("mean", "each")
 
 
 def check_choice(config: MethodConfig, name: str, choices: Sequence[str]) -> None:
@@ -269,8 +279,9 @@ class LocateEditor(Editor):
             self._null_bases[key] = null_space_basis(self.covariance(layer), threshold)
         return self._null_bases[key]
 
-    def keys(self, requests: Sequence[EditRequest], layers: Sequence[int]) -> dict[int, torch.Tensor]:
-        return compute_keys(self.model, requests, layers, self.key_templates())
+    def keys(self, requests: Sequence[EditRequest], layers: Sequence[int],
+             each: bool = False) -> dict[int, torch.Tensor]:
+        return compute_keys(self.model, requests, layers, self.key_templates(), each=each)
 
     def _value_options(self) -> dict[str, float]:
         c = self.config
@@ -430,19 +441,24 @@ class LocateEditor(Editor):
         loop, all from the model as it was when z was optimised.
         """
         n_layers, z_layer = len(self.layers), self.layers[-1]
-        once = self.keys(requests, self.layers) if residual == "once" else None
+        each = self.config.key_columns == "each"
+        once = self.keys(requests, self.layers, each) if residual == "once" else None
         reads = None if once is not None else LayerByLayerReads(
             self.model, requests, self.key_templates(), z_layer,
             site_module_name(self.model, z_layer, values.site))
+        n_templates = len(self.key_templates())
         for j, layer in enumerate(self.layers):
             if once is not None:
                 K, h = once[layer], None
             else:
-                K, h = reads.read(layer, with_site=j > 0)
+                K, h = reads.read(layer, with_site=j > 0, each=each)
             if h is None:
                 h = values.init  # the model is still the one z was optimised on
-            yield j, layer, K.T, spread_residual(values.target, h, n_layers - j,
-                                                 self.spread_exponent)
+            R = spread_residual(values.target, h, n_layers - j, self.spread_exponent)
+            if each:  # every context's key carries its request's residual, weight 1/n
+                scale = n_templates ** -0.5
+                K, R = K * scale, R.repeat_interleave(n_templates, dim=1) * scale
+            yield j, layer, K.T, R
 
     def solve_layers(self, requests: Sequence[EditRequest], values: TargetValues,
                      solve: LayerSolve, result: EditResult, new: dict[int, torch.Tensor],

@@ -35,6 +35,9 @@ class RomeConfig(LocateEditConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.key_columns != "mean":
+            raise ConfigError(f"RomeConfig.key_columns={self.key_columns!r}: ROME writes one "
+                              f"key per request (its rank-one update); use \"mean\"")
         if self.solve_key not in ("bare", "mean"):
             raise ConfigError(f"solve_key={self.solve_key!r}: choose 'bare' or 'mean'")
         if self.layers is not None and len(self.layers) != 1:
