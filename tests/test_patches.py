@@ -110,6 +110,30 @@ def test_calinet_adds_slots_per_edit_and_layer(tokenizer):
         (0, 1, 4), (0, 2, 4), (1, 1, 4), (1, 2, 4)]
 
 
+@pytest.mark.parametrize("init", ["separating", "random"])
+def test_calinet_starting_slots(tokenizer, init):
+    """The separating start: every slot fires on every edit position, at least 0.5 above its
+    threshold (a slot silent there gets no gradient), and the memory projects mostly below.
+    A random start fires on about half of everything."""
+    model = make_tiny_model(tokenizer, layers=3)
+    editor = make_editor(model, "calinet", init=init, slots=8)
+    gen = torch.Generator().manual_seed(0)
+    direction = torch.randn(64, generator=gen)
+    edit_queries = {layer: torch.randn(3, 64, generator=gen) + 3 * direction
+                    for layer in editor.layers}
+    memory_queries = {layer: torch.randn(200, 64, generator=gen) for layer in editor.layers}
+    start = editor.init_neurons(edit_queries, memory_queries)
+    for layer, (keys, bias, values) in start.items():
+        z_edit = edit_queries[layer] @ keys.T + bias
+        z_memory = memory_queries[layer] @ keys.T + bias
+        assert keys.shape == (8, 64) and not values.any()
+        if init == "separating":
+            assert float(z_edit.min()) >= 0.5 - 1e-5
+            assert float((z_memory > 0).float().mean()) < 0.05
+        else:
+            assert 0.2 < float((z_memory > 0).float().mean()) < 0.8
+
+
 @pytest.mark.parametrize("method", ["t-patcher", "calinet"])
 def test_neurons_cached_in_inference_mode_serve_the_next_edit(tokenizer, method):
     """Scoring under inference_mode between two sequential edits caches the live neurons;
@@ -127,7 +151,7 @@ def test_neurons_cached_in_inference_mode_serve_the_next_edit(tokenizer, method)
 @pytest.mark.parametrize(("config", "field", "value"), [
     (TPatcherConfig, "margin", 0), (TPatcherConfig, "steps", 0), (TPatcherConfig, "lr", -1.0),
     (CaliNetConfig, "slots", 0), (CaliNetConfig, "memory_weight", -1.0),
-    (CaliNetConfig, "layers", [-1])])
+    (CaliNetConfig, "layers", [-1]), (CaliNetConfig, "init", "zeros")])
 def test_bad_config_names_the_field(config, field, value):
     with pytest.raises(ConfigError, match=field):
         config(**{field: value})

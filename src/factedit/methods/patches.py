@@ -107,6 +107,20 @@ def neuron_output(x: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor,
     return torch.relu(x @ keys.T.to(x.dtype) + bias.to(x.dtype)) @ values.to(x.dtype)
 
 
+def separating_key(edit_queries: torch.Tensor, memory_queries: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A neuron's starting key and bias (float32) that fire on the edit's MLP inputs and not
+    on the memory's: the key along mean(q_e) - mean(q_m), scaled so the memory projections
+    have unit spread; the bias halfway between the edit's lowest and the memory's highest
+    projection."""
+    q_e, q_m = edit_queries.float(), memory_queries.float()
+    direction = q_e.mean(0) - q_m.mean(0)
+    direction = direction / direction.norm().clamp_min(1e-12)
+    key = direction / (q_m @ direction).std().clamp_min(1e-6)
+    bias = -((q_e @ key).min() + (q_m @ key).max()) / 2
+    return key, bias
+
+
 def _first_input(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else next(iter(kwargs.values()))
 
@@ -145,6 +159,11 @@ class PatchEditor(Editor):
                      memory_queries: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The method's own loss terms (each >= 0)."""
         return {}
+
+    def lr_scales(self, neurons: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+                  ) -> tuple[float, float, float]:
+        """Learning-rate multipliers of a new edit's (keys, bias, values) (default: 1)."""
+        return (1.0, 1.0, 1.0)
 
     def extra_satisfied(self, extra: dict[str, float]) -> bool:
         """Whether the extra terms allow stopping (default: all exactly zero, as hinges are
@@ -226,7 +245,11 @@ class PatchEditor(Editor):
         block_in = block.input.clone()
         params = {layer: tuple(t.detach().clone().requires_grad_(True) for t in start[layer])
                   for layer in self.layers}
-        optimiser = torch.optim.Adam([t for p in params.values() for t in p], lr=c.lr)
+        optimiser = torch.optim.Adam(
+            [{"params": [t], "lr": c.lr * scale}
+             for p, scales in ((params[layer], self.lr_scales(start[layer]))
+                               for layer in self.layers)
+             for t, scale in zip(p, scales)], lr=c.lr)
         handles = []
         for layer in self.layers:
             def hook(_module, args, kwargs, out, layer=layer):

@@ -32,7 +32,7 @@ import torch
 from ..models import EditableModel
 from .base import register_method
 from .locate import check_positive
-from .patches import PatchConfig, PatchEditor
+from .patches import PatchConfig, PatchEditor, separating_key
 
 
 @dataclass
@@ -60,11 +60,7 @@ class TPatcherEditor(PatchEditor):
     def init_neurons(self, edit_queries, memory_queries):
         start = {}
         for layer in self.layers:
-            q_e, q_m = edit_queries[layer].float(), memory_queries[layer].float()
-            direction = q_e.mean(0) - q_m.mean(0)
-            direction = direction / direction.norm().clamp_min(1e-12)
-            key = direction / (q_m @ direction).std().clamp_min(1e-6)
-            bias = -((q_e @ key).min() + (q_m @ key).max()) / 2
+            key, bias = separating_key(edit_queries[layer], memory_queries[layer])
             dtype = edit_queries[layer].dtype
             start[layer] = (key[None].to(dtype), bias.reshape(1).to(dtype),
                             torch.zeros_like(key)[None].to(dtype))
