@@ -84,6 +84,13 @@ def average_per_request(values: torch.Tensor, rows: SubjectRows, n_requests: int
     return sums / counts
 
 
+def request_keys(keys: torch.Tensor, rows: SubjectRows, n_requests: int,
+                 each: bool) -> torch.Tensor:
+    """Keys read at every row, as the solve takes them: one per template (`each`, the rows
+    are already request-major) or their mean per request."""
+    return keys if each else average_per_request(keys, rows, n_requests)
+
+
 def compute_keys(
     model: EditableModel,
     requests: Sequence[EditRequest],
@@ -98,9 +105,7 @@ def compute_keys(
     rows = subject_rows(model, requests, templates)
     names = {layer: model.arch.mlp_out_at(model.check_layer(layer)) for layer in layers}
     acts = capture_at_subject(model, rows, list(names.values()), "input", batch_size)
-    if each:
-        return {layer: acts[name] for layer, name in names.items()}
-    return {layer: average_per_request(acts[name], rows, len(requests))
+    return {layer: request_keys(acts[name], rows, len(requests), each)
             for layer, name in names.items()}
 
 
@@ -184,8 +189,6 @@ class LayerByLayerReads:
                     sites.append(site.output[rows, pos].to(torch.float64).cpu())
         kept_bytes = sum(x.numel() * x.element_size() for x in inputs)
         self._kept = (layer, inputs) if kept_bytes <= self.keep_bytes else None
-        K = torch.cat(keys)
-        if not each:
-            K = average_per_request(K, self.rows, self.n_requests)
+        K = request_keys(torch.cat(keys), self.rows, self.n_requests, each)
         h = torch.cat(sites)[self._bare] if with_site else None
         return K, h
