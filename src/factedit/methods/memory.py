@@ -34,6 +34,7 @@ edit is `best` (`ranked`: every edit above the threshold, most similar first).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -105,6 +106,9 @@ class MemoryEditor(Editor):
         self.next_edit_id = 0
         self._inside_retrieval = False  # the retrieval forward must not be rewritten
         self._prefix_length = 0         # set by the pre-hook, read by the forward hook
+        # The KV cache's argument and output field: "cache" from transformers 5.x on.
+        parameters = inspect.signature(model.model.base_model.forward).parameters
+        self._cache_field = "cache" if "cache" in parameters else "past_key_values"
 
     # -- the method's part --------------------------------------------------------------------
     def context(self, best: EditRequest, ranked: Sequence[EditRequest]) -> str:
@@ -213,7 +217,7 @@ class MemoryEditor(Editor):
         if ids is None:
             raise AttachmentError(f"{self.config.method}: the memory is retrieved from "
                                   f"input_ids; call the model with input_ids, not inputs_embeds")
-        past = kwargs.get("past_key_values")
+        past = kwargs.get("cache", kwargs.get("past_key_values"))
         if past is not None and hasattr(past, "get_seq_length") and past.get_seq_length() > 0:
             raise AttachmentError(f"{self.config.method}: a KV cache cannot be continued past "
                                   f"a prepended context; generate with use_cache=False (the "
@@ -229,27 +233,47 @@ class MemoryEditor(Editor):
         positions = kwargs.get("position_ids")
         if positions is None:
             positions = torch.arange(length, device=ids.device).expand(batch, length)
+        # Each distinct context runs once, left-padded to `width`; its keys and values are
+        # then shared by every row that retrieved it (rows of one record usually retrieve
+        # the same edit): the context tokens, not the rows, are most of the cost.
+        distinct: dict[tuple[int, ...], int] = {}
+        for context in contexts:
+            if context:
+                distinct.setdefault(tuple(context), len(distinct))
         pad = self.model.tokenizer.pad_token_id
-        new_ids, new_mask, new_pos = [], [], []
-        for row, context in enumerate(contexts):
+        ctx_ids, ctx_mask, ctx_pos = [], [], []
+        for context in distinct:
             n_pad = width - len(context)
-            new_ids.append(torch.cat([ids.new_tensor([pad] * n_pad + context), ids[row]]))
-            new_mask.append(torch.cat([mask.new_tensor([0] * n_pad + [1] * len(context)),
-                                       mask[row]]))
-            new_pos.append(torch.cat([positions.new_tensor([0] * n_pad + list(range(len(context)))),
-                                      positions[row] + len(context)]))
-        kwargs = {**kwargs, "input_ids": torch.stack(new_ids), "attention_mask": torch.stack(new_mask),
-                  "position_ids": torch.stack(new_pos), "use_cache": False, "past_key_values": None}
+            ctx_ids.append([pad] * n_pad + list(context))
+            ctx_mask.append([0] * n_pad + [1] * len(context))
+            ctx_pos.append([0] * n_pad + list(range(len(context))))
+        self._inside_retrieval = True  # the context's own forward is not rewritten
+        try:
+            cache = self.model.model.base_model(
+                input_ids=ids.new_tensor(ctx_ids), attention_mask=mask.new_tensor(ctx_mask),
+                position_ids=positions.new_tensor(ctx_pos), use_cache=True)[self._cache_field]
+        finally:
+            self._inside_retrieval = False
+        # Row r reads its context's cache row; a row without context reads row 0 masked out.
+        which = [distinct[tuple(c)] if c else 0 for c in contexts]
+        cache.batch_select_indices(torch.tensor(which, device=ids.device))
+        prefix_mask = mask.new_tensor(ctx_mask)[which]
+        prefix_mask[torch.tensor([not c for c in contexts], device=ids.device)] = 0
+        shift = positions.new_tensor([len(c) for c in contexts]).unsqueeze(1)
+        kwargs = {**kwargs, "input_ids": ids, "attention_mask": torch.cat([prefix_mask, mask], 1),
+                  "position_ids": positions + shift, "use_cache": False,
+                  self._cache_field: cache}
         self._prefix_length = width
         return (), kwargs
 
     def _drop_context(self, _module: Any, _args: tuple, _kwargs: dict, output: Any) -> Any:
+        # The hidden states are the rows' own; the cache (context + rows) must not reach a
+        # caller that would continue it: the context is prepended afresh at every forward.
         width, self._prefix_length = self._prefix_length, 0
         if width == 0 or self._inside_retrieval:
             return None
         if isinstance(output, tuple):
-            return (output[0][:, width:], *output[1:])
-        output["last_hidden_state"] = output["last_hidden_state"][:, width:]
-        if output.get("hidden_states") is not None:
-            output["hidden_states"] = tuple(h[:, width:] for h in output["hidden_states"])
+            return tuple(None if x is _kwargs.get(self._cache_field) else x for x in output)
+        if output.get(self._cache_field) is not None:
+            output[self._cache_field] = None
         return output
