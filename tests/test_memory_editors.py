@@ -43,9 +43,11 @@ def edited(tokenizer, method: str, requests=(EIFFEL, COLOSSEUM), **overrides):
     return model, handle
 
 
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
 @pytest.mark.parametrize("method", METHODS)
-def test_unmatched_is_bit_identical_and_matched_reads_context_plus_prompt(tokenizer, method):
-    model = make_tiny_model(tokenizer, layers=2)
+def test_unmatched_is_bit_identical_and_matched_reads_context_plus_prompt(tokenizer, method,
+                                                                          model_type):
+    model = make_tiny_model(tokenizer, model_type=model_type, layers=2)
     unrelated, prompt = ids_of(model, UNRELATED), ids_of(model, EIFFEL.rewrite_prompt)
     before_unrelated, before_prompt = logits(model, unrelated), logits(model, prompt)
     handle = edit(model, [EIFFEL, COLOSSEUM], method=method, progress=False, **SETTINGS)
@@ -67,16 +69,28 @@ def test_unmatched_is_bit_identical_and_matched_reads_context_plus_prompt(tokeni
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_padded_batch_scores_agree_with_one_pair_at_a_time(tokenizer, method):
-    model, _ = edited(tokenizer, method)
+def test_padded_batch_scores_agree_with_context_plus_pair_alone(tokenizer, method):
+    """One batch: two rows share a context (its cache is computed once), one row has its
+    own, two retrieve nothing. Each row scores what the unedited model gives its context
+    followed by the pair, run alone."""
+    model, handle = edited(tokenizer, method)
     pairs = [(EIFFEL.rewrite_prompt, "Rome"), (EIFFEL.rewrite_prompt, "Paris"),
              (COLOSSEUM.rewrite_prompt, "the Vikings"), (UNRELATED, "toast with jam"),
              ("The Louvre is located in the city of", "Paris")]
     batched = score_pairs(model, pairs)
-    for pair in pairs:
-        alone = score_pairs(model, [pair])[pair]
-        assert batched[pair].logprob == pytest.approx(alone.logprob, abs=1e-9), pair
-        assert batched[pair].argmax == alone.argmax
+    contexts = {}
+    for prompt, _ in pairs:
+        ids = ids_of(model, prompt)
+        contexts[prompt] = tokenizer.decode(handle.editor.context_ids(
+            handle.editor.retrieve(ids, torch.ones_like(ids))[0]))
+    assert contexts[EIFFEL.rewrite_prompt] and contexts[COLOSSEUM.rewrite_prompt]
+    assert not contexts[UNRELATED]
+    with handle.disabled():
+        for prompt, answer in pairs:
+            reference = score_pairs(model, [(contexts[prompt] + prompt, answer)])
+            (alone,) = reference.values()
+            assert batched[prompt, answer].logprob == pytest.approx(alone.logprob, abs=1e-9)
+            assert batched[prompt, answer].argmax == alone.argmax
 
 
 @pytest.mark.parametrize("method", METHODS)
