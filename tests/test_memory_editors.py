@@ -68,12 +68,14 @@ def test_unmatched_is_bit_identical_and_matched_reads_context_plus_prompt(tokeni
     assert model.model.generation_config.use_cache is True
 
 
+@pytest.mark.parametrize("share_contexts", [True, False])
 @pytest.mark.parametrize("method", METHODS)
-def test_padded_batch_scores_agree_with_context_plus_pair_alone(tokenizer, method):
+def test_padded_batch_scores_agree_with_context_plus_pair_alone(tokenizer, method,
+                                                                share_contexts):
     """One batch: two rows share a context (its cache is computed once), one row has its
     own, two retrieve nothing. Each row scores what the unedited model gives its context
     followed by the pair, run alone."""
-    model, handle = edited(tokenizer, method)
+    model, handle = edited(tokenizer, method, share_contexts=share_contexts)
     pairs = [(EIFFEL.rewrite_prompt, "Rome"), (EIFFEL.rewrite_prompt, "Paris"),
              (COLOSSEUM.rewrite_prompt, "the Vikings"), (UNRELATED, "toast with jam"),
              ("The Louvre is located in the city of", "Paris")]
@@ -148,7 +150,8 @@ def test_memprompt_context_is_the_correction(tokenizer):
 
 @pytest.mark.parametrize(("cls", "field", "value"), [
     (MemPromptConfig, "threshold", 1.5), (IkeConfig, "retrieval_layer", -1),
-    (IkeConfig, "num_demos", -2), (MemPromptConfig, "template", "{question} {target}")])
+    (IkeConfig, "num_demos", -2), (MemPromptConfig, "template", "{question} {target}"),
+    (IkeConfig, "share_contexts", "yes")])
 def test_bad_config_names_the_field(cls, field, value):
     with pytest.raises(ConfigError, match=field):
         cls(**{field: value})
