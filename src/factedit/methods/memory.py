@@ -114,7 +114,7 @@ class MemoryEditor(Editor):
             f"{type(config).__name__}.retrieval_layer")
         self.entries: list[MemoryEntry] = []
         self.next_edit_id = 0
-        self._inside_retrieval = False  # the retrieval forward must not be rewritten
+        self._inner_forward = False     # retrieval and context forwards are not rewritten
         self._context_applied = False   # set by the pre-hook, read by the forward hook
         # The KV cache's argument and output field: "cache" from transformers 5.x on.
         parameters = inspect.signature(model.model.base_model.forward).parameters
@@ -165,14 +165,14 @@ class MemoryEditor(Editor):
         """(B, T, d) float64: mean of block `retrieval_layer`'s output over real tokens <= t."""
         model = self.model
         positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
-        self._inside_retrieval = True
+        self._inner_forward = True
         try:
             with torch.no_grad(), Trace(model.model, model.arch.layer(self.retrieval_layer),
                                         retain_output=True, stop=True) as block:
                 model.model.base_model(input_ids=ids, attention_mask=mask,
                                        position_ids=positions, use_cache=False)
         finally:
-            self._inside_retrieval = False
+            self._inner_forward = False
         weight = mask.to(torch.float64).unsqueeze(-1)           # (B, T, 1)
         sums = (block.output.to(torch.float64) * weight).cumsum(1)
         return sums / weight.cumsum(1).clamp_min(1.0)
@@ -218,7 +218,7 @@ class MemoryEditor(Editor):
 
     def _prepend_context(self, _module: Any, args: tuple, kwargs: dict) -> tuple | None:
         self._context_applied = False
-        if self._inside_retrieval or not self.entries:
+        if self._inner_forward or not self.entries:
             return None
         if len(args) > 1:
             raise AttachmentError(f"{self.config.method}: pass the base model's arguments "
@@ -258,13 +258,13 @@ class MemoryEditor(Editor):
             ctx_ids.append([pad] * n_pad + list(context))
             ctx_mask.append([0] * n_pad + [1] * len(context))
             ctx_pos.append([0] * n_pad + list(range(len(context))))
-        self._inside_retrieval = True  # the context's own forward is not rewritten
+        self._inner_forward = True  # the context's own forward is not rewritten
         try:
             cache = self.model.model.base_model(
                 input_ids=ids.new_tensor(ctx_ids), attention_mask=mask.new_tensor(ctx_mask),
                 position_ids=positions.new_tensor(ctx_pos), use_cache=True)[self._cache_field]
         finally:
-            self._inside_retrieval = False
+            self._inner_forward = False
         # Row r reads its context's cache row; a row without context reads row 0 masked out.
         which = [distinct[self._cache_row_key(row, c)] if c else 0
                  for row, c in enumerate(contexts)]
@@ -287,7 +287,7 @@ class MemoryEditor(Editor):
         # The hidden states are the rows' own; the cache (context + rows) must not reach a
         # caller that would continue it: the context is prepended afresh at every forward.
         applied, self._context_applied = self._context_applied, False
-        if not applied or self._inside_retrieval:
+        if not applied or self._inner_forward:
             return None
         if isinstance(output, tuple):
             return tuple(None if x is _kwargs.get(self._cache_field) else x for x in output)
