@@ -508,8 +508,38 @@ def test_key_columns_each_adds_the_spread_of_context_keys_to_s_kk(tokenizer, res
     assert not torch.allclose(K_each @ K_each.T, K_mean @ K_mean.T, rtol=1e-3)
 
 
+@pytest.mark.parametrize("residual", ["per_layer", "once"])
+def test_bare_key_weight_weighs_the_bare_column(tokenizer, residual):
+    """bare_key_weight=b: the bare prompt's column weighs b, the two prefixed ones (1-b)/2:
+    R K^T = sum_q R_q sum_t w_t k_qt^T and K K^T = sum_q sum_t w_t k_qt k_qt^T."""
+    from factedit.linalg import compute_keys
+
+    model = tiny(tokenizer)
+    editor = make_editor(model, "memit", **small(residual=residual, key_columns="each",
+                                                 bare_key_weight=0.6))
+    requests = REQUESTS[:2]
+    values = editor.compute_target(requests)
+    _, layer, K, R = next(editor.layer_terms(requests, values, residual))
+    keys = compute_keys(model, requests, [layer], editor.key_templates(), each=True)[layer]
+    keys = keys.view(len(requests), 3, -1)
+    w = torch.tensor([0.6, 0.2, 0.2], dtype=torch.float64)
+    R_q = R[:, ::3] / w[0].sqrt()  # each request's residual, from its bare column
+    assert torch.allclose(R @ K.T, R_q @ torch.einsum("t,qtd->qd", w, keys),
+                          rtol=1e-10, atol=1e-12)
+    assert torch.allclose(K @ K.T, torch.einsum("t,qtd,qte->de", w, keys, keys),
+                          rtol=1e-10, atol=1e-12)
+
+
 def test_key_columns_is_checked(tokenizer):
     with pytest.raises(ConfigError, match="key_columns"):
         MemitConfig(key_columns="all")
     with pytest.raises(ConfigError, match="rank-one"):
         RomeConfig(key_columns="each")
+    with pytest.raises(ConfigError, match="bare_key_weight.*key_columns"):
+        MemitConfig(bare_key_weight=0.5)
+    with pytest.raises(ConfigError, match="bare_key_weight"):
+        MemitConfig(key_columns="each", bare_key_weight=1.5)
+    with pytest.raises(ConfigError, match="context_prefixes or key_prefixes"):
+        editor = make_editor(tiny(tokenizer), "memit", **small(
+            key_columns="each", bare_key_weight=0.5, context_prefixes=0))
+        editor.key_column_weights(len(editor.key_templates()))

@@ -93,6 +93,9 @@ class LocateEditConfig(MethodConfig):
         the update is asked to be flat across the contexts, so the edit reaches the bare
         prompt and the prefixed ones alike instead of only the mean key no prompt has.
         (Not for rome, whose rank-one update writes one key.)
+    bare_key_weight: with key_columns="each", the bare prompt's column weight (the prefixed
+        columns share the rest equally; None: 1/n_templates for every column). Above 1/n
+        the solve holds the edit hardest where efficacy is scored.
     covariance_corpus: text file/folder for C; None samples text from the model itself.
     covariance_tokens, covariance_seq_len: token positions in C and the window length.
     covariance_precision: "float64" (every product) or "mixed" (each ~1k-token batch's
@@ -118,6 +121,7 @@ class LocateEditConfig(MethodConfig):
     context_length: int = 10
     key_prefixes: int | None = None
     key_columns: str = "mean"
+    bare_key_weight: float | None = None
     covariance_corpus: str | None = None
     covariance_tokens: int = 100_000
     covariance_seq_len: int = 128
@@ -145,6 +149,13 @@ class LocateEditConfig(MethodConfig):
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         check_choice(self, "covariance_precision", PRECISIONS)
         check_choice(self, "key_columns", KEY_COLUMNS)
+        if self.bare_key_weight is not None:
+            if self.key_columns != "each":
+                raise ConfigError(f"{type(self).__name__}.bare_key_weight weighs one key column "
+                                  f"among several: set key_columns=\"each\" too")
+            if isinstance(self.bare_key_weight, bool) or not 0 < self.bare_key_weight <= 1:
+                raise ConfigError(f"{type(self).__name__}.bare_key_weight="
+                                  f"{self.bare_key_weight!r}: a weight in (0, 1]")
 
 
 RESIDUAL_MODES = ("per_layer", "once")
@@ -447,6 +458,7 @@ class LocateEditor(Editor):
             self.model, requests, self.key_templates(), z_layer,
             site_module_name(self.model, z_layer, values.site))
         n_templates = len(self.key_templates())
+        column_weights = self.key_column_weights(n_templates) if each else None
         for j, layer in enumerate(self.layers):
             if once is not None:
                 K, h = once[layer], None
@@ -455,10 +467,23 @@ class LocateEditor(Editor):
             if h is None:
                 h = values.init  # the model is still the one z was optimised on
             R = spread_residual(values.target, h, n_layers - j, self.spread_exponent)
-            if each:  # every context's key carries its request's residual, weight 1/n
-                scale = n_templates ** -0.5
-                K, R = K * scale, R.repeat_interleave(n_templates, dim=1) * scale
+            if each:  # every context's key carries its request's residual, weighted
+                scale = column_weights.sqrt().repeat(len(requests))
+                K, R = K * scale[:, None], R.repeat_interleave(n_templates, dim=1) * scale
             yield j, layer, K.T, R
+
+    def key_column_weights(self, n_templates: int) -> torch.Tensor:
+        """(n_templates,) float64 weights of one request's key columns, bare prompt first,
+        summing to 1 (key_columns="each")."""
+        bare = self.config.bare_key_weight
+        if bare is None:
+            return torch.full((n_templates,), 1.0 / n_templates, dtype=torch.float64)
+        if n_templates < 2:
+            raise ConfigError(f"{type(self.config).__name__}.bare_key_weight needs prefixed key "
+                              f"templates beside the bare prompt: set context_prefixes or "
+                              f"key_prefixes > 0")
+        rest = (1.0 - bare) / (n_templates - 1)
+        return torch.tensor([bare] + [rest] * (n_templates - 1), dtype=torch.float64)
 
     def solve_layers(self, requests: Sequence[EditRequest], values: TargetValues,
                      solve: LayerSolve, result: EditResult, new: dict[int, torch.Tensor],
