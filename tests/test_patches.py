@@ -135,6 +135,40 @@ def test_calinet_starting_slots(tokenizer, init):
 
 
 @pytest.mark.parametrize("method", ["t-patcher", "calinet"])
+def test_memory_terms_on_firing_rows_equal_the_dense_terms(tokenizer, method):
+    """The memory terms are computed on the memory rows where a neuron fires (above -margin
+    for T-Patcher's hinge); value and gradients equal the terms over every row."""
+    editor = make_editor(make_tiny_model(tokenizer, layers=3), method)
+    gen = torch.Generator().manual_seed(1)
+    layer = editor.layers[-1]
+    n = 1 if method == "t-patcher" else editor.config.slots
+    keys = (torch.randn(n, 64, generator=gen, dtype=torch.float64) * 0.3).requires_grad_(True)
+    bias = torch.full((n,), -2.0, dtype=torch.float64).requires_grad_(True)
+    values = torch.randn(n, 64, generator=gen, dtype=torch.float64).requires_grad_(True)
+    memory = {layer: torch.randn(500, 64, generator=gen, dtype=torch.float64)}
+    edit_queries = {layer: torch.randn(2, 64, generator=gen, dtype=torch.float64)}
+    params = {layer: (keys, bias, values)}
+    got = sum(editor.extra_losses(params, edit_queries, memory).values())
+    grads = torch.autograd.grad(got, (keys, bias, values), allow_unused=True)
+    z = memory[layer] @ keys.T + bias
+    if method == "t-patcher":
+        c = editor.config
+        dense = (c.activation_weight * torch.relu(c.margin - (edit_queries[layer] @ keys.T + bias)).mean()
+                 + c.memory_weight * torch.relu(z + c.margin).mean())
+        assert 0 < int((z > -c.margin).sum()) < 500  # some rows fire, some do not
+    else:
+        dense = editor.config.memory_weight * (torch.relu(z) @ values).pow(2).sum(-1).mean()
+        assert 0 < int((z > 0).any(1).sum()) < 500
+    expected = torch.autograd.grad(dense, (keys, bias, values), allow_unused=True)
+    assert float(got.detach()) == pytest.approx(float(dense.detach()), rel=1e-12)
+    for g, e in zip(grads, expected):
+        if e is None:
+            assert g is None or not g.any()
+        else:
+            torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["t-patcher", "calinet"])
 def test_neurons_cached_in_inference_mode_serve_the_next_edit(tokenizer, method):
     """Scoring under inference_mode between two sequential edits caches the live neurons;
     the second edit's training forward (CaliNET: the upper layer's input depends on the

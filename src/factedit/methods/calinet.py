@@ -33,7 +33,7 @@ import torch
 from ..models import EditableModel
 from .base import ConfigError, register_method
 from .locate import check_positive
-from .patches import PatchConfig, PatchEditor, neuron_output, separating_key
+from .patches import PatchConfig, PatchEditor, firing_rows, neuron_output, separating_key
 
 INITS = ("separating", "random")
 
@@ -104,8 +104,10 @@ class CaliNetEditor(PatchEditor):
     def extra_losses(self, params, edit_queries, memory_queries):
         penalty = torch.zeros((), device=self.model.device)
         for layer, neurons in params.items():
-            added = neuron_output(memory_queries[layer].to(neurons[0].dtype), *neurons)
-            penalty = penalty + added.pow(2).sum(-1).mean()
+            memory = memory_queries[layer]
+            added = neuron_output(firing_rows(memory, neurons[0], neurons[1]).to(
+                neurons[0].dtype), *neurons)
+            penalty = penalty + added.pow(2).sum() / max(len(memory), 1)
         return {"memory_output": self.config.memory_weight * penalty}
 
     def extra_satisfied(self, extra):

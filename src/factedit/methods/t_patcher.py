@@ -32,7 +32,7 @@ import torch
 from ..models import EditableModel
 from .base import register_method
 from .locate import check_positive
-from .patches import PatchConfig, PatchEditor, separating_key
+from .patches import PatchConfig, PatchEditor, firing_rows, separating_key
 
 
 @dataclass
@@ -71,9 +71,12 @@ class TPatcherEditor(PatchEditor):
         activation = memory = torch.zeros((), device=self.model.device)
         for layer, (keys, bias, _values) in params.items():
             z_edit = edit_queries[layer].to(keys.dtype) @ keys.T + bias
-            z_memory = memory_queries[layer].to(keys.dtype) @ keys.T + bias
+            queries = memory_queries[layer]
+            firing = firing_rows(queries, keys, bias, above=-c.margin)
+            z_memory = firing.to(keys.dtype) @ keys.T + bias
             activation = activation + torch.relu(c.margin - z_edit).mean()
-            memory = memory + torch.relu(z_memory + c.margin).mean()
+            memory = memory + torch.relu(z_memory + c.margin).sum() / max(
+                queries.shape[0] * keys.shape[0], 1)
         return {"activation": c.activation_weight * activation, "memory": c.memory_weight * memory}
 
 
