@@ -1,10 +1,10 @@
-"""The memory term of T-Patcher / CaliNET per Adam step: over every memory row, or only over
-the rows where a neuron fires (`methods.patches.firing_rows`, what the editors run).
+"""CaliNET's memory term per Adam step: over every memory row, or only over the rows where a
+slot fires (`methods.patches.firing_rows`, what CaliNET and T-Patcher run).
 
     python bench/patch_memory.py --state bench/out/calinet-cf-1000/<tag>.state-700
 
-Reads a saved editing state (`EditHandle.save` of a t-patcher or calinet sequence, e.g. a
-resume point of bench/sequential.py): its memory bank (the MLP inputs of every earlier
+Reads a saved editing state (`EditHandle.save` of a calinet sequence, e.g. a resume point
+of bench/sequential.py): its memory bank (the MLP inputs of every earlier
 edit's texts) and the last edit's neurons. Times the memory term's forward + backward both
 ways, checks they give the same loss, and reports the fraction of memory rows that fire.
 Writes <out>/patch_memory.json and prints a table.
@@ -18,37 +18,31 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--state", required=True, help="a saved t-patcher / calinet state folder")
+    ap.add_argument("--state", required=True, help="a saved calinet state folder")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--out", default="bench/out/patch-memory")
     args = ap.parse_args(argv)
 
     from factedit.methods.patches import firing_rows, neuron_output
+    from factedit.protocol.state import read_state
 
-    tensors = load_file(str(Path(args.state) / "state.safetensors"))
-    prefix = "editor/"
-    memory: dict[int, list[tuple[int, torch.Tensor]]] = {}
-    entries: dict[int, dict[str, torch.Tensor]] = {}
-    for name, tensor in tensors.items():
-        name = name.removeprefix(prefix)
-        if name.startswith("memory."):
-            _, edit_id, layer = name.split(".")
-            memory.setdefault(int(layer), []).append((int(edit_id), tensor))
-        else:
-            index, field = name.split(".")
-            entries.setdefault(int(index), {})[field] = tensor
-    if not memory:
-        raise SystemExit(f"{args.state}: no memory bank (a t-patcher / calinet state saved "
-                         f"with memory_history > 0 is needed)")
-    bank = {layer: torch.cat([t for _, t in sorted(parts, key=lambda p: p[0])])
-            for layer, parts in memory.items()}
-    layers = sorted(bank)
-    last = {layer: entries[max(entries) - len(layers) + 1 + i] for i, layer in enumerate(layers)}
+    # The project's reader checks the digest; the editor's own manifest names its tensors.
+    manifest, tensors = read_state(args.state)
+    editor = manifest["editor"]
+    if manifest["method"] != "calinet" or not editor.get("memory_edits"):
+        raise SystemExit(f"{args.state}: a calinet state with a memory bank is needed (this "
+                         f"times CaliNET's memory term; got {manifest['method']!r} with "
+                         f"{len(editor.get('memory_edits', []))} banked edits)")
+    layers = editor["layers"]
+    bank = {layer: torch.cat([tensors[f"editor/memory.{edit_id}.{layer}"]
+                              for edit_id in editor["memory_edits"]]) for layer in layers}
+    last_edit = max(edit_id for edit_id, _ in editor["entries"])
+    last = {layer: {f: tensors[f"editor/{i}.{f}"] for f in ("keys", "bias", "values")}
+            for i, (edit_id, layer) in enumerate(editor["entries"]) if edit_id == last_edit}
     params = {layer: tuple(last[layer][f].clone().requires_grad_(True)
                            for f in ("keys", "bias", "values")) for layer in layers}
 
