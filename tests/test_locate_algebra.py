@@ -530,7 +530,7 @@ def test_bare_key_weight_weighs_the_bare_column(tokenizer, residual):
                           rtol=1e-10, atol=1e-12)
 
 
-def test_key_columns_is_checked(tokenizer):
+def test_key_columns_is_checked():
     with pytest.raises(ConfigError, match="key_columns"):
         MemitConfig(key_columns="all")
     with pytest.raises(ConfigError, match="rank-one"):
@@ -539,7 +539,10 @@ def test_key_columns_is_checked(tokenizer):
         MemitConfig(bare_key_weight=0.5)
     with pytest.raises(ConfigError, match="bare_key_weight"):
         MemitConfig(key_columns="each", bare_key_weight=1.5)
+    # Refused when the config is built, not when the first solve reads the templates.
     with pytest.raises(ConfigError, match="context_prefixes or key_prefixes"):
-        editor = make_editor(tiny(tokenizer), "memit", **small(
-            key_columns="each", bare_key_weight=0.5, context_prefixes=0))
-        editor.key_column_weights(len(editor.key_templates()))
+        MemitConfig(key_columns="each", bare_key_weight=0.5, context_prefixes=0)
+    with pytest.raises(ConfigError, match="context_prefixes or key_prefixes"):
+        MemitConfig(key_columns="each", bare_key_weight=0.5, context_prefixes=3,
+                    key_prefixes=0)
+    MemitConfig(key_columns="each", bare_key_weight=0.5, context_prefixes=0, key_prefixes=2)

@@ -156,6 +156,12 @@ class LocateEditConfig(MethodConfig):
             if isinstance(self.bare_key_weight, bool) or not 0 < self.bare_key_weight <= 1:
                 raise ConfigError(f"{type(self).__name__}.bare_key_weight="
                                   f"{self.bare_key_weight!r}: a weight in (0, 1]")
+            key_prefixes = (self.context_prefixes if self.key_prefixes is None
+                            else self.key_prefixes)
+            if key_prefixes == 0:  # the keys' templates are the bare prompt alone
+                raise ConfigError(f"{type(self).__name__}.bare_key_weight needs prefixed key "
+                                  f"templates beside the bare prompt: set context_prefixes or "
+                                  f"key_prefixes > 0")
 
 
 RESIDUAL_MODES = ("per_layer", "once")
@@ -478,10 +484,6 @@ class LocateEditor(Editor):
         bare = self.config.bare_key_weight
         if bare is None:
             return torch.full((n_templates,), 1.0 / n_templates, dtype=torch.float64)
-        if n_templates < 2:
-            raise ConfigError(f"{type(self.config).__name__}.bare_key_weight needs prefixed key "
-                              f"templates beside the bare prompt: set context_prefixes or "
-                              f"key_prefixes > 0")
         rest = (1.0 - bare) / (n_templates - 1)
         return torch.tensor([bare] + [rest] * (n_templates - 1), dtype=torch.float64)
 
