@@ -60,6 +60,15 @@ def make_tiny_model(tokenizer, model_type: str = "llama", layers: int = 4, hidde
     elif model_type == "gpt2":
         config = GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4,
                             n_positions=256)
+    elif model_type == "gemma3":
+        from transformers import Gemma3TextConfig
+
+        # A 4-token sliding window: shorter than the test prompts, so the local layers'
+        # masks differ from the global ones.
+        config = Gemma3TextConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                                  num_hidden_layers=layers, num_attention_heads=4,
+                                  num_key_value_heads=2, head_dim=hidden // 4, sliding_window=4,
+                                  max_position_embeddings=256)
     else:
         raise ValueError(model_type)
     model = AutoModelForCausalLM.from_config(config).to(dtype)

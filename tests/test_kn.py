@@ -16,15 +16,41 @@ REQUEST = EditRequest(prompt="{} is located in the city of", subject="The Eiffel
                       paraphrases=["Where is The Eiffel Tower? It is in the city of"])
 
 
-def test_attribution_matches_a_loop_over_interpolation_steps(tokenizer):
-    """The batched Riemann sum equals m separate forward/backward passes (float64)."""
-    model = make_tiny_model(tokenizer, layers=3)
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "gemma3"])
+def test_attribution_matches_a_loop_over_interpolation_steps(tokenizer, model_type):
+    """The batched Riemann sum, run from each layer on with the answer position alone
+    against the cached keys and values of the positions before it, equals m separate
+    full-prompt forward/backward passes (float64), for every layer of one call."""
+    model = make_tiny_model(tokenizer, model_type, layers=3)
     editor = make_editor(model, "kn", ig_steps=4)
     prompt, token = REQUEST.rewrite_prompt, 1234
-    batched = editor.attribution(prompt, token, layer=1)
+    shapes = []
+    spy = model.layers[2].register_forward_pre_hook(
+        lambda mod, args, kwargs: shapes.append(tuple((args or [kwargs["hidden_states"]])[0].shape[:2])),
+        with_kwargs=True)
+    attributions = editor.attribution(prompt, token, layers=[0, 1, 2])
+    spy.remove()
+    assert sorted(attributions) == [0, 1, 2]
+    # the three batched passes ran the answer position alone (the cache held the rest)
+    assert [s for s in shapes if s[0] == 4] == [(4, 1)] * 3
+    for layer, batched in attributions.items():
+        assert torch.allclose(batched.double(), loop_attribution(model, prompt, token, layer),
+                              rtol=1e-4, atol=1e-10)
 
-    ids = torch.tensor([editor.model.tokenizer(prompt)["input_ids"]])
-    down = model.mlp_out(1)
+
+def test_attribution_of_a_one_token_prompt(tokenizer):
+    """No position before the answer: nothing to cache, the pass runs the whole prompt."""
+    model = make_tiny_model(tokenizer, layers=2)
+    editor = make_editor(model, "kn", ig_steps=3)
+    (batched,) = editor.attribution("Paris", 1234, layers=[1]).values()
+    assert torch.allclose(batched.double(), loop_attribution(model, "Paris", 1234, 1, m=3),
+                          rtol=1e-4, atol=1e-10)
+
+
+def loop_attribution(model, prompt: str, token: int, layer: int, m: int = 4) -> torch.Tensor:
+    """a * mean_k dP(token | (k/m) a) / da at the last position, one full pass per step."""
+    ids = torch.tensor([model.tokenizer(prompt)["input_ids"]])
+    down = model.mlp_out(layer)
     captured = {}
     handle = down.register_forward_pre_hook(lambda mod, args: captured.setdefault("a", args[0]))
     with torch.no_grad():
@@ -32,8 +58,8 @@ def test_attribution_matches_a_loop_over_interpolation_steps(tokenizer):
     handle.remove()
     a = captured["a"][0, -1].clone()
     total = torch.zeros_like(a)
-    for k in range(1, 5):
-        point = (k / 4 * a).clone().requires_grad_(True)
+    for k in range(1, m + 1):
+        point = (k / m * a).clone().requires_grad_(True)
 
         def swap(mod, args, point=point):
             x = args[0].clone()
@@ -45,8 +71,7 @@ def test_attribution_matches_a_loop_over_interpolation_steps(tokenizer):
         h.remove()
         (g,) = torch.autograd.grad(torch.softmax(logits.float(), -1)[token], point)
         total += g
-    expected = a * total / 4
-    assert torch.allclose(batched.double(), expected.double(), rtol=1e-4, atol=1e-10)
+    return (a * total / m).double()
 
 
 def test_edit_changes_only_the_value_slots_of_found_neurons(tokenizer):

@@ -9,7 +9,9 @@ the layer's activations a = a(x) scaled by alpha from 0 to 1:
              ~ a_i / m * sum_{k=1..m} dP(y* | x; (k/m) a) / d(alpha a_i)     (Riemann, m steps)
 
 All m interpolation steps run as m rows of one batched forward (and one backward) per layer
-and prompt; the blocks below l are computed once and fed in (`start_at_layer`).
+and prompt; the blocks below l are computed once and fed in (`start_at_layer`), and so are
+the keys and values of the positions before the answer's (the scaling cannot reach them):
+each pass runs one position through the blocks from l on.
 
 Selection (the paper's two thresholds): per prompt, keep neurons with attribution above
 `adaptive_threshold` x the largest attribution over the searched layers; over the prompts
@@ -33,12 +35,13 @@ e(.) is rescaled to the mean value-slot norm of its layer (`normalise_embeddings
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from ..models import EditableModel, Trace, frozen, read_param, start_at_layer
+from ..models import EditableModel, Trace, TraceDict, frozen, read_param, start_at_layer
 from ..requests import EditRequest
 from ..text import continuation_ids, encode
 from .base import ConfigError, Editor, EditResult, MethodConfig, register_method
@@ -97,34 +100,61 @@ class KnEditor(Editor):
         for layer in self.layers:
             model.check_layer(layer, "KnConfig.layers")
 
-    def attribution(self, prompt: str, answer_token: int, layer: int) -> torch.Tensor:
-        """Integrated-gradients attribution of every intermediate neuron of `layer`: (d_ff,)."""
+    def attribution(self, prompt: str, answer_token: int,
+                    layers: Sequence[int] | None = None) -> dict[int, torch.Tensor]:
+        """Integrated-gradients attribution of every intermediate neuron: {layer: (d_ff,)}
+        for `layers` (default: the searched layers)."""
         model, m = self.model, self.config.ig_steps
-        ids = torch.tensor([encode(model.tokenizer, prompt)] * m, device=model.device)
-        last = ids.shape[1] - 1
-        with torch.inference_mode(), \
-             Trace(model.model, model.arch.layer(layer), retain_input=True, stop=True) as block:
-            model.model(input_ids=ids[:1], use_cache=False)
-        hidden_in = block.input.expand(m, -1, -1).clone()
+        layers = list(self.layers if layers is None else layers)
+        ids = torch.tensor([encode(model.tokenizer, prompt)], device=model.device)
+        # Scaling the answer position's activations changes nothing before it (causal
+        # attention), so the earlier positions' keys and values are computed once, unscaled,
+        # and every batched pass runs the answer position alone against them. no_grad, not
+        # inference_mode: the attention's backward saves these keys and values.
+        past, field = None, model.cache_field
+        with torch.no_grad():
+            if ids.shape[1] > 1:
+                past = model.model.base_model(input_ids=ids[:, :-1], use_cache=True)[field]
+            run_ids = ids if past is None else ids[:, -1:]  # no cache: the whole prompt
+            names = [model.arch.layer(layer) for layer in layers]
+            with TraceDict(model.model, names, retain_input=True, stop=True) as blocks:
+                model.model.base_model(input_ids=run_ids, use_cache=past is not None,
+                                       **{field: copy.deepcopy(past)})
+        if past is not None:
+            past.batch_repeat_interleave(m)
         alphas = torch.arange(1, m + 1, device=model.device, dtype=torch.float32) / m
+        return {layer: self._integrated_gradients(
+                    layer, run_ids.expand(m, -1), blocks[name].input.expand(m, -1, -1).clone(),
+                    copy.deepcopy(past), alphas, answer_token)
+                for layer, name in zip(layers, names)}
+
+    def _integrated_gradients(self, layer: int, run_ids: torch.Tensor, hidden_in: torch.Tensor,
+                              past: object, alphas: torch.Tensor, answer_token: int
+                              ) -> torch.Tensor:
+        """a * mean_k dP(answer | (k/m) a) / da for `layer`'s activations a at the answer
+        position, the m steps as m rows of one pass from `layer` on (a fresh cache copy:
+        the pass appends to it)."""
+        model = self.model
         scaled: list[torch.Tensor] = []
         activation: list[torch.Tensor] = []
 
         def scale_last(x: torch.Tensor, _name: str) -> torch.Tensor:
             # Row k carries (k/m) a at the answer position; the gradient is taken there.
-            a = x[:, last].detach()
+            a = x[:, -1].detach()
             activation.append(a[0])
             point = (alphas.to(a.dtype).unsqueeze(1) * a).requires_grad_(True)
             scaled.append(point)
             x = x.clone()
-            x[:, last] = point
+            x[:, -1] = point
             return x
 
         with frozen(model.model):
             with start_at_layer(model.layers, layer, hidden_in, model.block_returns_tuple), \
                  Trace(model.model, model.arch.mlp_out_at(layer), edit_input=scale_last):
-                hidden = model.model.base_model(input_ids=ids, use_cache=False).last_hidden_state
-            probs = torch.softmax(model.head_logits(hidden[:, last]).float(), dim=-1)
+                hidden = model.model.base_model(
+                    input_ids=run_ids, use_cache=past is not None,
+                    **{model.cache_field: past}).last_hidden_state
+            probs = torch.softmax(model.head_logits(hidden[:, -1]).float(), dim=-1)
             (grad,) = torch.autograd.grad(probs[:, answer_token].sum(), scaled[0])
         return (activation[0].float() * grad.float().mean(0)).detach()
 
@@ -136,7 +166,7 @@ class KnEditor(Editor):
         scores: dict[tuple[int, int], float] = {}
         for prompt in prompts:
             answer = self._answer_token(prompt, request)
-            attr = {layer: self.attribution(prompt, answer, layer) for layer in self.layers}
+            attr = self.attribution(prompt, answer)
             top = max(float(a.max()) for a in attr.values())
             chosen = set()
             if top > 0:

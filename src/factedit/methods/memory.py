@@ -38,7 +38,6 @@ edit is `best` (`ranked`: every edit above the threshold, most similar first).
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -116,9 +115,7 @@ class MemoryEditor(Editor):
         self.next_edit_id = 0
         self._inner_forward = False     # retrieval and context forwards are not rewritten
         self._context_applied = False   # set by the pre-hook, read by the forward hook
-        # The KV cache's argument and output field: "cache" from transformers 5.x on.
-        parameters = inspect.signature(model.model.base_model.forward).parameters
-        self._cache_field = "cache" if "cache" in parameters else "past_key_values"
+        self._cache_field = model.cache_field
 
     # -- the method's part --------------------------------------------------------------------
     def context(self, best: EditRequest, ranked: Sequence[EditRequest]) -> str:

@@ -7,6 +7,7 @@ It forwards unknown attributes to the wrapped model (as PeftModel does), so
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -61,6 +62,13 @@ class EditableModel:
     @property
     def dtype(self) -> torch.dtype:
         return get_module(self.model, self.arch.embed).weight.dtype
+
+    @property
+    def cache_field(self) -> str:
+        """The base model's KV-cache argument and output field: "cache" from transformers
+        5.x on (where "past_key_values" is deprecated), "past_key_values" before."""
+        parameters = inspect.signature(self.model.base_model.forward).parameters
+        return "cache" if "cache" in parameters else "past_key_values"
 
     def check_layer(self, layer: int, field_name: str = "layer") -> int:
         if not isinstance(layer, int) or not 0 <= layer < self.num_layers:
