@@ -17,7 +17,8 @@ after one warm-up edit, and the model is restored before the next method. Report
                   gradients only; plus one inference forward of the key rows;
                 ft-l: steps taken x one forward+backward of its batch from the trained layer,
                   gradient to the trained weight;
-                kn: per prompt and searched layer, one forward+backward of the ig_steps rows;
+                kn: per prompt and searched layer, one forward+backward of the ig_steps
+                  one-token rows of the answer position (session 28 on; before: whole prompts);
                 grace: steps taken x one forward+backward of prompt + target from its layer,
                   gradient at the activations (its trained value replaces one).
     peak RSS    the process's peak resident memory after the method (monotone over methods).
@@ -191,9 +192,12 @@ def kn_floor(model, editor, request) -> dict[str, float]:
 
     m = editor.config.ig_steps
     prompts = 1 + (len(request.paraphrases) if editor.config.use_paraphrases else 0)
-    ids = torch.tensor([encode(model.tokenizer, request.rewrite_prompt)] * m, device=model.device)
+    # The attribution runs the answer position alone (the positions before it come from a
+    # KV cache the scaling cannot change): m one-token rows, attention over the cache left out.
+    ids = torch.tensor([encode(model.tokenizer, request.rewrite_prompt)[-1:]] * m,
+                       device=model.device)
     mask = torch.ones_like(ids)
-    last = torch.full((m,), ids.shape[1] - 1, device=model.device)
+    last = torch.zeros((m,), dtype=torch.long, device=model.device)
     rows = torch.arange(m, device=model.device)
     per_layer = [seconds(forward_backward(model, ids, mask, layer, rows, last), repeat=1)
                  for layer in editor.layers]
