@@ -1,10 +1,12 @@
 """What the bench scripts share: the benchmark data folder, its covariance corpus, --set,
---device."""
+--device, the process's resident memory."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 from pathlib import Path
 
 # ../shared/data beside the repository: the real benchmark files (see its SOURCES files).
@@ -31,3 +33,13 @@ def add_device_argument(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--device", default="cpu",
                     help="where the model runs: cpu, cuda, cuda:N, auto (a GPU if torch sees "
                     "one). The editors' float64 algebra stays on the CPU either way")
+
+
+def peak_rss_mib() -> float:
+    """The process's peak resident memory so far, MiB (Linux reports ru_maxrss in kB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_mib() -> float:
+    """The process's resident memory now, MiB (/proc/self/statm: pages)."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20

@@ -14,17 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import time
 from pathlib import Path
 
-from bench_common import DATA, add_device_argument
+from bench_common import DATA, add_device_argument, peak_rss_mib, rss_mib
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-def rss_mib() -> float:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             evaluate(model, [request], progress=False)
         if i % args.every == 0 or i == len(requests):
             rows.append({"n_edits": i, "rss_mib": rss_mib(),
-                         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                         "peak_rss_mib": peak_rss_mib(),
                          "seconds": time.perf_counter() - start})
             print(" | ".join(f"{k} {v:.0f}" for k, v in rows[-1].items()), flush=True)
     out = Path(args.out)

@@ -18,22 +18,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import sys
 import time
 from pathlib import Path
 
-from bench_common import DATA, add_device_argument, corpus_in, method_overrides
+from bench_common import DATA, add_device_argument, corpus_in, method_overrides, peak_rss_mib
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 COLUMNS = ("efficacy", "generalization", "specificity")
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def editor_state_mib(editor) -> dict[str, float]:

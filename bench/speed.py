@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import sys
 import tempfile
@@ -43,7 +42,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bench_common import DATA, corpus_in
+from bench_common import DATA, corpus_in, peak_rss_mib
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -104,10 +103,6 @@ def seconds(fn: Callable[[], object], repeat: int = 3) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
 
 
 def tensors(model, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -260,7 +255,7 @@ def bench_method(model, method: str, requests, overrides: dict) -> dict:
             "seconds_per_edit": wall / n, "phase_seconds_per_edit": phases,
             "floor_seconds_per_edit": floor_total, "floor_parts": floor,
             "ratio_to_floor": (wall / n) / floor_total if floor_total else None,
-            "covariance_seconds": cov_seconds, "peak_rss_mb": peak_rss_mb()}
+            "covariance_seconds": cov_seconds, "peak_rss_mb": peak_rss_mib()}
 
 
 # -- covariance throughput ----------------------------------------------------------------------
