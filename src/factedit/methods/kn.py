@@ -38,6 +38,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -115,25 +116,30 @@ class KnEditor(Editor):
         with torch.no_grad():
             if ids.shape[1] > 1:
                 past = model.model.base_model(input_ids=ids[:, :-1], use_cache=True)[field]
-            run_ids = ids if past is None else ids[:, -1:]  # no cache: the whole prompt
-            names = [model.arch.layer(layer) for layer in layers]
-            with TraceDict(model.model, names, retain_input=True, stop=True) as blocks:
-                model.model.base_model(input_ids=run_ids, use_cache=past is not None,
-                                       **{field: copy.deepcopy(past)})
+
+        def with_cache() -> dict[str, Any]:
+            # The cache keyword with a fresh copy: every pass appends to the cache it gets.
+            return {"use_cache": past is not None, field: copy.deepcopy(past)}
+
+        run_ids = ids if past is None else ids[:, -1:]  # no cache: the whole prompt
+        names = [model.arch.layer(layer) for layer in layers]
+        with torch.no_grad(), TraceDict(model.model, names, retain_input=True,
+                                        stop=True) as blocks:
+            model.model.base_model(input_ids=run_ids, **with_cache())
         if past is not None:
             past.batch_repeat_interleave(m)
         alphas = torch.arange(1, m + 1, device=model.device, dtype=torch.float32) / m
         return {layer: self._integrated_gradients(
                     layer, run_ids.expand(m, -1), blocks[name].input.expand(m, -1, -1).clone(),
-                    copy.deepcopy(past), alphas, answer_token)
+                    with_cache(), alphas, answer_token)
                 for layer, name in zip(layers, names)}
 
     def _integrated_gradients(self, layer: int, run_ids: torch.Tensor, hidden_in: torch.Tensor,
-                              past: object, alphas: torch.Tensor, answer_token: int
+                              cache: dict[str, Any], alphas: torch.Tensor, answer_token: int
                               ) -> torch.Tensor:
         """a * mean_k dP(answer | (k/m) a) / da for `layer`'s activations a at the answer
-        position, the m steps as m rows of one pass from `layer` on (a fresh cache copy:
-        the pass appends to it)."""
+        position, the m steps as m rows of one pass from `layer` on; `cache`: the base
+        model's cache keywords (use_cache and a cache of the positions before, or None)."""
         model = self.model
         scaled: list[torch.Tensor] = []
         activation: list[torch.Tensor] = []
@@ -151,9 +157,7 @@ class KnEditor(Editor):
         with frozen(model.model):
             with start_at_layer(model.layers, layer, hidden_in, model.block_returns_tuple), \
                  Trace(model.model, model.arch.mlp_out_at(layer), edit_input=scale_last):
-                hidden = model.model.base_model(
-                    input_ids=run_ids, use_cache=past is not None,
-                    **{model.cache_field: past}).last_hidden_state
+                hidden = model.model.base_model(input_ids=run_ids, **cache).last_hidden_state
             probs = torch.softmax(model.head_logits(hidden[:, -1]).float(), dim=-1)
             (grad,) = torch.autograd.grad(probs[:, answer_token].sum(), scaled[0])
         return (activation[0].float() * grad.float().mean(0)).detach()
