@@ -120,6 +120,37 @@ def test_yaml_and_toml_load_the_same_experiment(tmp_path):
         load_experiment(tmp_path / "bad.yaml")
 
 
+def test_set_overrides_fields_of_the_file_and_names_bad_ones(tmp_path, capsys):
+    from factedit.cli import main
+
+    path = tmp_path / "e.yaml"
+    text = ("methods:\n  - name: memit\n    config: {v_steps: 3}\n  - d4s\n"
+            "mode: sequential-batch\nbatch_size: 4\nn_edits: [8]\n")
+    path.write_text(text)
+    experiment = load_experiment(path, overrides={
+        "batch_size": 8, "methods.0.config.v_steps": 5, "methods.1": {"name": "pmet"},
+        "methods.2": "alphaedit",
+        "downstream.tasks": ["sst2"], "downstream.at": [0, 8], "name": "b8"})
+    assert experiment.batch_size == 8 and experiment.name == "b8"
+    assert [m.key for m in experiment.methods] == ["memit", "pmet", "alphaedit"]
+    assert experiment.method_config(experiment.methods[0]).v_steps == 5
+    assert experiment.downstream.tasks == ["sst2"] and experiment.downstream.at == [0, 8]
+    assert path.read_text() == text  # the file itself is not touched
+    for overrides, message in [
+            ({"batch_size": 3}, r"e\.yaml: n_edits: 8 is not a multiple of batch_size=3"),
+            ({"methods.2.config.v_steps": 1}, r"methods is a list of 2; index it with 0-1"),
+            ({"methods.3": "pmet"}, r"methods is a list of 2; index it with 0-2"),
+            ({"mode.kind": "x"}, r"mode\.kind: mode is 'sequential-batch', not a section"),
+            ({"batch_sise": 8}, r"batch_sise: unknown key"),
+            ({"downstream..at": [0]}, r"write a field such as")]:
+        with pytest.raises(ExperimentError, match=message):
+            load_experiment(path, overrides=overrides)
+    assert main(["run", str(path), "--set", "batch_size=3"]) == 2
+    assert "not a multiple of batch_size=3" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="drop --set"):
+        main(["run", "--resume", str(tmp_path / "run"), "--set", "batch_size=8"])
+
+
 def test_shipped_example_is_valid():
     from pathlib import Path
 

@@ -58,15 +58,22 @@ def _method_overrides(args: argparse.Namespace) -> dict[str, Any]:
         overrides["covariance_corpus"] = args.corpus
     if getattr(args, "covariance_tokens", None):
         overrides["covariance_tokens"] = args.covariance_tokens
-    for item in getattr(args, "set", None) or []:
+    overrides.update(_assignments(getattr(args, "set", None), "checkpoint=nets/mend"))
+    return overrides
+
+
+def _assignments(items: list[str] | None, example: str) -> dict[str, Any]:
+    """--set FIELD=VALUE pairs; VALUE is JSON where it parses, else a bare string."""
+    values: dict[str, Any] = {}
+    for item in items or []:
         if "=" not in item:
-            raise ValueError(f"--set {item!r}: write FIELD=VALUE, e.g. --set checkpoint=nets/mend")
+            raise ValueError(f"--set {item!r}: write FIELD=VALUE, e.g. --set {example}")
         name, value = item.split("=", 1)
         try:
-            overrides[name.strip()] = json.loads(value)
+            values[name.strip()] = json.loads(value)
         except json.JSONDecodeError:  # a bare word such as a path is a string
-            overrides[name.strip()] = value
-    return overrides
+            values[name.strip()] = value
+    return values
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
@@ -204,11 +211,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     from factedit.lab import load_experiment, run_experiment
     from factedit.lab.report import format_tables, write_report
 
+    overrides = _assignments(args.set, "batch_size=64")
     if args.resume:
+        if overrides and not args.config:
+            raise SystemExit("factedit run --resume: --set changes a config file; a resumed "
+                             "run continues with its saved config.json (drop --set)")
         out = Path(args.resume)
-        config = load_experiment(args.config) if args.config else None
+        config = load_experiment(args.config, overrides=overrides) if args.config else None
     elif args.config:
-        config = load_experiment(args.config)
+        config = load_experiment(args.config, overrides=overrides)
         out = Path(args.out or Path("runs") / (config.name or Path(args.config).stem))
     else:
         raise SystemExit("factedit run: give an experiment file, or --resume DIR")
@@ -349,6 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", help="experiment file (see docs/experiments.md)")
     p.add_argument("--out", help="run folder (default: runs/<experiment name>)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR where it stopped")
+    p.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                   help="change a field of the file, dotted, VALUE as JSON or a bare string "
+                        "(repeatable), e.g. --set batch_size=64 --set downstream.limit=20 "
+                        "--set methods.0.config.alpha=10")
     device(p)
     p.set_defaults(func=cmd_run)
 

@@ -44,12 +44,13 @@ typo fails before any model is loaded.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -189,8 +190,13 @@ class Experiment:
         return _parse_experiment(data, model)
 
 
-def load_experiment(path: str | Path, model: EditableModel | None = None) -> Experiment:
-    """Read and validate a .yaml/.yml, .toml or .json experiment file."""
+def load_experiment(path: str | Path, model: EditableModel | None = None,
+                    overrides: Mapping[str, Any] | None = None) -> Experiment:
+    """Read and validate a .yaml/.yml, .toml or .json experiment file.
+
+    `overrides` maps dotted fields to values set before validation (`factedit run --set`),
+    e.g. {"batch_size": 64, "downstream.at": [0, 1024], "methods.0.config.alpha": 10}:
+    one file serves a sweep, and each run's config.json records what it ran."""
     path = Path(path)
     if not path.is_file():
         raise ExperimentError(f"experiment file {path} does not exist")
@@ -215,9 +221,47 @@ def load_experiment(path: str | Path, model: EditableModel | None = None) -> Exp
     except Exception as err:  # the parsers raise their own error types
         raise ExperimentError(f"{path} is not valid {suffix[1:].upper()}: {err}") from None
     try:
+        data = apply_overrides(data, overrides or {})
         return Experiment.from_dict(data, model)
     except ExperimentError as err:
         raise ExperimentError(f"{path}: {err}") from None
+
+
+def apply_overrides(data: Any, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a parsed experiment file with each dotted FIELD set to its value; a
+    number indexes a list (methods.0.config.layers; one past its end appends). Missing
+    sections are created, so a misspelt field reaches validation and is named there."""
+    data = copy.deepcopy(data if data is not None else {})
+    for dotted, value in overrides.items():
+        parts = dotted.split(".")
+        if not dotted or not all(parts):
+            raise ExperimentError(f"--set {dotted!r}: write a field such as batch_size or "
+                                  f"downstream.limit")
+        node: Any = data
+        for depth, part in enumerate(parts):
+            where = ".".join(parts[:depth]) or "the file"
+            last = depth == len(parts) - 1
+            if isinstance(node, list):
+                # The index one past the end appends (a method added to the list).
+                limit = len(node) + 1 if last else len(node)
+                if not part.isdigit() or int(part) >= limit:
+                    raise ExperimentError(f"--set {dotted}: {where} is a list of {len(node)}; "
+                                          f"index it with 0-{limit - 1}")
+                key: Any = int(part)
+                if key == len(node):
+                    node.append(None)
+            elif isinstance(node, dict):
+                key = part
+                if not last and node.get(key) is None:
+                    node[key] = {}
+            else:
+                raise ExperimentError(f"--set {dotted}: {where} is {node!r}, not a section "
+                                      f"with fields")
+            if last:
+                node[key] = value
+            else:
+                node = node[key]
+    return data
 
 
 # -- validation --------------------------------------------------------------------------------
