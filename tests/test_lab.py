@@ -233,6 +233,44 @@ def test_interrupted_run_resumes_to_the_same_rows(lab_env, tokenizer, stop_after
     assert len(list((tmp / "broken" / "state" / "d4s").iterdir())) == 1
 
 
+@pytest.mark.parametrize("damage", ["remove", "corrupt"])
+def test_resume_without_the_state_restarts_only_that_method(lab_env, tokenizer, damage):
+    """The run folder moved without state/ (or a state file corrupted): the unfinished method
+    is edited again from the first request, the finished one is kept, and the rows equal an
+    unbroken run's."""
+    import shutil
+
+    tmp, corpus, dataset = lab_env
+    config = experiment_dict(corpus, dataset)
+    straight = run_experiment(config, tmp / "straight", model=make_tiny_model(tokenizer),
+                              progress=False)
+    with pytest.raises(RunInterrupted):
+        run_experiment(config, tmp / "broken", model=make_tiny_model(tokenizer),
+                       progress=False, stop_after_edits=7)
+    state = tmp / "broken" / "state" / "memit"
+    if damage == "remove":
+        shutil.rmtree(tmp / "broken" / "state")
+    else:
+        weights = next(state.glob("edit-*/*.safetensors"))
+        weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+    run_experiment(None, tmp / "broken", resume=True, model=make_tiny_model(tokenizer),
+                   progress=False)
+    log = (tmp / "broken" / "run.log").read_text()
+    assert "memit: cannot resume after 2 requests" in log and "editing all 5 again" in log
+    assert "d4s: finished in an earlier session" in log
+    assert "memit: resumed" not in log
+    for name in ("scores", "weight_stats", "progress"):
+        got, expected = table(tmp / "broken" / "results.sqlite", name), \
+            table(straight / "results.sqlite", name)
+        if name == "scores":
+            got = [r for r in got if r[4] != "edit_seconds"]
+            expected = [r for r in expected if r[4] != "edit_seconds"]
+        if name == "progress":  # the state folders' names only
+            got, expected = [r[:2] + r[3:] for r in got], [r[:2] + r[3:] for r in expected]
+        assert got == expected
+    assert [p.name for p in state.iterdir()] == ["edit-000005"]
+
+
 def test_resume_refuses_a_different_config(lab_env, tokenizer):
     tmp, corpus, dataset = lab_env
     model = make_tiny_model(tokenizer)

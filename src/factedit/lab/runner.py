@@ -18,6 +18,9 @@ saved first, then its immediate scores, weight statistics, finished edits and th
 resume point are committed in one store transaction. A kill between the two leaves an
 unreferenced state folder (removed on resume) and the previous resume point: the edits
 after it are redone, deterministically, and their rows written again with the same values.
+A resume point whose state folder is gone or fails its checksum (the folder copied to
+another machine without state/, a corrupt file) restarts that method alone, with a warning;
+finished methods need no state to be skipped.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from ..metrics import Baseline, capture_baseline, evaluate
 from ..models import EditableModel
 from ..protocol import EditHandle, EditRecord, make_editor
 from ..protocol.sequence import Checkpoint, SequenceReport, run_sequence
+from ..protocol.state import UnreadableStateError
 from ..requests import EditRequest
 from .config import Experiment, ExperimentError, MethodRun, load_experiment
 from .store import MEAN, UNEDITED, ResultsStore, score_rows
@@ -297,10 +301,19 @@ def _run_method(store: ResultsStore, out: Path, experiment: Experiment, run: Met
     # Methods are deterministic given their config seed; the global seed covers any code
     # that draws from torch's generator, the same on every resume.
     torch.manual_seed(experiment.seed)
+    handle = None
     if state_dir:
-        handle = EditHandle.resume(model, out / state_dir)
-        log.info("%s: resumed after %d of %d requests", key, point["n_done"], len(requests))
-    else:
+        try:
+            handle = EditHandle.resume(model, out / state_dir)
+            log.info("%s: resumed after %d of %d requests", key, point["n_done"], len(requests))
+        except UnreadableStateError as err:
+            # The run folder without its state (copied without state/, a lost or corrupt
+            # file): the method starts over and its rows are written again, key for key;
+            # the other methods' finished rows stand.
+            log.warning("%s: cannot resume after %d requests (%s); editing all %d again "
+                        "from the first", key, point["n_done"], err, len(requests))
+            state_dir = None
+    if handle is None:
         handle = EditHandle(model, make_editor(model, run.name, experiment.method_config(run)))
     recorder = _Recorder(store, out, key, experiment, len(requests), budget, state_dir)
     try:

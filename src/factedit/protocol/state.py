@@ -36,6 +36,11 @@ class StateFileError(ValueError):
     """A saved editing state is missing, corrupt or belongs to other weights."""
 
 
+class UnreadableStateError(StateFileError):
+    """The state's files are missing, unreadable or fail their checksum: raised before any
+    weight of the model is touched, so the sequence can be edited again from the start."""
+
+
 def save_handle(handle: EditHandle, folder: str | Path) -> Path:
     from .. import __version__
 
@@ -74,18 +79,19 @@ def read_state(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     folder = Path(folder)
     manifest_path, weights_path = folder / MANIFEST_FILE, folder / WEIGHTS_FILE
     if not manifest_path.is_file() or not weights_path.is_file():
-        raise StateFileError(f"{folder} has no {MANIFEST_FILE} + {WEIGHTS_FILE}: not a saved "
-                             f"editing state (write one with handle.save(folder))")
+        raise UnreadableStateError(f"{folder} has no {MANIFEST_FILE} + {WEIGHTS_FILE}: not a "
+                                   f"saved editing state (write one with handle.save(folder))")
     try:
         manifest = json.loads(manifest_path.read_text())
     except ValueError as err:
-        raise StateFileError(f"{manifest_path} is not valid JSON ({err})") from None
+        raise UnreadableStateError(f"{manifest_path} is not valid JSON ({err})") from None
     if manifest.get("format") != FORMAT:
         raise StateFileError(f"{manifest_path}: format {manifest.get('format')!r}, this "
                              f"factedit reads format {FORMAT}")
     if file_digest(weights_path) != manifest.get("weights_blake2b"):
-        raise StateFileError(f"{weights_path} does not match the checksum in its manifest: "
-                             f"the file is corrupt or was changed; re-run the edits")
+        raise UnreadableStateError(f"{weights_path} does not match the checksum in its "
+                                   f"manifest: the file is corrupt or was changed; re-run the "
+                                   f"edits")
     return manifest, load_file(str(weights_path))
 
 
