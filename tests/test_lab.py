@@ -18,7 +18,7 @@ from factedit.lab import (
     run_experiment,
     write_report,
 )
-from factedit.lab.report import pearson, ranks, spearman
+from factedit.lab.report import format_tables, pearson, ranks, spearman
 
 FACTS = [
     fe.EditRequest(prompt="{} is located in the city of", subject="The Eiffel Tower",
@@ -305,6 +305,30 @@ def test_report_writes_plots_and_html(lab_env, tokenizer):
     assert sorted(report.tables) == [2, 4, 5]
     assert [r["method"] for r in report.tables[5]] == ["unedited", "d4s", "memit"]
     assert "efficacy" in report.correlations and report.correlations["efficacy"]["n"] == 10
+
+
+def test_report_of_a_stopped_run_says_what_it_holds(lab_env, tokenizer):
+    """A report of a run in progress names the finished methods and how far the others got,
+    and a finished run's report says nothing of the kind."""
+    tmp, corpus, dataset = lab_env
+    config = experiment_dict(corpus, dataset)
+    with pytest.raises(RunInterrupted):
+        run_experiment(config, tmp / "run", model=make_tiny_model(tokenizer), progress=False,
+                       stop_after_edits=7)
+    report = write_report(tmp / "run")
+    assert [(r["method"], r["n_done"], r["finished"]) for r in report.status] == \
+        [("d4s", 5, True), ("memit", 2, False)]
+    expected = "run in progress (finished: d4s; memit 2/5 edits)"
+    assert expected in format_tables(report) and expected in report.html.read_text()
+    # memit's row after 5 edits is empty ("-"), its row after 2 is measured.
+    memit_rows = {n: next(r for r in rows if r["method"] == "memit")
+                  for n, rows in report.tables.items()}
+    assert memit_rows[5]["Eff"] is None and memit_rows[2]["Eff"] is not None
+    run_experiment(None, tmp / "run", resume=True, model=make_tiny_model(tokenizer),
+                   progress=False)
+    report = write_report(tmp / "run")
+    assert "in progress" not in format_tables(report)
+    assert "in progress" not in report.html.read_text()
 
 
 def test_cli_report_and_config_errors(lab_env, tokenizer, capsys):

@@ -49,6 +49,10 @@ class Report:
     tables: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
     # rows of downstream_table: method, N and "task/metric" in %
     downstream: list[dict[str, Any]] = field(default_factory=list)
+    # rows of run_status: method, n_done, n_total, finished (a report of a run in progress
+    # says which methods its tables hold in full)
+    status: list[dict[str, Any]] = field(default_factory=list)
+    run_dir: Path | None = None
 
 
 # -- statistics (stdlib: scipy is not a dependency) ------------------------------------------
@@ -338,6 +342,31 @@ def _table_html(rows: list[dict[str, Any]], headings: Sequence[str]) -> str:
     return "\n".join(out)
 
 
+def run_status(config: dict[str, Any], store: ResultsStore) -> list[dict[str, Any]]:
+    """Where each method of the experiment stands: requests edited of max(n_edits), and
+    whether it finished (its rows after the last checkpoint are all in the store)."""
+    n_total = max(config.get("n_edits") or [0])
+    rows = []
+    for method in config["methods"]:
+        key = method.get("label") or method["name"]
+        progress = store.progress(key)
+        rows.append({"method": key, "n_done": progress["n_done"] if progress else 0,
+                     "n_total": n_total, "finished": bool(progress and progress["finished"])})
+    return rows
+
+
+def status_line(status: Sequence[dict[str, Any]]) -> str | None:
+    """One sentence for a run with unfinished methods; None when every method finished."""
+    unfinished = [r for r in status if not r["finished"]]
+    if not unfinished:
+        return None
+    done = [r["method"] for r in status if r["finished"]]
+    parts = [f"finished: {', '.join(done)}"] if done else []
+    parts += [f"{r['method']} {r['n_done']}/{r['n_total']} edits" if r["n_done"]
+              else f"{r['method']} not started" for r in unfinished]
+    return "run in progress (" + "; ".join(parts) + "): the tables hold finished checkpoints only"
+
+
 _CSS = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}
 table{border-collapse:collapse;margin:0.5em 0 1.5em}
 th,td{border:1px solid #bbb;padding:0.25em 0.7em;text-align:right}
@@ -347,7 +376,8 @@ pre{background:#f4f4f4;padding:0.7em;overflow-x:auto;font-size:small}"""
 
 def _html_page(run_dir: Path, config: dict[str, Any], tables: dict[int, list[dict]],
                easyedit: dict[int, list[dict]], corr: dict[str, dict[str, Any]],
-               plots: dict[str, Path], downstream: Sequence[dict[str, Any]] = ()) -> str:
+               plots: dict[str, Path], downstream: Sequence[dict[str, Any]] = (),
+               status: Sequence[dict[str, Any]] = ()) -> str:
     title = f"factedit run: {config.get('name') or run_dir.name}"
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
              f"</title><style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>",
@@ -355,6 +385,9 @@ def _html_page(run_dir: Path, config: dict[str, Any], tables: dict[int, list[dic
              f"<code>{html.escape(str(config.get('dataset', {}).get('name')))}</code>, mode "
              f"{html.escape(str(config.get('mode')))}. Scores in %, measured on the model after "
              f"N edits over the N edited requests; best edited method in bold.</p>"]
+    if status_line(status):
+        parts.append(f"<p><b>{html.escape(status_line(status))}</b>; continue it with "
+                     f"<code>factedit run --resume {html.escape(str(run_dir))}</code>.</p>")
     for n, rows in tables.items():
         parts.append(f"<h2>After {n} edits</h2>")
         parts.append(_table_html(rows, [h for _, h in PAPER_COLUMNS] + ["Avg"]))
@@ -407,7 +440,8 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Repo
         methods = _methods(run_dir, store)
         counts = sorted({r["n_edits"] for r in store.scores(view="checkpoint", uid=MEAN)})
         table_counts = [n for n in config.get("n_edits", counts) if n in counts] or counts
-        report = Report(folder=folder, html=folder / "report.html")
+        report = Report(folder=folder, html=folder / "report.html", run_dir=run_dir,
+                        status=run_status(config, store))
         drawers = {"scores vs edits": ("scores.png", lambda p: _plot_scores(store, methods, p)),
                    "weight norms": ("weights.png", lambda p: _plot_weights(store, methods, p)),
                    "forgetting": ("forgetting.png",
@@ -424,7 +458,8 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Repo
         report.correlations = correlations(store, methods)
         report.downstream = downstream_table(store)
     report.html.write_text(_html_page(run_dir, config, report.tables, easyedit,
-                                      report.correlations, report.plots, report.downstream),
+                                      report.correlations, report.plots, report.downstream,
+                                      report.status),
                            encoding="utf-8")
     return report
 
@@ -432,6 +467,9 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Repo
 def format_tables(report: Report) -> str:
     """The paper-style tables and correlations as plain text (what `factedit report` prints)."""
     lines = []
+    if status_line(report.status):
+        lines.append(f"{status_line(report.status)}; continue it with "
+                     f"`factedit run --resume {report.run_dir}`")
     headings = [h for _, h in PAPER_COLUMNS] + ["Avg"]
     for n, rows in report.tables.items():
         lines.append(f"after {n} edits (%)")
