@@ -173,6 +173,22 @@ def test_compute_leaves_the_model_as_it_found_it(tokenizer, method):
     json.dumps(result.info["layers"])  # the protocol stores info as JSON
 
 
+@pytest.mark.parametrize("method", ["memit", "pmet"])
+def test_low_rank_solve_gives_the_direct_solves_edit(tokenizer, method, monkeypatch):
+    """The cached factor of lambda C plus Woodbury gives the same weights as factoring
+    lambda C + K K^T afresh, edit after edit of a sequence (float64, to 1e-9)."""
+    import factedit.methods.memit as memit_module
+
+    edited = {}
+    for low_rank in (True, False):
+        monkeypatch.setattr(memit_module, "memit_solve_is_low_rank",
+                            lambda K, low_rank=low_rank: low_rank)
+        model, w0 = tiny(tokenizer), tiny(tokenizer)
+        edit(model, REQUESTS[:3], method=method, mode="sequential", progress=False, **small())
+        edited[low_rank] = deltas(model, w0)
+    assert_same_edit(edited[True], edited[False], rtol=1e-9)
+
+
 def test_memit_on_gpt2_returns_conv1d_oriented_deltas(tokenizer):
     model = tiny(tokenizer, "gpt2")
     result = make_editor(model, "memit", **small()).compute(REQUESTS[:2])

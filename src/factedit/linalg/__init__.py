@@ -12,9 +12,12 @@ from .keys import (
 from .solve import SingularMatrixError, WoodburySolver, condition_number, spd_solve
 from .update import (
     condition_estimate,
+    memit_solve_is_low_rank,
     memit_system,
+    memit_update,
     null_space_basis,
     null_space_update,
+    preserved_factor,
     site_values,
     solve_update,
     spread_residual,
@@ -31,8 +34,8 @@ __all__ = [
     "LayerByLayerReads", "SingularMatrixError", "TargetValues", "WoodburySolver",
     "capture_at_subject", "compute_keys",
     "condition_estimate", "condition_number", "context_templates", "covariance",
-    "hidden_at_subject", "memit_system", "null_space_basis",
-    "null_space_update", "optimise_joint_target_values",
-    "optimise_target_values", "site_module_name", "site_values",
+    "hidden_at_subject", "memit_solve_is_low_rank", "memit_system", "memit_update",
+    "null_space_basis", "null_space_update", "optimise_joint_target_values",
+    "optimise_target_values", "preserved_factor", "site_module_name", "site_values",
     "solve_update", "spd_solve", "spread_residual", "subject_rows", "weight_stats",
 ]

@@ -19,7 +19,7 @@ import torch
 
 from ..models import EditableModel
 from .keys import capture_at_subject, subject_rows
-from .solve import condition_number, spd_solve
+from .solve import cholesky_factor, condition_number, spd_solve
 from .values import site_module_name
 
 
@@ -47,6 +47,44 @@ def solve_update(B: torch.Tensor, A: torch.Tensor, what: str = "update") -> torc
     Solved as A Delta^T = B^T (A = A^T), one Cholesky factorisation, never an inverse.
     """
     return spd_solve(A, B.to(torch.float64).T, what=what).T
+
+
+def preserved_factor(C: torch.Tensor, lam: float) -> torch.Tensor | None:
+    """L with L L^T = lambda C (float64), or None when lambda C is not positive definite.
+
+    lambda C is the part of MEMIT's system matrix that no edit changes: factored once per
+    layer, it makes every later edit's solve a low-rank one (`memit_update`).
+    """
+    return cholesky_factor(lam * C.to(torch.float64))
+
+
+def memit_update(R: torch.Tensor, K: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Delta = R K^T (lambda C + K K^T)^{-1} from the factor L L^T = lambda C: (d_out, d_in).
+
+    A = lambda C + K K^T is symmetric, so R K^T A^{-1} = R (A^{-1} K)^T, and by the Woodbury
+    identity, with Y = (lambda C)^{-1} K,
+
+        A^{-1} K = Y (I + K^T Y)^{-1},
+
+    an n x n system (n = columns of K) that is SPD with eigenvalues >= 1. Per edit that is
+    two triangular solves per key column instead of a fresh d_in^3 / 3 factorisation and
+    d_out right-hand sides: on SmolLM2's 1,536-wide layers 0.03 s instead of 0.3 s for one
+    request, and the gap grows with d_in (measured: 1e-14 relative to the direct solve).
+    Worth it while n is well below d_in; `memit_solve_is_low_rank` says when.
+    """
+    K = K.to(torch.float64)
+    # Two triangular solves (cholesky_solve is several times slower for a few columns).
+    Y = torch.linalg.solve_triangular(
+        factor.T, torch.linalg.solve_triangular(factor, K, upper=False), upper=True)
+    small = torch.eye(K.shape[1], dtype=torch.float64) + K.T @ Y
+    X = torch.cholesky_solve(Y.T, torch.linalg.cholesky(small)).T  # A^{-1} K, (d_in, n)
+    return R.to(torch.float64) @ X.T
+
+
+def memit_solve_is_low_rank(K: torch.Tensor) -> bool:
+    """Whether `memit_update` beats a fresh factorisation for these keys (n < d_in / 4) and
+    they are finite (non-finite keys go to the direct solve, whose error names them)."""
+    return K.shape[1] * 4 < K.shape[0] and bool(torch.isfinite(K).all())
 
 
 def null_space_basis(C: torch.Tensor, threshold: float) -> torch.Tensor:

@@ -27,6 +27,7 @@ from ..linalg import (
     null_space_basis,
     optimise_joint_target_values,
     optimise_target_values,
+    preserved_factor,
     site_module_name,
     spread_residual,
     weight_stats,
@@ -243,6 +244,9 @@ class LocateEditor(Editor):
             model.check_layer(layer, f"{type(config).__name__}.layers")
         self._covariance: dict[int, torch.Tensor] = {}
         self._null_bases: dict[tuple[int, float], torch.Tensor] = {}
+        # (layer, lambda) -> (the C it was factored from, L with L L^T = lambda C or None)
+        self._preserved_factors: dict[tuple[int, float], tuple[torch.Tensor,
+                                                               torch.Tensor | None]] = {}
         # W_0 of the edited layers, taken at the first edit, in the parameter's own dtype:
         # the float64 cast at use is exact, and a bf16 model keeps a quarter of the memory.
         self._originals: dict[int, torch.Tensor] = {}
@@ -295,6 +299,16 @@ class LocateEditor(Editor):
         if key not in self._null_bases:
             self._null_bases[key] = null_space_basis(self.covariance(layer), threshold)
         return self._null_bases[key]
+
+    def preserved_factor(self, layer: int, lam: float) -> torch.Tensor | None:
+        """The Cholesky factor of lambda C at `layer` (None: not positive definite), cached
+        while C stays the same object (a loaded state replaces C)."""
+        C = self.covariance(layer)
+        cached = self._preserved_factors.get((layer, lam))
+        if cached is None or cached[0] is not C:
+            cached = (C, preserved_factor(C, lam))
+            self._preserved_factors[(layer, lam)] = cached
+        return cached[1]
 
     def keys(self, requests: Sequence[EditRequest], layers: Sequence[int],
              each: bool = False) -> dict[int, torch.Tensor]:

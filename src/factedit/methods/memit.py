@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..linalg import memit_system, solve_update
+from ..linalg import memit_solve_is_low_rank, memit_system, memit_update, solve_update
 from ..requests import EditRequest
 from .base import EditResult, register_method
 from .locate import (
@@ -77,8 +77,17 @@ class MemitEditor(LocateEditor):
 
     def solve_layer(self, j: int, layer: int, K: torch.Tensor, R: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """W_j + R K^T (lambda C + K K^T)^{-1}, and that system matrix."""
-        A = memit_system(self.covariance(layer), K @ K.T, self.mom2_weight(layer))
+        """W_j + R K^T (lambda C + K K^T)^{-1}, and that system matrix (built only when its
+        condition number is logged, where the low-rank solve did not need it)."""
+        lam = self.mom2_weight(layer)
+
+        def system() -> torch.Tensor:
+            return memit_system(self.covariance(layer), K @ K.T, lam)
+
+        factor = self.preserved_factor(layer, lam) if memit_solve_is_low_rank(K) else None
+        if factor is not None:  # a few keys: lambda C's cached factor and Woodbury
+            return self.weight64(layer) + memit_update(R, K, factor), system
+        A = system()
         return self.weight64(layer) + solve_update(R @ K.T, A, f"MEMIT system at layer {layer}"), A
 
     def compute(self, requests: Sequence[EditRequest]) -> EditResult:
