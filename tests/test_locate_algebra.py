@@ -173,19 +173,27 @@ def test_compute_leaves_the_model_as_it_found_it(tokenizer, method):
     json.dumps(result.info["layers"])  # the protocol stores info as JSON
 
 
-@pytest.mark.parametrize("method", ["memit", "pmet"])
+@pytest.mark.parametrize("method", ["memit", "pmet", "alphaedit"])
 def test_low_rank_solve_gives_the_direct_solves_edit(tokenizer, method, monkeypatch):
-    """The cached factor of lambda C plus Woodbury gives the same weights as factoring
-    lambda C + K K^T afresh, edit after edit of a sequence (float64, to 1e-9)."""
+    """The factor kept between edits (lambda C for MEMIT and PMET, AlphaEdit's history
+    system grown by each edit's keys) plus Woodbury gives the same weights as factoring the
+    whole system afresh, edit after edit of a sequence (float64, to 1e-9)."""
+    import factedit.methods.alphaedit as alphaedit_module
     import factedit.methods.memit as memit_module
 
     edited = {}
     for low_rank in (True, False):
-        monkeypatch.setattr(memit_module, "memit_solve_is_low_rank",
-                            lambda K, low_rank=low_rank: low_rank)
+        if not low_rank:  # the direct solve everywhere
+            monkeypatch.setattr(memit_module, "memit_solve_is_low_rank", lambda K: False)
+            monkeypatch.setattr(alphaedit_module.AlphaEditEditor, "_history_solver",
+                                lambda self, layer: None)
         model, w0 = tiny(tokenizer), tiny(tokenizer)
-        edit(model, REQUESTS[:3], method=method, mode="sequential", progress=False, **small())
+        handle = edit(model, REQUESTS[:4], method=method, mode="sequential", progress=False,
+                      **small(**NULL_SPACE.get(method, {})))
         edited[low_rank] = deltas(model, w0)
+        # The fast path did run: the kept factors are there.
+        kept = handle.editor._solvers if method == "alphaedit" else handle.editor._preserved_factors
+        assert bool(kept) == low_rank
     assert_same_edit(edited[True], edited[False], rtol=1e-9)
 
 

@@ -12,6 +12,7 @@ from .keys import (
 from .solve import SingularMatrixError, WoodburySolver, condition_number, spd_solve
 from .update import (
     condition_estimate,
+    keys_added_solve,
     memit_solve_is_low_rank,
     memit_system,
     memit_update,
@@ -34,7 +35,7 @@ __all__ = [
     "LayerByLayerReads", "SingularMatrixError", "TargetValues", "WoodburySolver",
     "capture_at_subject", "compute_keys",
     "condition_estimate", "condition_number", "context_templates", "covariance",
-    "hidden_at_subject", "memit_solve_is_low_rank", "memit_system", "memit_update",
+    "hidden_at_subject", "keys_added_solve", "memit_solve_is_low_rank", "memit_system", "memit_update",
     "null_space_basis", "null_space_update", "optimise_joint_target_values",
     "optimise_target_values", "preserved_factor", "site_module_name", "site_values",
     "solve_update", "spd_solve", "spread_residual", "subject_rows", "weight_stats",

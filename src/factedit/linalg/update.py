@@ -76,9 +76,16 @@ def memit_update(R: torch.Tensor, K: torch.Tensor, factor: torch.Tensor) -> torc
     # Two triangular solves (cholesky_solve is several times slower for a few columns).
     Y = torch.linalg.solve_triangular(
         factor.T, torch.linalg.solve_triangular(factor, K, upper=False), upper=True)
+    return R.to(torch.float64) @ keys_added_solve(Y, K).T
+
+
+def keys_added_solve(Y: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+    """(A + K K^T)^{-1} K from Y = A^{-1} K, A SPD: Y (I + K^T Y)^{-1} (Woodbury).
+
+    I + K^T Y = I + K^T A^{-1} K is SPD with eigenvalues >= 1: an n x n Cholesky solve.
+    """
     small = torch.eye(K.shape[1], dtype=torch.float64) + K.T @ Y
-    X = torch.cholesky_solve(Y.T, torch.linalg.cholesky(small)).T  # A^{-1} K, (d_in, n)
-    return R.to(torch.float64) @ X.T
+    return torch.cholesky_solve(Y.T, torch.linalg.cholesky(small)).T
 
 
 def memit_solve_is_low_rank(K: torch.Tensor) -> bool:

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from ..linalg import null_space_update
+from ..linalg import WoodburySolver, keys_added_solve, null_space_update
 from ..models import EditableModel
 from ..requests import EditRequest
 from .base import ConfigError, EditResult, MethodConfig, register_method
@@ -92,6 +92,10 @@ class AlphaEditEditor(LocateEditor):
         # U^T K_p K_p^T U per layer (m, m): the same sum in the null space's coordinates, so
         # an edit forms its system from its own keys only (no d_in^3 product per edit).
         self._kp_null: dict[int, torch.Tensor] = {}
+        # layer -> the factor of U^T K_p K_p^T U + alpha I, grown by each committed edit's
+        # keys (Woodbury) while its token is that layer's _kp_null tensor: an edit then costs
+        # triangular solves for its own keys instead of an m x m factorisation (m ~ d_in).
+        self._solvers: dict[int, WoodburySolver] = {}
 
     def _null(self, layer: int) -> torch.Tensor:
         return self.null_basis(layer, self.config.nullspace_threshold)
@@ -103,22 +107,53 @@ class AlphaEditEditor(LocateEditor):
                                     else torch.zeros(U.shape[1], U.shape[1], dtype=torch.float64))
         return self._kp_null[layer]
 
+    def _history_solver(self, layer: int) -> WoodburySolver | None:
+        """The factor of U^T K_p K_p^T U + alpha I (None: not positive definite)."""
+        committed = self._kp_reduced(layer)
+        solver = self._solvers.get(layer)
+        if solver is None or solver.token is not committed:
+            eye = torch.eye(committed.shape[0], dtype=torch.float64)
+            solver = WoodburySolver.factor(committed + self.config.alpha * eye)
+            if solver is None:
+                return None
+            solver.token = committed
+            self._solvers[layer] = solver
+        return solver
+
     def solve_layer(self, j: int, layer: int, K: torch.Tensor, R: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+                    ) -> tuple[torch.Tensor, Any]:
+        """W_j + (R KU^T) (KU KU^T + U^T K_p K_p^T U + alpha I)^{-1} U^T, KU = U^T K, and
+        that system (a function: built only when its condition number is logged)."""
         U = self._null(layer)
-        KU = U.T @ K  # (m, n): the keys in the null space's coordinates
-        G = KU @ KU.T + self._kp_reduced(layer)  # U^T (K K^T + K_p K_p^T) U
-        delta, A = null_space_update(U, R @ KU.T, G, self.config.alpha,
-                                     f"AlphaEdit system at layer {layer}")
-        return self.weight64(layer) + delta, A
+        KU = U.T @ K.to(torch.float64)  # (m, n): the keys in the null space's coordinates
+        alpha = self.config.alpha
+
+        def system() -> torch.Tensor:  # U^T (K K^T + K_p K_p^T) U + alpha I
+            G = KU @ KU.T + self._kp_reduced(layer)
+            return G + alpha * torch.eye(G.shape[0], dtype=torch.float64)
+
+        solver = self._history_solver(layer) if torch.isfinite(KU).all() else None
+        if solver is None:  # the direct solve: its eigen fallback and errors name the matrix
+            G = KU @ KU.T + self._kp_reduced(layer)
+            delta, A = null_space_update(U, R @ KU.T, G, alpha,
+                                         f"AlphaEdit system at layer {layer}")
+            return self.weight64(layer) + delta, A
+        # R KU^T A^{-1} = R (A^{-1} KU)^T, A = (history's system) + KU KU^T: Woodbury.
+        X = keys_added_solve(solver.solve(KU), KU)
+        return self.weight64(layer) + (R.to(torch.float64) @ X.T) @ U.T, system
 
     def compute(self, requests: Sequence[EditRequest]) -> EditResult:
         result, terms = self.edit_layers(requests, self.solve_layer, self.config.residual)
         # Committed only now: a failed edit must not leave its keys in K_p.
         for layer, (K, _R) in terms.items():
             KU = self._null(layer).T @ K
-            self._kp_null[layer] = self._kp_reduced(layer) + KU @ KU.T
+            before = self._kp_reduced(layer)
+            self._kp_null[layer] = before + KU @ KU.T
             self._kp[layer] = self._kp.get(layer, 0) + K @ K.T
+            solver = self._solvers.get(layer)
+            if solver is not None and solver.token is before and solver.room(KU.shape[1]):
+                solver.add(KU.to(torch.float64))
+                solver.token = self._kp_null[layer]
         return result
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
