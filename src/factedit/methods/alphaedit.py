@@ -139,8 +139,8 @@ class AlphaEditEditor(LocateEditor):
                                          f"AlphaEdit system at layer {layer}")
             return self.weight64(layer) + delta, A
         # R KU^T A^{-1} = R (A^{-1} KU)^T, A = (history's system) + KU KU^T: Woodbury.
-        X = keys_added_solve(solver.solve(KU), KU)
-        return self.weight64(layer) + (R.to(torch.float64) @ X.T) @ U.T, system
+        X = U @ keys_added_solve(solver.solve(KU), KU)  # (d_in, n): n columns, not a
+        return self.weight64(layer) + R.to(torch.float64) @ X.T, system  # d_out x m product
 
     def compute(self, requests: Sequence[EditRequest]) -> EditResult:
         result, terms = self.edit_layers(requests, self.solve_layer, self.config.residual)
