@@ -197,6 +197,26 @@ def test_low_rank_solve_gives_the_direct_solves_edit(tokenizer, method, monkeypa
     assert_same_edit(edited[True], edited[False], rtol=1e-9)
 
 
+def test_single_mode_derives_from_c_once(tokenizer, monkeypatch):
+    """Single mode gives every edit a fresh editor; the null-space bases and the factors of
+    lambda C (functions of C alone) are shared with it, not derived again per edit."""
+    import factedit.methods.locate as locate_module
+
+    calls = {"null_space_basis": 0, "preserved_factor": 0}
+    for name in calls:
+        original = getattr(locate_module, name)
+
+        def counted(*args, _name=name, _original=original):
+            calls[_name] += 1
+            return _original(*args)
+
+        monkeypatch.setattr(locate_module, name, counted)
+    for method in ("alphaedit", "memit"):
+        edit(tiny(tokenizer), REQUESTS[:3], method=method, mode="single", progress=False,
+             **small(**NULL_SPACE.get(method, {})))
+    assert calls == {"null_space_basis": len(LAYERS), "preserved_factor": len(LAYERS)}
+
+
 def test_memit_on_gpt2_returns_conv1d_oriented_deltas(tokenizer):
     model = tiny(tokenizer, "gpt2")
     result = make_editor(model, "memit", **small()).compute(REQUESTS[:2])

@@ -258,9 +258,11 @@ class LocateEditor(Editor):
         self._sessions = 0  # edits (and removals) computed: condition_every counts these
 
     def fresh(self) -> LocateEditor:
-        """A history-free editor sharing this one's covariance, templates, prepared values."""
+        """A history-free editor sharing this one's covariance, what is derived from it alone
+        (null-space bases, factors of lambda C), templates and prepared values."""
         other = super().fresh()
         other._covariance, other._templates = self._covariance, self._templates
+        other._null_bases, other._preserved_factors = self._null_bases, self._preserved_factors
         other._key_templates = self._key_templates
         other._prepared = self._prepared
         return other
