@@ -39,7 +39,14 @@ from ..linalg import WoodburySolver, keys_added_solve, null_space_update
 from ..models import EditableModel
 from ..requests import EditRequest
 from .base import ConfigError, EditResult, MethodConfig, register_method
-from .locate import RESIDUAL_MODES, LocateEditConfig, LocateEditor, check_choice, check_positive
+from .locate import (
+    RESIDUAL_MODES,
+    LocateEditConfig,
+    LocateEditor,
+    SystemMatrix,
+    check_choice,
+    check_positive,
+)
 
 
 def check_null_space_fields(config: MethodConfig) -> None:
@@ -121,26 +128,28 @@ class AlphaEditEditor(LocateEditor):
         return solver
 
     def solve_layer(self, j: int, layer: int, K: torch.Tensor, R: torch.Tensor
-                    ) -> tuple[torch.Tensor, Any]:
+                    ) -> tuple[torch.Tensor, SystemMatrix]:
         """W_j + (R KU^T) (KU KU^T + U^T K_p K_p^T U + alpha I)^{-1} U^T, KU = U^T K, and
-        that system (a function: built only when its condition number is logged)."""
+        that system (a function where the kept factor solved it: built only when its
+        condition number is logged)."""
         U = self._null(layer)
         KU = U.T @ K.to(torch.float64)  # (m, n): the keys in the null space's coordinates
         alpha = self.config.alpha
 
-        def system() -> torch.Tensor:  # U^T (K K^T + K_p K_p^T) U + alpha I
-            G = KU @ KU.T + self._kp_reduced(layer)
-            return G + alpha * torch.eye(G.shape[0], dtype=torch.float64)
+        def gram() -> torch.Tensor:  # U^T (K K^T + K_p K_p^T) U
+            return KU @ KU.T + self._kp_reduced(layer)
 
         solver = self._history_solver(layer) if torch.isfinite(KU).all() else None
         if solver is None:  # the direct solve: its eigen fallback and errors name the matrix
-            G = KU @ KU.T + self._kp_reduced(layer)
-            delta, A = null_space_update(U, R @ KU.T, G, alpha,
+            delta, A = null_space_update(U, R @ KU.T, gram(), alpha,
                                          f"AlphaEdit system at layer {layer}")
             return self.weight64(layer) + delta, A
-        # R KU^T A^{-1} = R (A^{-1} KU)^T, A = (history's system) + KU KU^T: Woodbury.
-        X = U @ keys_added_solve(solver.solve(KU), KU)  # (d_in, n): n columns, not a
-        return self.weight64(layer) + R.to(torch.float64) @ X.T, system  # d_out x m product
+        # R KU^T A^{-1} = R (A^{-1} KU)^T with A = (the history's system) + KU KU^T, by
+        # Woodbury; the n solved columns go back through U before meeting R, so no
+        # d_out x m x d_in product is formed.
+        X = U @ keys_added_solve(solver.solve(KU), KU)  # A^{-1} KU in input space, (d_in, n)
+        eye = torch.eye(U.shape[1], dtype=torch.float64)
+        return self.weight64(layer) + R.to(torch.float64) @ X.T, lambda: gram() + alpha * eye
 
     def compute(self, requests: Sequence[EditRequest]) -> EditResult:
         result, terms = self.edit_layers(requests, self.solve_layer, self.config.residual)

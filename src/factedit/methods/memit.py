@@ -37,6 +37,7 @@ from .locate import (
     RESIDUAL_MODES,
     LocateEditConfig,
     LocateEditor,
+    SystemMatrix,
     check_choice,
     check_positive,
     model_default,
@@ -76,7 +77,7 @@ class MemitEditor(LocateEditor):
         return float(table) if table is not None else float(self.model.weight_shape(layer)[1])
 
     def solve_layer(self, j: int, layer: int, K: torch.Tensor, R: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+                    ) -> tuple[torch.Tensor, SystemMatrix]:
         """W_j + R K^T (lambda C + K K^T)^{-1}, and that system matrix (built only when its
         condition number is logged, where the low-rank solve did not need it)."""
         lam = self.mom2_weight(layer)
