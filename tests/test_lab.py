@@ -394,16 +394,17 @@ def test_downstream_tasks_run_through_lm_eval_at_their_checkpoints(lab_env, toke
 # -- comparison of runs ----------------------------------------------------------------------
 
 def fake_run(folder, name, question_type, efficacy, arc_after, ppl, batch_size=1, n=10,
-             order=(0, 1, 2)):
+             order=(0, 1, 2), finished=True):
     """A finished run folder written straight into a store: d4s after n edits of the
-    requests r0, r1, r2 (in `order` in requests.json)."""
+    requests r0, r1, r2 (in `order` in requests.json); `finished=False`: d4s's resume point
+    says it stopped after n of 2n edits."""
     from factedit.lab.store import score_rows
 
     folder.mkdir(parents=True)
     mode = "sequential" if batch_size == 1 else "sequential-batch"
     config = {"name": name, "model": "tiny", "mode": mode, "batch_size": batch_size,
               "dataset": {"name": "counterfact", "question_type": question_type},
-              "methods": [{"name": "d4s"}], "n_edits": [n]}
+              "methods": [{"name": "d4s"}], "n_edits": [n] if finished else [n, 2 * n]}
     (folder / "config.json").write_text(json.dumps(config))
     (folder / "requests.json").write_text(json.dumps([
         {"case_id": f"r{i}", "prompt": "{} is in", "subject": f"Place {i}", "target_new": "Rome"}
@@ -420,7 +421,8 @@ def fake_run(folder, name, question_type, efficacy, arc_after, ppl, batch_size=1
             *score_rows("unedited", 0, "downstream", {"arc_challenge/acc": 0.30}, uid="*"),
             *score_rows("d4s", n, "checkpoint", {"efficacy": efficacy, "generalization": 0.5,
                                                  "specificity": 0.7}, uid="*"),
-            *score_rows("d4s", n, "downstream", {"arc_challenge/acc": arc_after}, uid="*")])
+            *score_rows("d4s", n, "downstream", {"arc_challenge/acc": arc_after}, uid="*")],
+            progress=("d4s", n, None, finished))
     return folder
 
 
@@ -491,6 +493,20 @@ def test_comparison_of_runs_names_what_differs_and_the_downstream_change(tmp_pat
     assert "question type" in printed and "-9.0" in printed and "Δ arc_challenge" in printed
     assert main(["report", str(runs[0]), str(tmp_path / "nothing")]) == 2
     assert "holds no run" in capsys.readouterr().err
+    assert "in progress" not in printed and "in progress" not in page
+
+
+def test_comparison_names_the_runs_still_going(tmp_path, capsys):
+    from factedit.cli import main
+
+    runs = [fake_run(tmp_path / "bs1", "batch-size-1", None, 1.0, 0.3, 9.0, batch_size=1),
+            fake_run(tmp_path / "bs16", "batch-size-16", None, 0.8, 0.3, 9.0, batch_size=16,
+                     finished=False)]
+    assert main(["report", str(runs[0]), str(runs[1]), "--out", str(tmp_path / "cmp")]) == 0
+    printed = capsys.readouterr().out
+    line = f"batch-size-16 ({runs[1]}): run in progress (d4s 10/20 edits)"
+    assert line in printed and "batch-size-1 (" not in printed
+    assert "run in progress (d4s 10/20 edits)" in (tmp_path / "cmp" / "comparison.html").read_text()
 
 
 def test_run_killed_with_sigkill_resumes_to_the_same_rows(lab_env, tokenizer):

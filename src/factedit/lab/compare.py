@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from ..requests import EditRequest
-from .report import _CSS, PAPER_COLUMNS, _figure, _fmt, _methods
+from .report import _CSS, PAPER_COLUMNS, _figure, _fmt, _methods, run_status, status_line
 from .runner import CONFIG_FILE, REQUESTS_FILE, STORE_FILE
 from .store import MEAN, UNEDITED, ResultsStore
 
@@ -52,6 +52,9 @@ class Comparison:
     settings: list[str] = field(default_factory=list)  # headings of the differing settings
     tasks: list[str] = field(default_factory=list)  # "task/acc" metrics with a change
     plots: dict[str, Path] = field(default_factory=dict)
+    # one line per run that is still going (report.status_line), so a partial row is read
+    # as one
+    in_progress: list[str] = field(default_factory=list)
 
 
 def _setting(config: dict[str, Any], path: str) -> Any:
@@ -136,6 +139,10 @@ def compare_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Compari
     for d, config in zip(dirs, configs):
         settings = {heading: _setting(config, path) for path, heading in differing}
         comparison.rows += _run_rows(d, config, settings)
+        with ResultsStore(d / STORE_FILE) as store:
+            line = status_line(run_status(config, store))
+        if line:
+            comparison.in_progress.append(f"{config.get('name') or d.name} ({d}): {line}")
     comparison.tasks = sorted({t for r in comparison.rows for t in r["downstream"]})
     for name, filename, draw in (("scores after N edits", "compare.png", _plot_scores),
                                  ("downstream change", "downstream.png", _plot_downstream),
@@ -283,7 +290,8 @@ def format_comparison(comparison: Comparison) -> str:
     cols = _columns(comparison)
     cells = [[h for h, _ in cols]] + [[str(get(r)) for _, get in cols] for r in comparison.rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells)
+    return "\n".join(comparison.in_progress + ["  ".join(c.ljust(w) for c, w in zip(row, widths))
+                                               for row in cells])
 
 
 def _html_page(comparison: Comparison) -> str:
@@ -296,6 +304,7 @@ def _html_page(comparison: Comparison) -> str:
              "target ppl: mean perplexity of the edit targets under the unedited model; "
              "&Delta; task: lm_eval accuracy after N edits minus the unedited model's, in "
              "points (negative: the edits cost the model that ability).</p>",
+             *(f"<p><b>{html.escape(line)}</b></p>" for line in comparison.in_progress),
              "<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h, _ in cols)
              + "</tr></thead><tbody>"]
     for row in comparison.rows:
