@@ -302,6 +302,9 @@ def test_report_writes_plots_and_html(lab_env, tokenizer):
     assert "src='http" not in page and "<link" not in page  # self-contained
     assert "<table>" in page and "<td>d4s</td>" in page and "<td>memit</td>" in page
     assert "<b>" in page and "Eff" in page and "Spearman" in page
+    # The EasyEdit table, printed too; no portability column where nothing measures it.
+    assert "<th>Rewrite</th>" in page and "Portability" not in page
+    assert "EasyEdit convention" in format_tables(report)
     assert sorted(report.tables) == [2, 4, 5]
     assert [r["method"] for r in report.tables[5]] == ["unedited", "d4s", "memit"]
     assert "efficacy" in report.correlations and report.correlations["efficacy"]["n"] == 10
@@ -310,12 +313,20 @@ def test_report_writes_plots_and_html(lab_env, tokenizer):
 def test_report_of_a_stopped_run_says_what_it_holds(lab_env, tokenizer):
     """A report of a run in progress names the finished methods and how far the others got,
     and a finished run's report says nothing of the kind."""
-    tmp, corpus, dataset = lab_env
+    tmp, corpus, _ = lab_env
+    # One request with a portability question: the EasyEdit table gains its column.
+    facts = [f.to_dict() for f in FACTS]
+    facts[0]["portability"] = [["The Eiffel Tower is in the country of", "Italy"]]
+    dataset = tmp / "facts-portability.json"
+    dataset.write_text(json.dumps(facts))
     config = experiment_dict(corpus, dataset)
     with pytest.raises(RunInterrupted):
         run_experiment(config, tmp / "run", model=make_tiny_model(tokenizer), progress=False,
                        stop_after_edits=7)
     report = write_report(tmp / "run")
+    assert report.easyedit_headings == ["Rewrite", "Rephrase", "Locality", "Portability"]
+    assert "EasyEdit convention" in format_tables(report)
+    assert "<th>Portability</th>" in report.html.read_text()
     assert [(r["method"], r["n_done"], r["finished"]) for r in report.status] == \
         [("d4s", 5, True), ("memit", 2, False)]
     expected = "run in progress (finished: d4s; memit 2/5 edits)"

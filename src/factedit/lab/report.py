@@ -34,6 +34,8 @@ from .store import MEAN, UNEDITED, ResultsStore
 PAPER_COLUMNS = (("efficacy", "Eff"), ("generalization", "Gen"), ("specificity", "Spe"))
 EASYEDIT_COLUMNS = (("rewrite_acc", "Rewrite"), ("rephrase_acc", "Rephrase"),
                     ("locality", "Locality"))
+# Added to the EasyEdit table where the dataset measures it (zsRE, KnowEdit, MQuAKE).
+PORTABILITY_COLUMN = ("portability_acc", "Portability")
 PLOT_METRICS = ("efficacy", "generalization", "specificity", "rewrite_acc", "locality")
 CORRELATION_METRICS = ("efficacy", "generalization", "specificity", "rewrite_acc",
                        "rephrase_acc", "locality")
@@ -47,6 +49,9 @@ class Report:
     # metric -> {"pearson": r, "spearman": rho, "n": points}; r None where undefined.
     correlations: dict[str, dict[str, Any]] = field(default_factory=dict)
     tables: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    # the EasyEdit-convention tables (token accuracies), same layout; their headings
+    easyedit: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    easyedit_headings: list[str] = field(default_factory=list)
     # rows of downstream_table: method, N and "task/metric" in %
     downstream: list[dict[str, Any]] = field(default_factory=list)
     # rows of run_status: method, n_done, n_total, finished (a report of a run in progress
@@ -374,9 +379,14 @@ th:first-child,td:first-child{text-align:left} img{max-width:100%}
 pre{background:#f4f4f4;padding:0.7em;overflow-x:auto;font-size:small}"""
 
 
+def _has_values(rows: Sequence[dict[str, Any]], headings: Sequence[str]) -> bool:
+    return any(r[h] is not None for r in rows for h in headings)
+
+
 def _html_page(run_dir: Path, config: dict[str, Any], tables: dict[int, list[dict]],
-               easyedit: dict[int, list[dict]], corr: dict[str, dict[str, Any]],
-               plots: dict[str, Path], downstream: Sequence[dict[str, Any]] = (),
+               easyedit: dict[int, list[dict]], easyedit_headings: Sequence[str],
+               corr: dict[str, dict[str, Any]], plots: dict[str, Path],
+               downstream: Sequence[dict[str, Any]] = (),
                status: Sequence[dict[str, Any]] = ()) -> str:
     title = f"factedit run: {config.get('name') or run_dir.name}"
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
@@ -391,10 +401,9 @@ def _html_page(run_dir: Path, config: dict[str, Any], tables: dict[int, list[dic
     for n, rows in tables.items():
         parts.append(f"<h2>After {n} edits</h2>")
         parts.append(_table_html(rows, [h for _, h in PAPER_COLUMNS] + ["Avg"]))
-        if n in easyedit and any(r[h] is not None for r in easyedit[n]
-                                 for _, h in EASYEDIT_COLUMNS):
+        if n in easyedit and _has_values(easyedit[n], easyedit_headings):
             parts.append("<p>EasyEdit convention (token accuracy):</p>")
-            parts.append(_table_html(easyedit[n], [h for _, h in EASYEDIT_COLUMNS]))
+            parts.append(_table_html(easyedit[n], easyedit_headings))
     if downstream:
         metrics = sorted({k for r in downstream for k in r} - {"method", "N"})
         parts.append("<h2>Downstream tasks (lm_eval, %)</h2><table><thead><tr><th>method</th>"
@@ -454,12 +463,16 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Repo
             if draw(folder / filename):
                 report.plots[name] = folder / filename
         report.tables = paper_tables(store, methods, table_counts)
-        easyedit = paper_tables(store, methods, table_counts, EASYEDIT_COLUMNS)
+        columns = list(EASYEDIT_COLUMNS)
+        if store.scores(view="unedited", metric=PORTABILITY_COLUMN[0], uid=MEAN):
+            columns.append(PORTABILITY_COLUMN)
+        report.easyedit = paper_tables(store, methods, table_counts, columns)
+        report.easyedit_headings = [h for _, h in columns]
         report.correlations = correlations(store, methods)
         report.downstream = downstream_table(store)
-    report.html.write_text(_html_page(run_dir, config, report.tables, easyedit,
-                                      report.correlations, report.plots, report.downstream,
-                                      report.status),
+    report.html.write_text(_html_page(run_dir, config, report.tables, report.easyedit,
+                                      report.easyedit_headings, report.correlations,
+                                      report.plots, report.downstream, report.status),
                            encoding="utf-8")
     return report
 
@@ -478,6 +491,14 @@ def format_tables(report: Report) -> str:
         for r in rows:
             lines.append("  " + r["method"].ljust(width)
                          + "".join(f"{_fmt(r[h]):>8}" for h in headings))
+        easyedit = report.easyedit.get(n, [])
+        if _has_values(easyedit, report.easyedit_headings):
+            lines.append("  EasyEdit convention (token accuracy, %):")
+            lines.append("  " + "method".ljust(width)
+                         + "".join(f"{h:>12}" for h in report.easyedit_headings))
+            for r in easyedit:
+                lines.append("  " + r["method"].ljust(width)
+                             + "".join(f"{_fmt(r[h]):>12}" for h in report.easyedit_headings))
     if report.downstream:
         metrics = sorted({k for r in report.downstream for k in r} - {"method", "N"})
         lines.append("downstream (lm_eval, %)")
