@@ -63,7 +63,7 @@ def private_cache(tokenizer, tmp_path_factory):
 def small(**overrides):
     """Config fields for a fast, deterministic edit of the tiny model."""
     base = dict(layers=LAYERS, covariance_corpus=str(CORPUS), covariance_tokens=4096,
-                v_steps=8, context_prefixes=2, context_length=5)
+                v_steps=8, context_prefixes=2, context_length=5, condition_every=1)
     base.update(overrides)
     return base
 

@@ -104,8 +104,10 @@ class LocateEditConfig(MethodConfig):
     value_batch_size: requests per batched target-value optimisation when values are
         computed ahead (`LocateEditor.prepare`).
     condition_every: log the condition number of the solved matrices on every k-th edit
-        (1: all; 0: never). The estimate costs about a Cholesky factor per layer, as much as
-        the solve itself, so long sequences log it every 10 or 100 edits.
+        (1: all; 0: never; default every 10th, the first included). The estimate factors
+        the system afresh: ~0.2 s per 1,536-wide layer on one CPU thread, more than the
+        solve itself now that the solves keep their factors between edits (bench/RESULTS.md),
+        so logging it on every edit would be the largest cost after the target values.
     value_cache: keep target values computed ahead (`prepare`) on disk and reuse them
         (`linalg.value_cache`: keyed by every weight of the model and every value option),
         so a resumed run or a sweep over lambda / solve settings skips the Adam steps.
@@ -128,7 +130,7 @@ class LocateEditConfig(MethodConfig):
     covariance_seq_len: int = 128
     covariance_precision: str = "float64"
     value_batch_size: int = 16
-    condition_every: int = 1
+    condition_every: int = 10
     value_cache: bool = False
     seed: int = 0
     extra: dict = field(default_factory=dict)
