@@ -13,7 +13,9 @@ Written to RUN_DIR/report/:
     report.html      the plots inlined (base64), the tables (Eff / Gen / Spe / Avg per method
                      at each N, best in bold) and the norm-score correlations; no external assets
 Correlations: Pearson and Spearman between mean |W| (averaged over the edited layers) and each
-score, over every (method, checkpoint) of the run.
+score, over every (method, checkpoint) of the run. A run still going (or stopped) can be
+reported: the page and the printed tables then start with which methods finished and how far
+the others got (`run_status`).
 """
 
 from __future__ import annotations
