@@ -217,6 +217,19 @@ def test_single_mode_derives_from_c_once(tokenizer, monkeypatch):
     assert calls == {"null_space_basis": len(LAYERS), "preserved_factor": len(LAYERS)}
 
 
+def test_loading_a_state_drops_what_was_derived_from_the_old_c(tokenizer):
+    """A loaded state replaces C; the null-space bases and factors of lambda C follow it."""
+    editor = make_editor(tiny(tokenizer), "alphaedit", **small(**NULL_SPACE["alphaedit"]))
+    layer = LAYERS[0]
+    old_factor = editor.preserved_factor(layer, 1.0)
+    old_basis = editor.null_basis(layer, 0.5)
+    tensors, manifest = editor.state_dict()
+    tensors = {k: 4 * v if k.startswith("C.") else v for k, v in tensors.items()}
+    editor.load_state_dict(tensors, manifest)
+    assert torch.allclose(editor.preserved_factor(layer, 1.0), 2 * old_factor)
+    assert editor.null_basis(layer, 0.5) is not old_basis
+
+
 def test_memit_on_gpt2_returns_conv1d_oriented_deltas(tokenizer):
     model = tiny(tokenizer, "gpt2")
     result = make_editor(model, "memit", **small()).compute(REQUESTS[:2])

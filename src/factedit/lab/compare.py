@@ -65,9 +65,11 @@ def _setting(config: dict[str, Any], path: str) -> Any:
 
 
 def _run_rows(run_dir: Path, config: dict[str, Any], settings: dict[str, Any]
-              ) -> list[dict[str, Any]]:
-    """One row per method of one run, at its last checkpoint."""
+              ) -> tuple[list[dict[str, Any]], str | None]:
+    """One row per method of one run, at its last checkpoint; and the run's status line
+    (None when every method finished)."""
     with ResultsStore(run_dir / STORE_FILE) as store:
+        status = status_line(run_status(config, store))
         methods = _methods(run_dir, store)
         counts = sorted({r["n_edits"] for r in store.scores(view="checkpoint", uid=MEAN)})
         if not counts:
@@ -110,7 +112,7 @@ def _run_rows(run_dir: Path, config: dict[str, Any], settings: dict[str, Any]
             row["downstream"] = changes
             row["downstream_mean"] = (sum(changes.values()) / len(changes)) if changes else None
             rows.append(row)
-    return rows
+    return rows, status
 
 
 def compare_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Comparison:
@@ -138,9 +140,8 @@ def compare_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Compari
                             settings=[heading for _, heading in differing])
     for d, config in zip(dirs, configs):
         settings = {heading: _setting(config, path) for path, heading in differing}
-        comparison.rows += _run_rows(d, config, settings)
-        with ResultsStore(d / STORE_FILE) as store:
-            line = status_line(run_status(config, store))
+        rows, line = _run_rows(d, config, settings)
+        comparison.rows += rows
         if line:
             comparison.in_progress.append(f"{config.get('name') or d.name} ({d}): {line}")
     comparison.tasks = sorted({t for r in comparison.rows for t in r["downstream"]})

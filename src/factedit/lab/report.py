@@ -397,8 +397,9 @@ def _html_page(run_dir: Path, config: dict[str, Any], tables: dict[int, list[dic
              f"<code>{html.escape(str(config.get('dataset', {}).get('name')))}</code>, mode "
              f"{html.escape(str(config.get('mode')))}. Scores in %, measured on the model after "
              f"N edits over the N edited requests; best edited method in bold.</p>"]
-    if status_line(status):
-        parts.append(f"<p><b>{html.escape(status_line(status))}</b>; continue it with "
+    line = status_line(status)
+    if line:
+        parts.append(f"<p><b>{html.escape(line)}</b>; continue it with "
                      f"<code>factedit run --resume {html.escape(str(run_dir))}</code>.</p>")
     for n, rows in tables.items():
         parts.append(f"<h2>After {n} edits</h2>")
@@ -482,9 +483,9 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Repo
 def format_tables(report: Report) -> str:
     """The paper-style tables and correlations as plain text (what `factedit report` prints)."""
     lines = []
-    if status_line(report.status):
-        lines.append(f"{status_line(report.status)}; continue it with "
-                     f"`factedit run --resume {report.run_dir}`")
+    line = status_line(report.status)
+    if line:
+        lines.append(f"{line}; continue it with `factedit run --resume {report.run_dir}`")
     headings = [h for _, h in PAPER_COLUMNS] + ["Avg"]
     for n, rows in report.tables.items():
         lines.append(f"after {n} edits (%)")

@@ -35,8 +35,8 @@ __all__ = [
     "LayerByLayerReads", "SingularMatrixError", "TargetValues", "WoodburySolver",
     "capture_at_subject", "compute_keys",
     "condition_estimate", "condition_number", "context_templates", "covariance",
-    "hidden_at_subject", "keys_added_solve", "memit_solve_is_low_rank", "memit_system", "memit_update",
-    "null_space_basis", "null_space_update", "optimise_joint_target_values",
+    "hidden_at_subject", "keys_added_solve", "memit_solve_is_low_rank", "memit_system",
+    "memit_update", "null_space_basis", "null_space_update", "optimise_joint_target_values",
     "optimise_target_values", "preserved_factor", "site_module_name", "site_values",
     "solve_update", "spd_solve", "spread_residual", "subject_rows", "weight_stats",
 ]

@@ -246,9 +246,8 @@ class LocateEditor(Editor):
             model.check_layer(layer, f"{type(config).__name__}.layers")
         self._covariance: dict[int, torch.Tensor] = {}
         self._null_bases: dict[tuple[int, float], torch.Tensor] = {}
-        # (layer, lambda) -> (the C it was factored from, L with L L^T = lambda C or None)
-        self._preserved_factors: dict[tuple[int, float], tuple[torch.Tensor,
-                                                               torch.Tensor | None]] = {}
+        # (layer, lambda) -> L with L L^T = lambda C (None: not positive definite)
+        self._preserved_factors: dict[tuple[int, float], torch.Tensor | None] = {}
         # W_0 of the edited layers, taken at the first edit, in the parameter's own dtype:
         # the float64 cast at use is exact, and a bf16 model keeps a quarter of the memory.
         self._originals: dict[int, torch.Tensor] = {}
@@ -305,14 +304,11 @@ class LocateEditor(Editor):
         return self._null_bases[key]
 
     def preserved_factor(self, layer: int, lam: float) -> torch.Tensor | None:
-        """The Cholesky factor of lambda C at `layer` (None: not positive definite), cached
-        while C stays the same object (a loaded state replaces C)."""
-        C = self.covariance(layer)
-        cached = self._preserved_factors.get((layer, lam))
-        if cached is None or cached[0] is not C:
-            cached = (C, preserved_factor(C, lam))
-            self._preserved_factors[(layer, lam)] = cached
-        return cached[1]
+        """The Cholesky factor of lambda C at `layer` (None: not positive definite), cached."""
+        key = (layer, lam)
+        if key not in self._preserved_factors:
+            self._preserved_factors[key] = preserved_factor(self.covariance(layer), lam)
+        return self._preserved_factors[key]
 
     def keys(self, requests: Sequence[EditRequest], layers: Sequence[int],
              each: bool = False) -> dict[int, torch.Tensor]:
@@ -572,6 +568,9 @@ class LocateEditor(Editor):
         self._templates = list(manifest["templates"])
         # States saved before key_prefixes existed averaged the keys over the same templates.
         self._key_templates = list(manifest.get("key_templates", manifest["templates"]))
+        # C is replaced: what was derived from the old one goes (new dicts, since fresh()
+        # editors may share the old ones).
+        self._null_bases, self._preserved_factors = {}, {}
         for layer in self.layers:
             self._covariance[layer] = tensors[f"C.{layer}"].to(torch.float64)
             if f"W0.{layer}" in tensors:
