@@ -33,7 +33,10 @@ Options:
         cannot drift. After a resume or a removal the next edit solves in full. A_n^{-1} K_n
         comes from one Cholesky factor of an earlier A and the keys added since
         (linalg.WoodburySolver), not from factoring A_n at every edit; A_n itself is built
-        only for a fresh factor and for the logged condition number.
+        only for a fresh factor and for the logged condition number. It halves the solve at
+        five layers (bench/RESULTS.md), but "full" stays the default: only it gives a
+        resumed run the numbers of an unbroken one to the bit (the step's float64 M and
+        factor live in memory, so a resume re-solves in full, equal only to rounding).
     fit="history" (reference): the sums hold each edit's own (K_n, R_n) as read above, and the
         weight is the ridge fit of every edit's first targets at once. "sequential": keys and
         residuals are read on the model as edited so far and the sums take
