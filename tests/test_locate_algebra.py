@@ -366,6 +366,27 @@ def test_values_prepared_in_batches_equal_values_optimised_alone(tokenizer, meth
         assert_same_edit(captured[-1], deltas(alone, w0, layers), rtol=1e-6)
 
 
+@pytest.mark.parametrize("method", ["memit", "pmet"])
+def test_a_large_edit_batch_optimises_its_values_in_value_batches(tokenizer, method,
+                                                                 monkeypatch):
+    """In sequential-batch mode (values on the model as edited so far, nothing prepared) an
+    edit batch larger than value_batch_size optimises its target values that many requests
+    at a time: one joint optimisation of 1,024 requests does not fit in memory. The edit
+    equals the one whose values were optimised in one piece."""
+    cls = type(make_editor(tiny(tokenizer), method, **small()))
+    sizes, original = [], cls.compute_target
+    monkeypatch.setattr(cls, "compute_target",
+                        lambda self, reqs: sizes.append(len(reqs)) or original(self, reqs))
+    w0, chunked, whole = tiny(tokenizer), tiny(tokenizer), tiny(tokenizer)
+    batch = dict(method=method, mode="sequential-batch", batch_size=len(REQUESTS),
+                 progress=False)
+    edit(chunked, REQUESTS, **batch, **small(value_batch_size=4))
+    assert sizes == [4, 2]
+    edit(whole, REQUESTS, **batch, **small(value_batch_size=len(REQUESTS)))
+    assert sizes[2:] == [len(REQUESTS)]
+    assert_same_edit(deltas(chunked, w0), deltas(whole, w0), rtol=1e-6)
+
+
 def test_memit_sequential_does_not_prepare(tokenizer):
     """MEMIT's sequential values depend on the edits before them: nothing is computed ahead."""
     model = tiny(tokenizer)
