@@ -344,9 +344,14 @@ class LocateEditor(Editor):
         keys = [_request_key(r) for r in requests]
         if keys and all(k in self._prepared for k in keys):
             return TargetValues.concat([self._prepared.pop(k) for k in keys])
+        from tqdm.auto import tqdm
+
         size = self.config.value_batch_size
-        return TargetValues.concat([self.compute_target(requests[i:i + size])
-                                    for i in range(0, len(requests), size)])
+        chunks = [requests[i:i + size] for i in range(0, len(requests), size)]
+        return TargetValues.concat([
+            self.compute_target(chunk)
+            for chunk in tqdm(chunks, desc=f"{self.config.method} target values", unit="batch",
+                              leave=False, disable=len(chunks) < 2)])
 
     # -- target values ahead of time ------------------------------------------------------------
     def values_start(self) -> dict[int, torch.Tensor] | None:
