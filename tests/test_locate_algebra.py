@@ -371,8 +371,8 @@ def test_a_large_edit_batch_optimises_its_values_in_value_batches(tokenizer, met
                                                                  monkeypatch):
     """In sequential-batch mode (values on the model as edited so far, nothing prepared) an
     edit batch larger than value_batch_size optimises its target values that many requests
-    at a time: one joint optimisation of 1,024 requests does not fit in memory. The edit
-    equals the one whose values were optimised in one piece."""
+    at a time (one joint optimisation of 1,024 requests passed 12 GB on the built-in model).
+    The edit equals the one whose values were optimised in one piece."""
     cls = type(make_editor(tiny(tokenizer), method, **small()))
     sizes, original = [], cls.compute_target
     monkeypatch.setattr(cls, "compute_target",
