@@ -344,14 +344,19 @@ class LocateEditor(Editor):
         keys = [_request_key(r) for r in requests]
         if keys and all(k in self._prepared for k in keys):
             return TargetValues.concat([self._prepared.pop(k) for k in keys])
+        return TargetValues.concat([self.compute_target(chunk)
+                                    for chunk in self._value_batches(requests, leave=False)])
+
+    def _value_batches(self, requests: Sequence[EditRequest], show: bool = True,
+                       leave: bool = True) -> Iterator[list[EditRequest]]:
+        """`requests` in runs of `value_batch_size`, the unit every target-value optimisation
+        uses (ahead or inside an edit), with a progress bar where there is more than one."""
         from tqdm.auto import tqdm
 
         size = self.config.value_batch_size
-        chunks = [requests[i:i + size] for i in range(0, len(requests), size)]
-        return TargetValues.concat([
-            self.compute_target(chunk)
-            for chunk in tqdm(chunks, desc=f"{self.config.method} target values", unit="batch",
-                              leave=False, disable=len(chunks) < 2)])
+        batches = [list(requests[i:i + size]) for i in range(0, len(requests), size)]
+        yield from tqdm(batches, desc=f"{self.config.method} target values", unit="batch",
+                        leave=leave, disable=not show or len(batches) < 2)
 
     # -- target values ahead of time ------------------------------------------------------------
     def values_start(self) -> dict[int, torch.Tensor] | None:
@@ -374,9 +379,6 @@ class LocateEditor(Editor):
                      if _request_key(r) not in self._prepared}.values())
         if not todo:
             return
-        size = self.config.value_batch_size
-        from tqdm.auto import tqdm
-
         with self.edit_session(EditResult(), self.values_start(), is_edit=False):
             cache = self.value_cache() if self.config.value_cache else None
 
@@ -393,9 +395,7 @@ class LocateEditor(Editor):
             if len(todo) < n_todo:
                 log.info("%s: target values of %d requests read from %s",
                          self.config.method, n_todo - len(todo), cache.folder)
-            batches = [todo[i:i + size] for i in range(0, len(todo), size)]
-            for batch in tqdm(batches, desc=f"{self.config.method} target values", unit="batch",
-                              disable=not progress or len(batches) < 2):
+            for batch in self._value_batches(todo, show=progress):
                 # Another process may have stored some since (bench/fill_values.py fills one
                 # cache from the other end side by side): read them, compute the rest.
                 batch = not_cached(batch)
