@@ -27,8 +27,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The demo's covariance text: the wikitext-2 files beside the checkout where they are
+# (a forward pass over 20k tokens, seconds), else `factedit demo` samples text from the
+# model (~4 minutes on two cores, once; then cached). DEMO_CORPUS=path overrides.
+DEMO_CORPUS ?= $(wildcard ../shared/data/corpus/wikitext-2-raw)
+
 demo: $(STAMP)
-	$(VENV)/bin/factedit demo
+	$(VENV)/bin/factedit demo $(if $(DEMO_CORPUS),--corpus $(DEMO_CORPUS))
 
 test: $(STAMP)
 	$(VENV)/bin/pytest -q -ra --durations=15

@@ -366,6 +366,24 @@ def test_values_prepared_in_batches_equal_values_optimised_alone(tokenizer, meth
         assert_same_edit(captured[-1], deltas(alone, w0, layers), rtol=1e-6)
 
 
+def test_timings_count_the_work_prepared_ahead_of_the_edits(tokenizer):
+    """Single mode computes C and every request's values in `prepare`, before any record
+    exists: the handle's timings and summary still count that time (the demo printed
+    "covariance statistics 0.0 s" for a 30 s covariance)."""
+    model = tiny(tokenizer)
+    handle = edit(model, REQUESTS[:3], method="rome", mode="single", progress=False,
+                  **small(layers=[1], value_batch_size=4))
+    ahead = handle.prepare_timings
+    assert set(ahead) >= {"covariance", "values"}
+    in_records = sum(r.timings.get("values", 0.0) for r in handle.records)
+    # The records only take the prepared values: the optimisation happened ahead.
+    assert ahead["values"] > in_records
+    timings = handle.timings()
+    assert timings["covariance"] >= ahead["covariance"] > 0
+    assert timings["values"] == pytest.approx(ahead["values"] + in_records)
+    assert handle.summary()["seconds"] >= sum(ahead.values())
+
+
 @pytest.mark.parametrize("method", ["memit", "pmet"])
 def test_a_large_edit_batch_optimises_its_values_in_value_batches(tokenizer, method,
                                                                  monkeypatch):

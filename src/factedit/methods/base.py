@@ -106,8 +106,13 @@ class Editor:
     # protocol may `prepare` a whole sequence ahead. Single and batch mode always may.
     values_independent_of_history: ClassVar[bool] = False
 
-    def prepare(self, requests: Sequence[EditRequest], progress: bool = False) -> None:
-        """Optional: precompute what `compute` will need for `requests` (batched, faster)."""
+    def prepare(self, requests: Sequence[EditRequest], progress: bool = False
+                ) -> dict[str, float]:
+        """Optional: precompute what `compute` will need for `requests` (batched, faster).
+
+        Returns seconds per phase (as `EditResult.timings`), so that time spent ahead still
+        shows in the handle's timings."""
+        return {}
 
     # Optional: methods that keep their history (d4s, ...) implement these three.
     def remove(self, edit_id: int) -> EditResult:

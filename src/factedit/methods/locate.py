@@ -364,7 +364,8 @@ class LocateEditor(Editor):
         the model as it is). D4S with values_on="original": W_0."""
         return None
 
-    def prepare(self, requests: Sequence[EditRequest], progress: bool = False) -> None:
+    def prepare(self, requests: Sequence[EditRequest], progress: bool = False
+                ) -> dict[str, float]:
         """Optimise the target values of `requests` now, `value_batch_size` at a time.
 
         Only valid where an edit's values do not depend on the edits before it: every edit of
@@ -377,9 +378,10 @@ class LocateEditor(Editor):
         """
         todo = list({_request_key(r): r for r in requests
                      if _request_key(r) not in self._prepared}.values())
+        result = EditResult()  # its timings: C where computed here, then the values
         if not todo:
-            return
-        with self.edit_session(EditResult(), self.values_start(), is_edit=False):
+            return result.timings
+        with self.edit_session(result, self.values_start(), is_edit=False), result.timed("values"):
             cache = self.value_cache() if self.config.value_cache else None
 
             def not_cached(pending: list[EditRequest]) -> list[EditRequest]:
@@ -406,6 +408,7 @@ class LocateEditor(Editor):
                     self._prepared[_request_key(request)] = one
                     if cache is not None:
                         cache.save(request, one)
+        return result.timings
 
     def value_cache(self) -> ValueCache:
         """The on-disk target values of this editor's setting, on the model as it is now

@@ -82,6 +82,9 @@ class EditHandle:
         self.records: list[EditRecord] = []
         self.last_result: EditResult | None = None
         self.attachment: Attachment | None = None  # hooks of an editor that keeps the weights
+        # Seconds per phase of the work `prepare` did ahead of the edits (C, batched values):
+        # no record owns it, and `timings` would otherwise show those phases near zero.
+        self.prepare_timings: dict[str, float] = {}
 
     @property
     def method(self) -> str:
@@ -166,7 +169,8 @@ class EditHandle:
         modes: only methods whose edits ignore the history (d4s with values_on="original").
         """
         if mode in ("single", "batch") or self.editor.values_independent_of_history:
-            self.editor.prepare(requests, progress=progress)
+            for phase, seconds in self.editor.prepare(requests, progress=progress).items():
+                self.prepare_timings[phase] = self.prepare_timings.get(phase, 0.0) + seconds
 
     def step(self, requests: Sequence[EditRequest]) -> EditRecord:
         """Compute and apply one edit (one request, or one batch)."""
@@ -254,8 +258,8 @@ class EditHandle:
         return load_handle(cls, model, folder)
 
     def timings(self) -> dict[str, float]:
-        """Total seconds per phase over all records."""
-        total: dict[str, float] = {}
+        """Total seconds per phase over all records and the work prepared ahead of them."""
+        total = dict(self.prepare_timings)
         for record in self.records:
             for phase, seconds in record.timings.items():
                 total[phase] = total.get(phase, 0.0) + seconds
@@ -263,7 +267,7 @@ class EditHandle:
 
     def summary(self) -> dict[str, Any]:
         n = sum(len(r.request_ids) for r in self.records)
-        seconds = sum(r.seconds for r in self.records)
+        seconds = sum(r.seconds for r in self.records) + sum(self.prepare_timings.values())
         return {"method": self.method, "edits": len(self.records), "requests": n,
                 "seconds": seconds, "seconds_per_request": seconds / n if n else math.nan,
                 "timings": self.timings(), "weight_change": self.weight_change()}
