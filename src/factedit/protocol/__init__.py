@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -84,7 +85,7 @@ class EditHandle:
         self.attachment: Attachment | None = None  # hooks of an editor that keeps the weights
         # Seconds per phase of the work `prepare` did ahead of the edits (C, batched values):
         # no record owns it, and `timings` would otherwise show those phases near zero.
-        self.prepare_timings: dict[str, float] = {}
+        self.prepare_timings: Counter[str] = Counter()  # update() adds the seconds
 
     @property
     def method(self) -> str:
@@ -169,8 +170,7 @@ class EditHandle:
         modes: only methods whose edits ignore the history (d4s with values_on="original").
         """
         if mode in ("single", "batch") or self.editor.values_independent_of_history:
-            for phase, seconds in self.editor.prepare(requests, progress=progress).items():
-                self.prepare_timings[phase] = self.prepare_timings.get(phase, 0.0) + seconds
+            self.prepare_timings.update(self.editor.prepare(requests, progress=progress))
 
     def step(self, requests: Sequence[EditRequest]) -> EditRecord:
         """Compute and apply one edit (one request, or one batch)."""
@@ -259,11 +259,10 @@ class EditHandle:
 
     def timings(self) -> dict[str, float]:
         """Total seconds per phase over all records and the work prepared ahead of them."""
-        total = dict(self.prepare_timings)
+        total = Counter(self.prepare_timings)
         for record in self.records:
-            for phase, seconds in record.timings.items():
-                total[phase] = total.get(phase, 0.0) + seconds
-        return total
+            total.update(record.timings)
+        return dict(total)
 
     def summary(self) -> dict[str, Any]:
         n = sum(len(r.request_ids) for r in self.records)
