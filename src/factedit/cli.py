@@ -7,6 +7,7 @@
     factedit info [--model M] [--method d4s]   layers, shapes, default edit layers, memory
     factedit run EXPERIMENT.yaml [--out DIR]   run an experiment (docs/experiments.md)
     factedit run --resume DIR             continue a run that was stopped or killed
+    factedit run --resume DIR --methods X  only method X now (another process: the rest)
     factedit report DIR                   plots, tables and an HTML page of a run
     factedit report DIR DIR ... [--out D] one page comparing runs (MQD types, batch sizes)
 """
@@ -209,7 +210,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from factedit.lab import load_experiment, run_experiment
+    from factedit.lab import load_experiment, run_experiment, unfinished_methods
     from factedit.lab.report import format_tables, write_report
 
     overrides = _assignments(args.set, "batch_size=64")
@@ -224,7 +225,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         out = Path(args.out or Path("runs") / (config.name or Path(args.config).stem))
     else:
         raise SystemExit("factedit run: give an experiment file, or --resume DIR")
-    run_experiment(config, out, resume=bool(args.resume), device=args.device)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    run_experiment(config, out, resume=bool(args.resume), device=args.device, methods=methods)
+    unfinished = unfinished_methods(out)
+    if unfinished:  # left for a later call, or being run by another process
+        print(f"not finished in {out}: {', '.join(unfinished)} (`factedit run --resume {out}` "
+              f"runs them; `factedit report {out}` shows the run as it stands)")
+        return 0
     print(f"run finished in {out}")
     try:
         report = write_report(out)
@@ -361,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", help="experiment file (see docs/experiments.md)")
     p.add_argument("--out", help="run folder (default: runs/<experiment name>)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR where it stopped")
+    p.add_argument("--methods", metavar="A,B",
+                   help="run only these methods of the config now (comma-separated keys); "
+                        "other processes may run the others in the same folder at once")
     p.add_argument("--set", action="append", metavar="FIELD=VALUE",
                    help="change a field of the file, dotted, VALUE as JSON or a bare string "
                         "(repeatable), e.g. --set batch_size=64 --set downstream.limit=20 "

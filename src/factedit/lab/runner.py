@@ -21,6 +21,11 @@ after it are redone, deterministically, and their rows written again with the sa
 A resume point whose state folder is gone or fails its checksum (the folder copied to
 another machine without state/, a corrupt file) restarts that method alone, with a warning;
 finished methods need no state to be skipped.
+
+Processes may share one run folder, each running other methods (`methods=` here,
+`factedit run --resume DIR --methods NAME` on the command line): one per GPU, or per core.
+A process edits a method only while it holds that method's lock (state/<method>.lock, an
+OS file lock that dies with its process), and skips a method another process holds.
 """
 
 from __future__ import annotations
@@ -38,9 +43,15 @@ from typing import Any
 
 import torch
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; one process per run folder there
+    fcntl = None  # type: ignore[assignment]
+
 from ..data.mqd import mqd_requests, target_perplexity
 from ..metrics import Baseline, capture_baseline, evaluate
 from ..models import EditableModel
+from ..models.loading import partial_path
 from ..protocol import EditHandle, EditRecord, make_editor
 from ..protocol.sequence import Checkpoint, SequenceReport, run_sequence
 from ..protocol.state import UnreadableStateError
@@ -78,6 +89,7 @@ def run_experiment(
     progress: bool = True,
     stop_after_edits: int | None = None,
     device: str | None = None,
+    methods: Sequence[str] | None = None,
 ) -> Path:
     """Run (or with `resume=True` continue) an experiment in `out_dir`; returns the folder.
 
@@ -87,13 +99,20 @@ def run_experiment(
     device: where a model loaded by name runs ("auto", "cpu", "cuda:0"; None: the CPU). Not
         part of the experiment: a run may be resumed on another machine.
     stop_after_edits: a test hook; raise RunInterrupted after that many edits of this call.
+    methods: run only these of the experiment's methods (their keys: `label` or `name`) in
+        this call, and leave the others to a later one. Other processes may run other methods
+        of the same folder at the same time (see the module docstring).
     """
     out = Path(out_dir)
     experiment = _experiment_for(config, out, resume, model)
+    runs = _selected_methods(experiment, methods)
+    if not resume:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / CONFIG_FILE, experiment.to_dict())
     store = ResultsStore(out / STORE_FILE)
     try:
         with _run_log(out / LOG_FILE):
-            _run(store, out, experiment, resume, stop_after_edits, progress, device)
+            _run(store, out, experiment, runs, resume, stop_after_edits, progress, device)
     finally:
         store.close()
     return out
@@ -131,10 +150,11 @@ class _ForwardToRoot(logging.Handler):
         logging.getLogger().handle(record)
 
 
-def _run(store: ResultsStore, out: Path, experiment: Experiment, resume: bool,
-         stop_after_edits: int | None, progress: bool, device: str | None) -> None:
+def _run(store: ResultsStore, out: Path, experiment: Experiment, runs: list[MethodRun],
+         resume: bool, stop_after_edits: int | None, progress: bool, device: str | None
+         ) -> None:
     log.info("%s run in %s (%s)", "resuming" if resume else "starting", out,
-             ", ".join(r.key for r in experiment.methods))
+             ", ".join(r.key for r in runs))
     if isinstance(experiment.model, str):
         from ..models import load_model
 
@@ -146,12 +166,38 @@ def _run(store: ResultsStore, out: Path, experiment: Experiment, resume: bool,
     # One pre-edit baseline for every method (locality compares against it); it is a
     # pure function of the unedited model, so a resumed run captures it again.
     baseline = capture_baseline(model, requests)
-    _score_unedited(store, experiment, model, requests, baseline, progress)
+    # A second process waits here rather than score the unedited model a second time.
+    with _method_lock(out, UNEDITED, wait=True):
+        _score_unedited(store, experiment, model, requests, baseline, progress)
     budget = _Budget(stop_after_edits)
-    for i, run in enumerate(experiment.methods):
-        log.info("method %d/%d: %s", i + 1, len(experiment.methods), run.key)
-        _run_method(store, out, experiment, run, model, requests, baseline, budget, progress)
-    log.info("run finished: %s", store.counts())
+    for i, run in enumerate(runs):
+        log.info("method %d/%d: %s", i + 1, len(runs), run.key)
+        with _method_lock(out, run.key) as ours:
+            if ours:
+                _run_method(store, out, experiment, run, model, requests, baseline, budget,
+                            progress)
+            else:
+                log.warning("%s: another process is editing it (%s), skipped", run.key,
+                            _lock_path(out, run.key))
+    unfinished = _unfinished(experiment, store)
+    if unfinished:
+        log.info("methods not finished: %s; `factedit run --resume %s` runs them",
+                 ", ".join(unfinished), out)
+    else:
+        log.info("run finished: %s", store.counts())
+
+
+def _unfinished(experiment: Experiment, store: ResultsStore) -> list[str]:
+    return [r.key for r in experiment.methods
+            if not (store.progress(r.key) or {}).get("finished")]
+
+
+def unfinished_methods(out_dir: str | Path) -> list[str]:
+    """The methods of the run in `out_dir` that have not finished (in the config's order)."""
+    out = Path(out_dir)
+    experiment = Experiment.from_dict(json.loads((out / CONFIG_FILE).read_text()))
+    with ResultsStore(out / STORE_FILE) as store:
+        return _unfinished(experiment, store)
 
 
 def resume_experiment(out_dir: str | Path, *, model: EditableModel | None = None,
@@ -190,15 +236,50 @@ def _experiment_for(config: Experiment | dict | str | Path | None, out: Path, re
     if (out / STORE_FILE).exists() or (out / CONFIG_FILE).exists():
         raise ExperimentError(f"{out} already holds a run: continue it with `factedit run "
                               f"--resume {out}`, or choose another --out folder")
-    config = config.with_absolute_paths()
-    out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / CONFIG_FILE, config.to_dict())
-    return config
+    return config.with_absolute_paths()  # run_experiment writes it as config.json
+
+
+def _selected_methods(experiment: Experiment, names: Sequence[str] | None) -> list[MethodRun]:
+    """The experiment's methods named in `names` (all where None), in the config's order."""
+    if names is None:
+        return list(experiment.methods)
+    keys = [r.key for r in experiment.methods]
+    unknown = [n for n in names if n not in keys]
+    if unknown or not names:
+        raise ExperimentError(f"methods={list(names)!r}: name methods of this run, among "
+                              f"{', '.join(keys)} (their `label`, or `name` where none)")
+    return [r for r in experiment.methods if r.key in names]
+
+
+def _lock_path(out: Path, key: str) -> Path:
+    return out / STATE_DIR / f"{key}.lock"
+
+
+@contextmanager
+def _method_lock(out: Path, key: str, wait: bool = False) -> Iterator[bool]:
+    """Hold state/<key>.lock while this process works on `key`; yields False (and holds
+    nothing) where another process holds it and `wait` is False. An flock is released by
+    the OS when its process dies, so a killed run leaves no stale lock behind."""
+    if fcntl is None:
+        yield True
+        return
+    path = _lock_path(out, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _write_json(path: Path, data: Any) -> None:
     """Write via a temporary name and rename, so a kill never leaves half a file."""
-    tmp = path.with_name(path.name + ".partial")
+    tmp = partial_path(path)
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False))
     tmp.replace(path)
 

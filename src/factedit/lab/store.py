@@ -92,7 +92,9 @@ class ResultsStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # isolation_level=None: transactions are ours (BEGIN IMMEDIATE ... COMMIT in `write`).
-        self._conn = sqlite3.connect(str(self.path), isolation_level=None)
+        # timeout: processes running other methods of the same run commit to this file
+        # too; a write waits for theirs (each takes milliseconds) instead of failing.
+        self._conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=60)
         self._conn.row_factory = sqlite3.Row
         # One transaction, so a reader polling a running store sees all the tables or none.
         self._conn.executescript(f"BEGIN IMMEDIATE;\n{_SCHEMA}\nCOMMIT;")

@@ -14,6 +14,7 @@ import logging
 import torch
 
 from ..models import EditableModel, cache_root
+from ..models.loading import partial_path
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def context_templates(
         templates = ["{}"] + [p + ". {}" for p in _sample_prefixes(model, n_prefixes, length, seed)]
         if use_disk_cache:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
+            tmp = partial_path(path)
             tmp.write_text(json.dumps(templates, ensure_ascii=False))
             tmp.replace(path)
     store[key] = templates

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..models import EditableModel, TraceDict, cache_root
+from ..models.loading import partial_path
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ def _model_samples(model: EditableModel, n_tokens: int, seed: int) -> tuple[str,
         torch.random.set_rng_state(state)
     text = "\n\n".join(texts)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = partial_path(path)
     tmp.write_text(json.dumps({"text": text}))
     tmp.replace(path)
     return text, corpus_id
@@ -198,7 +199,7 @@ def covariance(
         if use_cache:
             path = _cache_path(model, modules[layer], corpus_id, n_tokens, seq_len, precision)
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".partial")
+            tmp = partial_path(path)
             save_file({"C": C.contiguous()}, str(tmp),
                       metadata={"digest": _tensor_digest(C), "count": str(count),
                                 "model": model.model_id, "module": modules[layer],

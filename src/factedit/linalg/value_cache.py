@@ -32,7 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..models import EditableModel
-from ..models.loading import cache_root
+from ..models.loading import cache_root, partial_path
 from ..requests import EditRequest
 from .values import TargetValues
 
@@ -107,7 +107,7 @@ class ValueCache:
         delta = values.delta.detach().to("cpu").contiguous()
         init = values.init.detach().to("cpu").contiguous()
         path = self.path(request)
-        tmp = path.with_suffix(".partial")
+        tmp = partial_path(path)
         save_file({"delta": delta, "init": init}, str(tmp), metadata={
             "digest": _tensors_digest(delta, init), "layer": str(values.layer),
             "site": values.site, "final_nll": json.dumps(values.final_nll),

@@ -35,6 +35,13 @@ def cache_root() -> Path:
     return Path(os.environ.get("FACTEDIT_CACHE", Path.home() / ".cache" / "factedit"))
 
 
+def partial_path(path: Path) -> Path:
+    """Where to write `path` before renaming it into place (a crash leaves no half file).
+    Named per process, so two processes filling the same cache entry at once (runs sharing
+    a cache) never write into one temporary file; the later rename wins, with equal content."""
+    return path.with_name(f"{path.name}.{os.getpid()}.partial")
+
+
 def file_digest(path: str | Path, algorithm: str = "blake2b") -> str:
     h = hashlib.new(algorithm)
     with open(path, "rb") as f:
@@ -134,7 +141,7 @@ def _dequantize_to_cache(gguf: Path, folder: Path) -> None:
         raise RuntimeError(f"GGUF weights do not fit the config: missing={missing} "
                            f"unexpected={unexpected}")
     plain.tie_weights()
-    tmp = folder.with_name(folder.name + ".partial")
+    tmp = partial_path(folder)
     shutil.rmtree(tmp, ignore_errors=True)
     plain.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
