@@ -201,10 +201,11 @@ def unfinished_methods(out_dir: str | Path) -> list[str]:
 
 
 def resume_experiment(out_dir: str | Path, *, model: EditableModel | None = None,
-                      progress: bool = True, device: str | None = None) -> Path:
+                      progress: bool = True, device: str | None = None,
+                      methods: Sequence[str] | None = None) -> Path:
     """Continue the run in `out_dir` where it stopped (`factedit run --resume DIR`)."""
     return run_experiment(None, out_dir, resume=True, model=model, progress=progress,
-                          device=device)
+                          device=device, methods=methods)
 
 
 # -- set-up ----------------------------------------------------------------------------------
