@@ -565,6 +565,18 @@ def test_comparison_names_the_runs_still_going(tmp_path, capsys):
     assert "run in progress (d4s 10/20 edits)" in (tmp_path / "cmp" / "comparison.html").read_text()
 
 
+def child_process_experiment(lab_env, tokenizer) -> dict:
+    """15 edits scored after each, on a tiny model saved where a child process loads it."""
+    tmp, corpus, dataset = lab_env
+    folder = tmp / "tiny-model"
+    make_tiny_model(tokenizer).model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    more = [dict(f.to_dict(), case_id=f"{f.uid}-{i}") for i in range(3) for f in FACTS]
+    dataset.write_text(json.dumps(more))
+    return experiment_dict(corpus, dataset, n_edits=[5, 15], model=str(folder),
+                           eval={"every": 1}, checkpoint_every=1)
+
+
 def test_run_killed_with_sigkill_resumes_to_the_same_rows(lab_env, tokenizer):
     """`factedit run` in a child process, SIGKILLed right after its first commit, then
     `factedit run --resume`: the store equals an unbroken child run's, number for number."""
@@ -576,14 +588,8 @@ def test_run_killed_with_sigkill_resumes_to_the_same_rows(lab_env, tokenizer):
 
     import yaml
 
-    tmp, corpus, dataset = lab_env
-    folder = tmp / "tiny-model"  # a model a child process can load by name
-    make_tiny_model(tokenizer).model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    more = [dict(f.to_dict(), case_id=f"{f.uid}-{i}") for i in range(3) for f in FACTS]
-    dataset.write_text(json.dumps(more))
-    config = experiment_dict(corpus, dataset, n_edits=[5, 15], model=str(folder),
-                             eval={"every": 1}, checkpoint_every=1)
+    tmp = lab_env[0]
+    config = child_process_experiment(lab_env, tokenizer)
     (tmp / "experiment.yaml").write_text(yaml.safe_dump(config))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
@@ -638,14 +644,8 @@ def test_two_processes_share_one_run_folder(lab_env, tokenizer):
     import subprocess
     import sys
 
-    tmp, corpus, dataset = lab_env
-    folder = tmp / "tiny-model"
-    make_tiny_model(tokenizer).model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    more = [dict(f.to_dict(), case_id=f"{f.uid}-{i}") for i in range(3) for f in FACTS]
-    dataset.write_text(json.dumps(more))
-    config = experiment_dict(corpus, dataset, n_edits=[5, 15], model=str(folder),
-                             eval={"every": 1}, checkpoint_every=1)
+    tmp = lab_env[0]
+    config = child_process_experiment(lab_env, tokenizer)
     straight = run_experiment(config, tmp / "straight", progress=False)
     shared = tmp / "shared"
     with pytest.raises(RunInterrupted):  # the folder, its covariance and its baseline
