@@ -77,6 +77,13 @@ def table(path, name):
         return sorted(conn.execute(f"SELECT * FROM {name}").fetchall())
 
 
+def measured(path, name):
+    """A table's rows without the edit_seconds scores: seconds differ between runs, every
+    measured number must not."""
+    rows = table(path, name)
+    return [r for r in rows if r[4] != "edit_seconds"] if name == "scores" else rows
+
+
 # -- schema ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("change, message", [
@@ -221,12 +228,8 @@ def test_interrupted_run_resumes_to_the_same_rows(lab_env, tokenizer, stop_after
     assert ("d4s: finished in an earlier session" in log) == (stop_after == 7)
 
     for name in ("scores", "weight_stats"):
-        got, expected = table(tmp / "broken" / "results.sqlite", name), \
-            table(straight / "results.sqlite", name)
-        # Seconds differ between runs; every measured number must not.
-        if name == "scores":
-            got = [r for r in got if r[4] != "edit_seconds"]
-            expected = [r for r in expected if r[4] != "edit_seconds"]
+        got, expected = measured(tmp / "broken" / "results.sqlite", name), \
+            measured(straight / "results.sqlite", name)
         assert got == expected
     got_edits = [r[:4] for r in table(tmp / "broken" / "results.sqlite", "edits")]
     assert got_edits == [r[:4] for r in table(straight / "results.sqlite", "edits")]
@@ -260,11 +263,8 @@ def test_resume_without_the_state_restarts_only_that_method(lab_env, tokenizer, 
     assert "d4s: finished in an earlier session" in log
     assert "memit: resumed" not in log
     for name in ("scores", "weight_stats", "progress"):
-        got, expected = table(tmp / "broken" / "results.sqlite", name), \
-            table(straight / "results.sqlite", name)
-        if name == "scores":
-            got = [r for r in got if r[4] != "edit_seconds"]
-            expected = [r for r in expected if r[4] != "edit_seconds"]
+        got, expected = measured(tmp / "broken" / "results.sqlite", name), \
+            measured(straight / "results.sqlite", name)
         if name == "progress":  # the state folders' names only
             got, expected = [r[:2] + r[3:] for r in got], [r[:2] + r[3:] for r in expected]
         assert got == expected
@@ -306,11 +306,8 @@ def test_methods_split_across_calls_give_the_rows_of_one_run(lab_env, tokenizer)
                    methods=["d4s"])
     assert unfinished_methods(split) == []
     for name in ("scores", "weight_stats"):
-        got, expected = table(split / "results.sqlite", name), \
-            table(straight / "results.sqlite", name)
-        if name == "scores":
-            got = [r for r in got if r[4] != "edit_seconds"]
-            expected = [r for r in expected if r[4] != "edit_seconds"]
+        got, expected = measured(split / "results.sqlite", name), \
+            measured(straight / "results.sqlite", name)
         assert got == expected
     assert [r[:4] for r in table(split / "results.sqlite", "edits")] == \
         [r[:4] for r in table(straight / "results.sqlite", "edits")]
@@ -624,11 +621,8 @@ def test_run_killed_with_sigkill_resumes_to_the_same_rows(lab_env, tokenizer):
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read()[-3000:]
     assert "d4s: resumed after" in (tmp / "killed" / "run.log").read_text()
     for name in ("scores", "weight_stats"):
-        got = table(store, name)
-        expected = table(tmp / "straight" / "results.sqlite", name)
-        if name == "scores":  # seconds differ between runs; every measured number must not
-            got = [r for r in got if r[4] != "edit_seconds"]
-            expected = [r for r in expected if r[4] != "edit_seconds"]
+        got = measured(store, name)
+        expected = measured(tmp / "straight" / "results.sqlite", name)
         assert [r[:-1] for r in got] == [r[:-1] for r in expected]
         assert [r[-1] for r in got] == pytest.approx([r[-1] for r in expected], rel=1e-9,
                                                       abs=1e-12)
@@ -666,11 +660,8 @@ def test_two_processes_share_one_run_folder(lab_env, tokenizer):
         "memit: finished in an earlier session" in log
     assert "run finished" in log and "d4s: resumed" not in log
     for name in ("scores", "weight_stats", "edits"):
-        got, expected = table(shared / "results.sqlite", name), \
-            table(straight / "results.sqlite", name)
-        if name == "scores":  # seconds differ between runs; every measured number must not
-            got = [r for r in got if r[4] != "edit_seconds"]
-            expected = [r for r in expected if r[4] != "edit_seconds"]
+        got, expected = measured(shared / "results.sqlite", name), \
+            measured(straight / "results.sqlite", name)
         keys = {"scores": 5, "weight_stats": 4, "edits": 4}[name]
         assert [r[:keys] for r in got] == [r[:keys] for r in expected]
         if name != "edits":
