@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dataset", default="counterfact")
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--corpus", default=None, help="covariance corpus, as bench/sequential.py "
-                    "(default: wikitext-2-raw under --data; the session reads C from its cache)")
+                    "(default: wikitext-2-raw under --data; the run reads C from its cache)")
     ap.add_argument("--n", type=int, default=1000, help="the first N records")
     ap.add_argument("--reverse", action="store_true", help="start from the N-th record")
     ap.add_argument("--set", action="append", default=[], metavar="METHOD.FIELD=JSON")

@@ -124,14 +124,14 @@ def main(argv: list[str] | None = None) -> int:
                 report.unedited = earlier["unedited"]
             rows = earlier["immediate_rows"] + report.immediate_rows
             live_rows, live_prepare = report.immediate_rows, report.prepare_seconds
-            try:  # summary() over everything measured, in this session and before it
+            try:  # summary() over everything measured, in this process and before the resume
                 report.immediate_rows = rows
                 report.prepare_seconds = live_prepare + earlier["prepare_seconds"]
                 data = report.summary()
             finally:
                 report.immediate_rows, report.prepare_seconds = live_rows, live_prepare
-            # Record timings survive a resume; only the earlier sessions' batched target
-            # values are missing from this session's checkpoints.
+            # Record timings survive a resume; only the batched target values computed before
+            # the resume are missing from this process's checkpoints.
             for c in data["checkpoints"]:
                 c["seconds"] += earlier["prepare_seconds"] * c["n_edits"] / len(requests)
             data["checkpoints"] = earlier["checkpoints"] + data["checkpoints"]

@@ -18,7 +18,7 @@ after one warm-up edit, and the model is restored before the next method. Report
                 ft-l: steps taken x one forward+backward of its batch from the trained layer,
                   gradient to the trained weight;
                 kn: per prompt and searched layer, one forward+backward of the ig_steps
-                  one-token rows of the answer position (session 28 on; before: whole prompts);
+                  one-token rows of the answer position (since commit caacf18; before: whole prompts);
                 grace: steps taken x one forward+backward of prompt + target from its layer,
                   gradient at the activations (its trained value replaces one).
     peak RSS    the process's peak resident memory after the method (monotone over methods).
