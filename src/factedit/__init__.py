@@ -8,8 +8,7 @@
     fe.evaluate(model, [req])
 """
 
-__version__ = "0.1.0"
-
+from ._version import __version__ as __version__  # noqa: E402
 from .methods import list_methods  # noqa: E402
 from .metrics import Baseline, capture_baseline, evaluate  # noqa: E402
 from .models import EditableModel, load_model  # noqa: E402

@@ -24,7 +24,7 @@ from ..methods.base import MethodConfig
 from ..metrics import Baseline, capture_baseline, evaluate
 from ..models import EditableModel
 from ..requests import EditRequest, as_requests
-from . import EditHandle, EditRecord, make_editor
+from .handle import EditHandle, EditRecord, make_editor
 
 SUMMARY_METRICS = ("efficacy", "generalization", "specificity", "rewrite_acc", "rephrase_acc",
                    "locality", "portability_acc")

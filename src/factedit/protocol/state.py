@@ -21,11 +21,12 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import load_file, save_file
 
+from .._version import __version__
 from ..models import EditableModel, read_param, write_param
 from ..models.loading import file_digest
 
 if TYPE_CHECKING:
-    from . import EditHandle
+    from .handle import EditHandle
 
 FORMAT = 1
 WEIGHTS_FILE = "state.safetensors"
@@ -42,8 +43,6 @@ class UnreadableStateError(StateFileError):
 
 
 def save_handle(handle: EditHandle, folder: str | Path) -> Path:
-    from .. import __version__
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     editor_tensors, editor_manifest = handle.editor.state_dict()
@@ -95,15 +94,20 @@ def read_state(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return manifest, load_file(str(weights_path))
 
 
-def load_handle(cls: type[EditHandle], model: EditableModel, folder: str | Path) -> EditHandle:
-    from . import EditRecord, make_editor
-
-    manifest, tensors = read_state(folder)
+def check_state_model(manifest: dict, model: EditableModel, folder: str | Path) -> None:
+    """StateFileError unless the state in `folder` was made on `model`'s checkpoint."""
     if manifest["model_id"] != model.model_id:
         raise StateFileError(f"state in {folder} was made on model {manifest['model_id']!r}, "
                              f"not {model.model_id!r}")
-    editor = make_editor(model, manifest["method"], manifest["config"])
-    handle = cls(model, editor)
+
+
+def load_state_into(handle: EditHandle, manifest: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Write a saved state's weights into `handle.model`, its originals into the handle and
+    its editor state into `handle.editor` (a fresh editor built from the saved config).
+
+    The handle's records and attachment are the caller's (`EditHandle.resume`).
+    """
+    model, editor = handle.model, handle.editor
     groups: dict[str, dict[str, torch.Tensor]] = {"originals": {}, "weights": {}, "editor": {}}
     for key, t in tensors.items():
         group, name = key.split("/", 1)
@@ -120,6 +124,3 @@ def load_handle(cls: type[EditHandle], model: EditableModel, folder: str | Path)
         handle.originals[name] = original.to(live.device, live.dtype)
         write_param(model.model, name, saved)
     editor.load_state_dict(groups["editor"], manifest["editor"])
-    handle.records = [EditRecord(**r) for r in manifest["records"]]
-    handle.attach()  # editors that keep the weights act through hooks, not saved weights
-    return handle
