@@ -14,7 +14,7 @@ def make(**kw):
 
 
 def test_valid_request_fills_template():
-    r = make(paraphrases="The Eiffel Tower stands in")
+    r = make(paraphrases=["The Eiffel Tower stands in", "  "])
     assert r.rewrite_prompt == "The Eiffel Tower is located in the city of"
     assert r.paraphrases == ["The Eiffel Tower stands in"]
 

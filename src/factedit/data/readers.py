@@ -169,6 +169,13 @@ def _target(value: Any, what: str) -> str:
     return answers[0]
 
 
+def _listed(value: Any) -> list:
+    """A dataset's paraphrase field as a list: the files give one prompt as a bare string."""
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
 def _true_or_none(value: Any, target_new: str, meta: dict[str, Any]) -> str | None:
     """The old answer, or None when the dataset's old answer equals the new one.
 
@@ -243,7 +250,7 @@ def read_counterfact(path: PathLike, limit: int | None = None, offset: int = 0) 
         return [EditRequest(
             prompt=prompt, subject=subject, target_new=target_new,
             target_true=_true_or_none(r.get("ground_truth"), target_new, meta),
-            paraphrases=r.get("rephrase_prompt") or [], neighborhood=neighborhood,
+            paraphrases=_listed(r.get("rephrase_prompt")), neighborhood=neighborhood,
             case_id=r.get("case_id", index), metadata=meta)]
 
     return _read(path, limit, offset, "counterfact", convert)
@@ -285,7 +292,7 @@ def read_counterfact_rome(path: PathLike, limit: int | None = None,
         return [EditRequest(
             prompt=prompt, subject=subject, target_new=target_new,
             target_true=_true_or_none(target_true, target_new, meta),
-            paraphrases=list(r.get("paraphrase_prompts") or []),
+            paraphrases=_listed(r.get("paraphrase_prompts")),
             # ROME picks neighbourhood subjects that share the *true* object.
             neighborhood=[(p, target_true) for p in r.get("neighborhood_prompts") or []],
             portability=portability, case_id=r.get("case_id", index), metadata=meta)]
@@ -322,7 +329,7 @@ def read_zsre(path: PathLike, limit: int | None = None, offset: int = 0) -> list
         return [EditRequest(
             prompt=prompt, subject=subject, target_new=target_new,
             target_true=_true_or_none(r.get("answers"), target_new, meta),
-            paraphrases=r.get("rephrase") or [], neighborhood=neighborhood,
+            paraphrases=_listed(r.get("rephrase")), neighborhood=neighborhood,
             portability=portability, case_id=index, metadata=meta)]
 
     return _read(path, limit, offset, "zsre", convert)
@@ -352,7 +359,7 @@ def read_knowedit(path: PathLike, limit: int | None = None, offset: int = 0,
         portability, p_answers, p_kinds = _pairs(r.get("portability"), skips)
         meta.update(neighborhood_kinds=n_kinds, neighborhood_answers=n_answers,
                     portability_kinds=p_kinds, portability_answers=p_answers)
-        paraphrases = r.get("rephrase_prompt", r.get("rephrase")) or []
+        paraphrases = _listed(r.get("rephrase_prompt", r.get("rephrase")))
         return [EditRequest(
             prompt=prompt, subject=subject, target_new=target_new,
             target_true=_true_or_none(r.get("ground_truth"), target_new, meta),
