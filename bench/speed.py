@@ -173,7 +173,7 @@ def locate_floor(model, editor, request, steps: int) -> dict[str, float]:
 
 
 def finetune_floor(model, editor, request, steps: int) -> dict[str, float]:
-    from factedit.metrics.scoring import token_rows
+    from factedit.models.scoring import token_rows
 
     batch = token_rows(model, [(request.rewrite_prompt, request.target_new)])  # what it trains on
     loss_row, loss_pos, _ = editor._loss_tokens(batch)

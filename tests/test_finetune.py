@@ -74,7 +74,7 @@ def test_missing_layer_is_named(tokenizer):
 @pytest.mark.parametrize("objective", ["prompt_last", "target", "all"])
 def test_loss_tokens_are_the_objectives_terms(tokenizer, objective):
     """The vectorised (row, position, token) triples equal the objective written per pair."""
-    from factedit.metrics.scoring import token_rows
+    from factedit.models.scoring import token_rows
     from factedit.text import teacher_forced
 
     model = make_tiny_model(tokenizer)

@@ -13,7 +13,8 @@ import factedit as fe
 from factedit.methods import ConfigError, KeConfig
 from factedit.methods.hypernet import TrainConfig
 from factedit.methods.ke import KeEditor, train_ke
-from factedit.metrics.scoring import token_rows
+from factedit.models.scoring import token_rows
+from factedit.protocol import edit_success
 
 TRAIN = {"steps": 6, "batch_size": 2, "lr": 1e-3, "checkpoint_every": 3, "validate_every": 6}
 
@@ -101,7 +102,7 @@ def test_lagrange_multiplier_moves_at_its_own_rate(tokenizer, tmp_path):
 def test_training_resumes_exactly_and_editing_loads_the_net(tokenizer, tmp_path):
     model = make_tiny_model(tokenizer, dtype=torch.float32)
     full = train_ke(model, REQUESTS, REQUESTS[:2], tmp_path / "full", small_config(),
-                    progress=False)
+                    progress=False, edit_success=edit_success)
     assert "val_edit_success" in full["history"][0] and "lagrange" in full["history"][0]
     train_ke(model, REQUESTS, [], tmp_path / "split", small_config(steps=3), progress=False)
     train_ke(model, REQUESTS, [], tmp_path / "split", small_config(), progress=False)

@@ -13,7 +13,8 @@ from factedit import EditRequest
 from factedit.methods import ConfigError, MendConfig
 from factedit.methods.hypernet import EditedForward
 from factedit.methods.mend import MendEditor, train_mend
-from factedit.metrics.scoring import token_rows
+from factedit.models.scoring import token_rows
+from factedit.protocol import edit_success
 
 FACTS = [
     ("{} is located in the city of", "The Eiffel Tower", "Rome", "Paris"),
@@ -81,7 +82,7 @@ def test_untrained_mend_is_one_fine_tuning_step(tokenizer):
 def test_training_moves_the_network_and_resumes_exactly(tokenizer, tmp_path):
     model = make_tiny_model(tokenizer, dtype=torch.float32)
     full = train_mend(model, REQUESTS, REQUESTS[:2], tmp_path / "full", small_config(),
-                      progress=False)
+                      progress=False, edit_success=edit_success)
     assert len(full["history"]) == 1 and "val_edit_success" in full["history"][0]
     # Interrupted after 3 steps (the checkpoint), then resumed to 6.
     train_mend(model, REQUESTS, [], tmp_path / "split", small_config(steps=3), progress=False)

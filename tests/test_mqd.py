@@ -10,9 +10,9 @@ import pytest
 from conftest import make_tiny_model
 
 import factedit as fe
-from factedit.data.mqd import LETTERS, mqd_requests, target_perplexity
+from factedit.data.mqd import LETTERS, mqd_requests
 from factedit.lab import Experiment, ExperimentError, ResultsStore, run_experiment
-from factedit.metrics import score_pairs
+from factedit.metrics import score_pairs, target_perplexity
 
 EIFFEL = fe.EditRequest(prompt="{} is located in the city of", subject="The Eiffel Tower",
                         target_new="Rome", target_true="Paris", case_id="eiffel",

@@ -280,6 +280,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from factedit.data import load_dataset
     from factedit.methods import get_method
     from factedit.methods.hypernet import train_editor
+    from factedit.protocol import edit_success
 
     spec = get_method(args.kind)
     train = load_dataset(args.data, limit=args.limit, data_dir=args.data_dir)
@@ -297,7 +298,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     model = fe.load_model(args.model, device=args.device)
     config = _train_config(spec.config_cls, args)
     result = train_editor(spec.editor_cls, model, train, validation, args.out, config,
-                          resume=not args.restart)
+                          resume=not args.restart, edit_success=edit_success)
     last = result["history"][-1] if result["history"] else {}
     print(f"trained {args.kind} for {model.model_id} on {len(train)} edits in "
           f"{result['train_seconds']:.0f} s; last validation: {last}")

@@ -5,7 +5,8 @@ The paper edits the same facts as true/false questions, multiple-choice question
 directly generated answers, and finds that the editing objective's type (and the
 perplexity of its target under the unedited model) drives how much the model degrades.
 `mqd_requests` rewrites CounterFact/zsRE-style requests into one of the three types, so
-the same sequence can be run three times; `target_perplexity` measures each edit target.
+the same sequence can be run three times; `metrics.target_perplexity` measures each
+edit target.
 
     generated        the request unchanged: "{} is located in the city of" -> "Rome"
     true_false       "True or false: {} is located in the city of Rome.\nAnswer:" -> "True"
@@ -30,16 +31,11 @@ The prompts are written for factedit (the paper's exact wording is not reproduce
 from __future__ import annotations
 
 import hashlib
-import math
 import random
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 from ..requests import EditRequest
-
-if TYPE_CHECKING:
-    from ..models import EditableModel
 
 QUESTION_TYPES = ("generated", "true_false", "multiple_choice")
 LETTERS = "ABCD"
@@ -114,13 +110,3 @@ def mqd_requests(requests: Sequence[EditRequest], question_type: str) -> list[Ed
             neighborhood=neighbours, portability=[],
             metadata={**r.metadata, "mqd": question_type, "mqd_options": options}))
     return out
-
-
-def target_perplexity(model: EditableModel, requests: Sequence[EditRequest]) -> list[float]:
-    """exp(mean NLL of target_new's tokens after the edit prompt), per request, on `model`
-    as it is (call it on the unedited model for the paper's measure)."""
-    from ..metrics.scoring import score_pairs
-
-    pairs = [(r.rewrite_prompt, r.target_new) for r in requests]
-    scores = score_pairs(model, pairs)
-    return [math.exp(scores[p].mean_nll) for p in pairs]

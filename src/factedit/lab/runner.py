@@ -48,8 +48,8 @@ try:
 except ImportError:  # Windows: no flock; one process per run folder there
     fcntl = None  # type: ignore[assignment]
 
-from ..data.mqd import mqd_requests, target_perplexity
-from ..metrics import Baseline, capture_baseline, evaluate
+from ..data.mqd import mqd_requests
+from ..metrics import Baseline, capture_baseline, evaluate, target_perplexity
 from ..models import EditableModel
 from ..models.loading import partial_path
 from ..protocol import EditHandle, EditRecord, make_editor

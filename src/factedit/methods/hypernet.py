@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..metrics.scoring import TokenRows, mean_nll_per_row, token_rows
 from ..models import EditableModel, Trace, frozen, start_at_layer
+from ..models.scoring import TokenRows, mean_nll_per_row, token_rows
 from ..requests import EditRequest
 from .base import ConfigError, Editor, EditResult, MethodConfig
 from .locate import check_layer_list, check_positive
@@ -463,28 +463,24 @@ def default_layers(model: EditableModel) -> list[int]:
     return list(range(model.num_layers - 3, model.num_layers))
 
 
-def edit_success(editor: Editor, requests: Sequence[EditRequest]) -> float:
-    """Share of requests whose single edit makes P(target_new) > P(target_true) (efficacy)."""
-    from ..metrics import evaluate
-    from ..protocol import EditHandle
-
-    scores = []
-    for request in requests:
-        handle = EditHandle(editor.model, editor)
-        handle.step([request])
-        try:
-            scores.append(evaluate(editor.model, [request])["efficacy"])
-        finally:
-            handle.restore()
-    kept = [s for s in scores if s is not None]
-    return sum(kept) / len(kept) if kept else float("nan")
+# edit_success(editor, requests): the share of `requests` that one edit each by `editor`
+# makes succeed; the caller supplies it (factedit.protocol.edit_success), since applying an
+# edit and scoring it are the layers above the methods.
+EditSuccess = Callable[[Editor, Sequence[EditRequest]], float]
 
 
 def train_editor(editor_cls: type[HypernetEditor], model: EditableModel,
                  train: Sequence[EditRequest], validation: Sequence[EditRequest],
                  out_dir: str | Path, config: HypernetConfig, resume: bool = True,
-                 progress: bool = True) -> dict[str, Any]:
-    """Train a fresh `editor_cls` network for `model` on `train`; writes out_dir/hypernet.*."""
+                 progress: bool = True, edit_success: EditSuccess | None = None
+                 ) -> dict[str, Any]:
+    """Train a fresh `editor_cls` network for `model` on `train`; writes out_dir/hypernet.*.
+
+    Every `validate_every` steps the network is scored by `edit_success(editor, validation)`
+    (needed when `validation` is not empty)."""
+    if validation and edit_success is None:
+        raise ValueError("train_editor: validation requests need edit_success= (e.g. "
+                         "factedit.protocol.edit_success), or pass validation=[]")
     train_config = TrainConfig(**config.train)
     layers = list(config.layers or default_layers(model))
     settings = editor_cls.net_settings(config)

@@ -50,6 +50,7 @@ from ..models import EditableModel
 from ..requests import EditRequest
 from .base import register_method
 from .hypernet import (
+    EditSuccess,
     HypernetConfig,
     HypernetEditor,
     TokenRows,
@@ -178,10 +179,11 @@ class KeEditor(HypernetEditor):
 def train_ke(model: EditableModel, train: Sequence[EditRequest],
              validation: Sequence[EditRequest], out_dir: str | Path,
              config: KeConfig | None = None, resume: bool = True,
-             progress: bool = True) -> dict[str, Any]:
+             progress: bool = True, edit_success: EditSuccess | None = None
+             ) -> dict[str, Any]:
     """Train KE for `model` on `train`; writes out_dir/hypernet.* (see hypernet.py)."""
     return train_editor(KeEditor, model, train, validation, out_dir, config or KeConfig(),
-                        resume, progress)
+                        resume, progress, edit_success)
 
 
 register_method("ke", KeConfig, KeEditor,

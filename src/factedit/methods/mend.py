@@ -43,6 +43,7 @@ from ..models import EditableModel
 from ..requests import EditRequest
 from .base import register_method
 from .hypernet import (
+    EditSuccess,
     HypernetConfig,
     HypernetEditor,
     TokenRows,
@@ -156,10 +157,11 @@ class MendEditor(HypernetEditor):
 def train_mend(model: EditableModel, train: Sequence[EditRequest],
                validation: Sequence[EditRequest], out_dir: str | Path,
                config: MendConfig | None = None, resume: bool = True,
-               progress: bool = True) -> dict[str, Any]:
+               progress: bool = True, edit_success: EditSuccess | None = None
+               ) -> dict[str, Any]:
     """Train MEND for `model` on `train`; writes out_dir/hypernet.* (see hypernet.py)."""
     return train_editor(MendEditor, model, train, validation, out_dir, config or MendConfig(),
-                        resume, progress)
+                        resume, progress, edit_success)
 
 
 register_method("mend", MendConfig, MendEditor,

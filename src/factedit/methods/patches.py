@@ -35,9 +35,9 @@ from typing import Any
 
 import torch
 
-from ..metrics.scoring import TokenRows, mean_nll_per_row, token_rows
 from ..models import EditableModel, Trace, TraceDict, frozen, start_at_layer
 from ..models.attach import Attachment
+from ..models.scoring import TokenRows, mean_nll_per_row, token_rows
 from ..requests import EditRequest
 from ..text import pad_right
 from .base import ConfigError, Editor, EditResult, MethodConfig

@@ -10,9 +10,9 @@ from .edit import (
     ngram_entropy,
     request_metrics,
 )
-from .scoring import PairScore, score_pairs
+from .scoring import PairScore, score_pairs, target_perplexity
 
 __all__ = [
     "CF_METRICS", "EASYEDIT_METRICS", "Baseline", "PairScore", "capture_baseline", "evaluate",
-    "fluency", "ngram_entropy", "request_metrics", "score_pairs",
+    "fluency", "ngram_entropy", "request_metrics", "score_pairs", "target_perplexity",
 ]

@@ -10,12 +10,15 @@ only at the positions that predict an answer token (the head is a fifth of SmolL
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from ..models import EditableModel
+from ..models.scoring import answer_logits
+from ..requests import EditRequest
 from ..text import pad_right, teacher_forced
 
 
@@ -43,57 +46,6 @@ class PairScore:
     def token_accuracy(self) -> float:
         """Share of answer tokens that are the greedy prediction (EasyEdit's accuracy)."""
         return sum(a == t for a, t in zip(self.argmax, self.target)) / self.n_tokens
-
-
-def _logits(model: EditableModel, hidden: torch.Tensor) -> torch.Tensor:
-    logits = model.head_logits(hidden)
-    # Half precision would round log-probabilities; float64 models keep their precision.
-    return logits if logits.dtype == torch.float64 else logits.float()
-
-
-@dataclass
-class TokenRows:
-    """A batch of teacher-forced (prompt, answer) rows for training losses (ft-*, MEND, KE):
-    the padded ids and, per answer token, its row, the position predicting it and the token.
-    """
-
-    ids: torch.Tensor  # (B, T)
-    mask: torch.Tensor  # (B, T)
-    row: torch.Tensor  # (N,)
-    pos: torch.Tensor  # (N,)
-    tok: torch.Tensor  # (N,)
-
-    @property
-    def n_rows(self) -> int:
-        return self.ids.shape[0]
-
-
-def token_rows(model: EditableModel, pairs: Sequence[tuple[str, str]]) -> TokenRows:
-    """TokenRows for (prompt, answer) pairs, answers scored as continuations (factedit.text)."""
-    rows, row, pos, toks = [], [], [], []
-    for r, (prompt, answer) in enumerate(pairs):
-        ids, first, answer_ids = teacher_forced(model.tokenizer, prompt, answer)
-        rows.append(ids)
-        row += [r] * len(answer_ids)
-        pos += range(first, first + len(answer_ids))
-        toks += answer_ids
-    ids, mask = pad_right(rows, model.tokenizer.pad_token_id)
-
-    def t(x: list) -> torch.Tensor:
-        return torch.tensor(x, device=model.device)
-
-    return TokenRows(t(ids), t(mask), t(row), t(pos), t(toks))
-
-
-def mean_nll_per_row(model: EditableModel, hidden: torch.Tensor, row: torch.Tensor,
-                     pos: torch.Tensor, tok: torch.Tensor, n_rows: int) -> torch.Tensor:
-    """(n_rows,) mean -log P(tok | prefix) of each row's scored tokens, differentiable;
-    the LM head runs only at the scored positions."""
-    logp = torch.log_softmax(_logits(model, hidden[row, pos]), dim=-1)
-    tok_nll = -logp.gather(1, tok.unsqueeze(1)).squeeze(1)
-    total = torch.zeros(n_rows, dtype=tok_nll.dtype, device=hidden.device).index_add(
-        0, row, tok_nll)
-    return total / torch.bincount(row, minlength=n_rows).clamp_min(1)
 
 
 # Scorings of at least this many batches get a progress bar (a checkpoint over 1,000
@@ -132,7 +84,7 @@ def score_pairs(
             rows = [r for r, i in enumerate(batch) for _ in encoded[i][2]]
             cols = [encoded[i][1] + j for i in batch for j in range(len(encoded[i][2]))]
             targets = torch.tensor([t for i in batch for t in encoded[i][2]], device=model.device)
-            logp = torch.log_softmax(_logits(model, hidden[rows, cols]), dim=-1)
+            logp = torch.log_softmax(answer_logits(model, hidden[rows, cols]), dim=-1)
             token_logp = logp.gather(1, targets.unsqueeze(1)).squeeze(1).cpu().tolist()
             greedy = logp.argmax(dim=-1).cpu().tolist()
             offset = 0
@@ -143,3 +95,11 @@ def score_pairs(
                     argmax=tuple(greedy[offset:offset + n]), target=tuple(encoded[i][2]))
                 offset += n
     return results
+
+
+def target_perplexity(model: EditableModel, requests: Sequence[EditRequest]) -> list[float]:
+    """exp(mean NLL of target_new's tokens after the edit prompt), per request, on `model`
+    as it is (call it on the unedited model for MQD's measure, `data.mqd`)."""
+    pairs = [(r.rewrite_prompt, r.target_new) for r in requests]
+    scores = score_pairs(model, pairs)
+    return [math.exp(scores[p].mean_nll) for p in pairs]
