@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import time
+import types
+import typing
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -32,11 +35,114 @@ class ConfigError(ValueError):
     """A method config field is invalid; the message names the field and the fix."""
 
 
+def _matches(value: Any, annotation: Any) -> bool:
+    """Whether `value` fits a dataclass field's annotation (int for float is fine; bool is
+    not an int here; an annotation this does not understand accepts anything)."""
+    if annotation is Any or annotation is object:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in typing.get_args(annotation))
+    if origin is typing.Literal:
+        return value in typing.get_args(annotation)
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin in (list, tuple, Sequence):
+        if not isinstance(value, (list, tuple)):
+            return False
+        args = [a for a in typing.get_args(annotation) if a is not Ellipsis]
+        return not args or all(_matches(v, args[0]) for v in value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            return False
+        args = typing.get_args(annotation)
+        return not args or all(_matches(v, args[1]) for v in value.values())
+    if isinstance(annotation, type):
+        return isinstance(value, annotation)
+    return True
+
+
+def _type_name(annotation: Any) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+             dict: "a JSON object", type(None): "null"}
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(annotation))
+    if origin in (list, tuple, Sequence):
+        args = typing.get_args(annotation)
+        return f"a list of {_type_name(args[0]).removeprefix('an ').removeprefix('a ')}s" \
+            if args else "a list"
+    if origin is dict:
+        return "a JSON object"
+    return names.get(annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+def check_field_types(config: Any) -> None:
+    """ConfigError naming the first field whose value does not fit its annotation.
+
+    A list field given one item of the list's type gets it wrapped ([6] for 6), as the
+    command line and experiment files write a single layer."""
+    try:
+        hints = typing.get_type_hints(type(config))
+    except Exception:  # an annotation that names what only type checkers import
+        return
+    for f in dataclasses.fields(config):
+        annotation = hints.get(f.name)
+        if annotation is None:
+            continue
+        value = getattr(config, f.name)
+        if _matches(value, annotation):
+            continue
+        listed = [a for a in (annotation, *typing.get_args(annotation))
+                  if typing.get_origin(a) is list and typing.get_args(a)]
+        if listed and _matches(value, typing.get_args(listed[0])[0]):
+            setattr(config, f.name, [value])
+            continue
+        raise ConfigError(f"{type(config).__name__}.{f.name}={value!r}: must be "
+                          f"{_type_name(annotation)}, got {type(value).__name__}")
+
+
+def unknown_field_error(cls: type, names: Any) -> ConfigError:
+    """A ConfigError for fields `cls` does not have, with the nearest name of each."""
+    valid = sorted(f.name for f in dataclasses.fields(cls))
+    parts = []
+    for name in sorted(map(str, names)):
+        close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
+        parts.append(f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name))
+    return ConfigError(f"{cls.__name__} has no field {', '.join(parts)}; valid: "
+                       f"{', '.join(valid)}")
+
+
 @dataclass
 class MethodConfig:
-    """Base of all method configs: JSON round trip and validation hooks."""
+    """Base of all method configs: JSON round trip and validation hooks.
+
+    Every field's value is checked against its type annotation before the subclass's own
+    `__post_init__` runs (`check_field_types`), so `v_steps=2.5` or `layers="six"` is refused
+    naming the field, whatever path the value came by (Python, --set, an experiment file)."""
 
     method: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("__post_init__")
+        if own is None or getattr(own, "checks_types", False):
+            return
+
+        @functools.wraps(own)
+        def post_init(self: MethodConfig) -> None:
+            check_field_types(self)
+            own(self)
+
+        post_init.checks_types = True  # type: ignore[attr-defined]
+        cls.__post_init__ = post_init  # type: ignore[attr-defined]
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -45,15 +151,20 @@ class MethodConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MethodConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{cls.__name__}: a config is a JSON object of fields, got "
+                              f"{type(data).__name__} {data!r}")
         data = {k: v for k, v in data.items() if k != "method"}
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - names
         if unknown:
-            raise ConfigError(f"{cls.__name__} has no field(s) {sorted(unknown)}; "
-                              f"valid: {sorted(names)}")
+            raise unknown_field_error(cls, unknown)
         return cls(**data)
 
     def replace(self, **changes: Any) -> MethodConfig:
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise unknown_field_error(type(self), unknown)
         try:
             return dataclasses.replace(self, **changes)
         except TypeError as err:
@@ -184,13 +295,24 @@ def register_method(name: str, config_cls: type[MethodConfig], editor_cls: type[
     METHODS[name] = MethodSpec(name, config_cls, editor_cls, description)
 
 
+class UnknownMethodError(ConfigError, KeyError):
+    """No method is registered under the name; the message suggests the nearest names."""
+
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return str(self.args[0]) if self.args else ""
+
+
 def get_method(name: str) -> MethodSpec:
     _import_builtin_methods()
+    if not isinstance(name, str):
+        raise UnknownMethodError(f"method={name!r}: give a method name ({', '.join(sorted(METHODS))})"
+                                 f" or a method config object")
     key = name.lower()
     if key not in METHODS:
         close = difflib.get_close_matches(key, METHODS, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise KeyError(f"unknown method {name!r}.{hint} Available: {', '.join(sorted(METHODS))}")
+        raise UnknownMethodError(f"unknown method {name!r}.{hint} Available: "
+                                 f"{', '.join(sorted(METHODS))}")
     return METHODS[key]
 
 

@@ -285,7 +285,7 @@ def make_editor(model: EditableModel, method: str | MethodConfig = "rome",
         config, method = method, method.method
     spec = get_method(method)
     if config is None:
-        config = spec.config_cls(**overrides)
+        config = spec.config_cls.from_dict(overrides)
     else:
         if isinstance(config, dict):
             config = spec.config_cls.from_dict(config)
