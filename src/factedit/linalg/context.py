@@ -8,8 +8,11 @@ the next), and optionally on disk next to the other caches.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -31,22 +34,56 @@ def context_templates(
     if key in store:
         return store[key]
     path = cache_root() / "context" / f"{model.model_id}_{n_prefixes}x{length}_s{seed}.json"
-    templates: list[str] | None = None
-    if use_disk_cache and path.is_file():
-        try:
-            templates = json.loads(path.read_text())
-            assert isinstance(templates, list) and templates[0] == "{}"
-        except (ValueError, AssertionError):
-            log.warning("context template cache %s is corrupt; regenerating", path)
-            templates = None
+    templates = _read_cached(path, n_prefixes) if use_disk_cache and path.is_file() else None
     if templates is None:
         templates = ["{}"] + [p + ". {}" for p in _sample_prefixes(model, n_prefixes, length, seed)]
         if use_disk_cache:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = partial_path(path)
-            tmp.write_text(json.dumps(templates, ensure_ascii=False))
-            tmp.replace(path)
+            _write_cached(path, templates)
     store[key] = templates
+    return templates
+
+
+def _digest(templates: list[str]) -> str:
+    text = json.dumps(templates, ensure_ascii=False)
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def _valid_templates(templates: Any, n_prefixes: int) -> bool:
+    """The shape `context_templates` writes: "{}", then n prefixes ending in ". {}", with no
+    other brace (a stray "{x}" would be read as a format slot)."""
+    return (isinstance(templates, list) and len(templates) == n_prefixes + 1
+            and all(isinstance(t, str) for t in templates) and templates[0] == "{}"
+            and all(t.endswith(". {}") and t.count("{") == 1 and t.count("}") == 1
+                    for t in templates[1:]))
+
+
+def _write_cached(path: Path, templates: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = partial_path(path)
+    tmp.write_text(json.dumps({"templates": templates, "blake2b": _digest(templates)},
+                              ensure_ascii=False))
+    tmp.replace(path)
+
+
+def _read_cached(path: Path, n_prefixes: int) -> list[str] | None:
+    """The cached templates, or None (with a warning) when the file fails its checksum or
+    shape. A file from before the checksum (a bare list) is checked for shape and rewritten
+    with one."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(data, list):  # written before the file carried its digest
+            templates, digest = data, _digest(data)
+            upgrade = True
+        else:
+            templates, digest, upgrade = data["templates"], data["blake2b"], False
+        if not _valid_templates(templates, n_prefixes) or digest != _digest(templates):
+            raise ValueError("checksum or shape mismatch")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        log.warning("context template cache %s is corrupt (%s); sampling the prefixes again",
+                    path, err)
+        return None
+    if upgrade:
+        _write_cached(path, templates)
     return templates
 
 

@@ -7,6 +7,7 @@ takes about a second. A cache whose checksum does not match is rebuilt with a wa
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib
 import importlib.util
@@ -77,14 +78,66 @@ BUILTIN_MODELS = {
 }
 
 
+class ModelSourceError(FileNotFoundError):
+    """The model name is no built-in alias, file, folder or reachable hub id; or its file
+    cannot be read. The message names the model and what to give instead."""
+
+
+def _check_gguf_file(path: Path) -> None:
+    """Refuse an empty or non-GGUF file by name before transformers tries to map it."""
+    size = path.stat().st_size
+    if size == 0:
+        raise ModelSourceError(f"model file {path} is empty (0 bytes): download it again")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ModelSourceError(f"model file {path} is not a GGUF file (it starts with "
+                               f"{magic!r}, not b'GGUF'): give a .gguf file, a model folder "
+                               f"or a hub id")
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "~", os.sep)) or name.endswith(os.sep) or (
+        os.sep in name and name.count("/") != 1)
+
+
+def _check_hub_id(name: str) -> None:
+    """Offline, a hub id must be in the local Hugging Face cache; say so before loading."""
+    close = difflib.get_close_matches(name, BUILTIN_MODELS, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    if "/" not in name and close:
+        raise ModelSourceError(f"model {name!r} is not a built-in alias: {hint}built-in: "
+                               f"{', '.join(sorted(BUILTIN_MODELS))} (or give a .gguf file, a "
+                               f"model folder or a hub id)")
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if not offline:
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    if not isinstance(try_to_load_from_cache(name, "config.json"), str):
+        raise ModelSourceError(
+            f"model {name!r} is not a built-in alias ({hint}built-in: "
+            f"{', '.join(sorted(BUILTIN_MODELS))}), not an existing file or folder, and not in "
+            f"the local Hugging Face cache (HF_HUB_OFFLINE is set): check the name, or give "
+            f"a .gguf file or a model folder")
+
+
 def resolve_source(name: str) -> tuple[str, Path | None]:
     """Return (kind, path): kind is 'gguf', 'folder' or 'hub'."""
+    if not isinstance(name, (str, os.PathLike)) or not str(name).strip():
+        raise ModelSourceError(f"model name {name!r}: give a built-in alias "
+                               f"({', '.join(sorted(BUILTIN_MODELS))}), a .gguf file, a model "
+                               f"folder or a hub id")
+    name = str(name)
     if name in BUILTIN_MODELS:
-        return "gguf", BUILTIN_MODELS[name]()
+        path = BUILTIN_MODELS[name]()
+        _check_gguf_file(path)
+        return "gguf", path
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise FileNotFoundError(f"model file {path} does not exist")
+            raise ModelSourceError(f"model file {path} does not exist")
+        _check_gguf_file(path)
         return "gguf", path
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -94,31 +147,61 @@ def resolve_source(name: str) -> tuple[str, Path | None]:
         return "folder", path
     if path.exists():
         raise ValueError(f"{path} is neither a .gguf file nor a model folder")
+    if _looks_like_path(name):
+        raise ModelSourceError(f"model folder {path} does not exist: give an existing Hugging "
+                               f"Face folder (with config.json), a .gguf file, a built-in alias "
+                               f"({', '.join(sorted(BUILTIN_MODELS))}) or a hub id")
+    _check_hub_id(name)
     if "/" not in name and name not in BUILTIN_MODELS and not name.startswith(("gpt2", "EleutherAI")):
         log.info("%r is not a built-in alias (%s); trying it as a hub id", name, sorted(BUILTIN_MODELS))
     return "hub", None
 
 
+def _cache_files(folder: Path, weights_file: str = "model.safetensors") -> list[Path]:
+    """The files of a model cache folder besides the weights (checked by their own digest)
+    and the manifest: config.json, generation_config.json, the tokenizer files."""
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and p.name not in (_MANIFEST, weights_file))
+
+
 def _verify_cache(folder: Path) -> bool:
+    """Whether every file of the cache (weights, config.json, tokenizer files) matches the
+    digest in its manifest. A manifest from before config and tokenizer files had digests
+    gains them once (their content as it is now) and is rewritten."""
     manifest_path = folder / _MANIFEST
     if not manifest_path.is_file():
         return False
+    problem = ""
     try:
         manifest = json.loads(manifest_path.read_text())
         weights = folder / manifest["weights_file"]
-        ok = (
-            manifest.get("format") == _CACHE_FORMAT
-            and weights.is_file()
-            and file_digest(weights) == manifest["weights_blake2b"]
-        )
-    except (OSError, ValueError, KeyError):
-        ok = False
-    if not ok:
+        if manifest.get("format") != _CACHE_FORMAT or not weights.is_file():
+            problem = "stale format or no weights file"
+        elif file_digest(weights) != manifest["weights_blake2b"]:
+            problem = f"{weights.name} does not match its checksum"
+        files = manifest.get("files")
+        if not problem and files is None:
+            manifest["files"] = {p.name: file_digest(p) for p in _cache_files(folder, weights.name)}
+            tmp = partial_path(manifest_path)
+            tmp.write_text(json.dumps(manifest, indent=1))
+            tmp.replace(manifest_path)
+        elif not problem:
+            present = {p.name for p in _cache_files(folder, weights.name)}
+            for file_name, digest in files.items():
+                if file_name not in present or file_digest(folder / file_name) != digest:
+                    problem = f"{file_name} is missing or does not match its checksum"
+                    break
+            else:
+                if present - set(files):
+                    problem = f"unexpected file(s) {sorted(present - set(files))}"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        problem = "unreadable manifest"
+    if problem:
         warnings.warn(
-            f"model cache {folder} is corrupt or stale (checksum mismatch); rebuilding it",
+            f"model cache {folder} is corrupt or stale ({problem}); rebuilding it",
             stacklevel=3,
         )
-    return ok
+    return not problem
 
 
 def _dequantize_to_cache(gguf: Path, folder: Path) -> None:
@@ -127,11 +210,16 @@ def _dequantize_to_cache(gguf: Path, folder: Path) -> None:
 
     log.info("dequantizing %s (one time, about a minute) into %s", gguf.name, folder)
     kw = {"gguf_file": gguf.name}
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kw)
-    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
-    # The GGUF-loaded model refuses save_pretrained ("quantized with gguf"); a fresh model
-    # built from the same config without its quantization_config takes the same weights.
-    config = AutoConfig.from_pretrained(gguf.parent, **kw)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kw)
+        quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
+        # The GGUF-loaded model refuses save_pretrained ("quantized with gguf"); a fresh model
+        # built from the same config without its quantization_config takes the same weights.
+        config = AutoConfig.from_pretrained(gguf.parent, **kw)
+    except (ValueError, OSError, RuntimeError, KeyError, IndexError, TypeError) as err:
+        raise ModelSourceError(f"model file {gguf} cannot be read ({type(err).__name__}: "
+                               f"{str(err)[:200]}); it may be truncated or damaged: download "
+                               f"it again") from None
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -152,6 +240,9 @@ def _dequantize_to_cache(gguf: Path, folder: Path) -> None:
         "source_blake2b": file_digest(gguf),
         "weights_file": weights.name,
         "weights_blake2b": file_digest(weights),
+        # config.json and the tokenizer files too: a cache whose config says 3 layers where
+        # the model has 30 would otherwise load silently as a different model.
+        "files": {p.name: file_digest(p) for p in _cache_files(tmp, weights.name)},
     }, indent=1))
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)  # atomic: a crash leaves only the .partial folder behind
@@ -211,8 +302,12 @@ def load_model(
     load_kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code, **hf_kwargs)
     if device_map is not None:
         load_kwargs["device_map"] = device_map
-    model = AutoModelForCausalLM.from_pretrained(source, **load_kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **load_kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except OSError as err:  # hub unreachable, no such repo, a folder missing its weights
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelSourceError(f"model {name!r} cannot be loaded: {first}") from None
     if target is not None:
         model.to(target)
     spec = resolve_arch(model.config, arch)
