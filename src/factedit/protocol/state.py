@@ -26,6 +26,7 @@ from ..models import EditableModel, read_param, write_param
 from ..models.loading import file_digest
 
 if TYPE_CHECKING:
+    from ..methods import Editor
     from .handle import EditHandle
 
 FORMAT = 1
@@ -45,13 +46,10 @@ class UnreadableStateError(StateFileError):
 def save_handle(handle: EditHandle, folder: str | Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    editor_tensors, editor_manifest = handle.editor.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
+    tensors, editor_manifest = editor_state(handle.editor)
     for name, original in handle.originals.items():
         tensors[f"originals/{name}"] = original.detach().cpu().contiguous()
         tensors[f"weights/{name}"] = read_param(handle.model.model, name).cpu().contiguous()
-    for name, t in editor_tensors.items():
-        tensors[f"editor/{name}"] = t.detach().cpu().contiguous()
     # Write to temporary names, then rename: a crash mid-save leaves the old state intact.
     tmp_weights = folder / (WEIGHTS_FILE + ".partial")
     save_file(tensors, str(tmp_weights))
@@ -71,6 +69,23 @@ def save_handle(handle: EditHandle, folder: str | Path) -> Path:
     tmp_weights.replace(folder / WEIGHTS_FILE)
     tmp_manifest.replace(folder / MANIFEST_FILE)
     return folder
+
+
+def editor_state(editor: Editor) -> tuple[dict[str, torch.Tensor], dict]:
+    """The editor's `state_dict()` as a saved state holds it: tensors under "editor/"
+    (detached, on the CPU, contiguous) and the JSON manifest. Patch files reuse it."""
+    tensors, manifest = editor.state_dict()
+    return {f"editor/{n}": t.detach().cpu().contiguous() for n, t in tensors.items()}, manifest
+
+
+def group_tensors(tensors: dict[str, torch.Tensor], groups: tuple[str, ...]
+                  ) -> dict[str, dict[str, torch.Tensor]]:
+    """{"group/name": t} -> {group: {name: t}}; every group in `groups` present (maybe empty)."""
+    out: dict[str, dict[str, torch.Tensor]] = {g: {} for g in groups}
+    for key, t in tensors.items():
+        group, name = key.split("/", 1)
+        out.setdefault(group, {})[name] = t
+    return out
 
 
 def read_state(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -108,10 +123,7 @@ def load_state_into(handle: EditHandle, manifest: dict, tensors: dict[str, torch
     The handle's records and attachment are the caller's (`EditHandle.resume`).
     """
     model, editor = handle.model, handle.editor
-    groups: dict[str, dict[str, torch.Tensor]] = {"originals": {}, "weights": {}, "editor": {}}
-    for key, t in tensors.items():
-        group, name = key.split("/", 1)
-        groups[group][name] = t
+    groups = group_tensors(tensors, ("originals", "weights", "editor"))
     for name, original in groups["originals"].items():
         saved = groups["weights"][name]
         live = read_param(model.model, name)  # offloaded weights included (models.params)
