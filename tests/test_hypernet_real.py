@@ -10,8 +10,8 @@ from conftest import answer
 import factedit as fe
 from factedit.data import builtin_facts, load_dataset
 from factedit.methods import KeConfig, MendConfig
-from factedit.methods.ke import train_ke
-from factedit.methods.mend import train_mend
+from factedit.methods.hypernet.ke import train_ke
+from factedit.methods.hypernet.mend import train_mend
 
 pytestmark = pytest.mark.slow
 

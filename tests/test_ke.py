@@ -12,7 +12,7 @@ from test_mend import REQUESTS
 import factedit as fe
 from factedit.methods import ConfigError, KeConfig
 from factedit.methods.hypernet import TrainConfig
-from factedit.methods.ke import KeEditor, train_ke
+from factedit.methods.hypernet.ke import KeEditor, train_ke
 from factedit.models.scoring import token_rows
 from factedit.protocol import edit_success
 

@@ -99,7 +99,7 @@ def test_incremental_solve_equals_full_solve(tokenizer, method, resolve_every, m
     """The recursive least-squares step lands on the full solve of the sums, with or
     without the periodic full re-solve, and removal afterwards stays exact."""
     from factedit.linalg import WoodburySolver
-    from factedit.methods.d4s import D4SEditor
+    from factedit.methods.locate.d4s import D4SEditor
 
     steps, added = [], []
     original_step, original_add = D4SEditor.update_sums, WoodburySolver.add
@@ -178,8 +178,8 @@ def test_low_rank_solve_gives_the_direct_solves_edit(tokenizer, method, monkeypa
     """The factor kept between edits (lambda C for MEMIT and PMET, AlphaEdit's history
     system grown by each edit's keys) plus Woodbury gives the same weights as factoring the
     whole system afresh, edit after edit of a sequence (float64, to 1e-9)."""
-    import factedit.methods.alphaedit as alphaedit_module
-    import factedit.methods.memit as memit_module
+    import factedit.methods.locate.alphaedit as alphaedit_module
+    import factedit.methods.locate.memit as memit_module
 
     edited = {}
     for low_rank in (True, False):
@@ -200,7 +200,7 @@ def test_low_rank_solve_gives_the_direct_solves_edit(tokenizer, method, monkeypa
 def test_single_mode_derives_from_c_once(tokenizer, monkeypatch):
     """Single mode gives every edit a fresh editor; the null-space bases and the factors of
     lambda C (functions of C alone) are shared with it, not derived again per edit."""
-    import factedit.methods.locate as locate_module
+    import factedit.methods.locate.base as locate_module
 
     calls = {"null_space_basis": 0, "preserved_factor": 0}
     for name in calls:

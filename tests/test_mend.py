@@ -12,7 +12,7 @@ import factedit as fe
 from factedit import EditRequest
 from factedit.methods import ConfigError, MendConfig
 from factedit.methods.hypernet import EditedForward
-from factedit.methods.mend import MendEditor, train_mend
+from factedit.methods.hypernet.mend import MendEditor, train_mend
 from factedit.models.scoring import token_rows
 from factedit.protocol import edit_success
 

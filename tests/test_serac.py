@@ -11,7 +11,7 @@ from test_memory_editors import COLOSSEUM, EIFFEL, UNRELATED, ids_of, logits
 
 from factedit import EditRequest
 from factedit.methods import ConfigError, SeracConfig
-from factedit.methods.serac import load_scope_classifier, train_scope
+from factedit.methods.memory.serac import load_scope_classifier, train_scope
 from factedit.protocol import edit
 
 PARAPHRASE = "In which city can you find the Eiffel Tower? It is in"
@@ -68,7 +68,7 @@ def test_bad_serac_configs_are_explained(tmp_path):
         SeracConfig(template="{question}")
     with pytest.raises(ConfigError, match="threshold"):
         SeracConfig(threshold=2.0)
-    from factedit.methods.sentence import SentenceEmbedder
+    from factedit.methods.memory.sentence import SentenceEmbedder
 
     with pytest.raises(FileNotFoundError, match="embedder"):
         SentenceEmbedder(tmp_path)

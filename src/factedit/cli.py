@@ -188,7 +188,7 @@ def cmd_methods(_args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     import factedit as fe
-    from factedit.methods.locate import default_layers
+    from factedit.methods.config import default_layers
 
     model = fe.load_model(args.model, device=args.device)
     print(model)
@@ -286,7 +286,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     train = load_dataset(args.data, limit=args.limit, data_dir=args.data_dir)
     validation = load_dataset(args.val_data, limit=args.val_limit, data_dir=args.data_dir)
     if args.kind == "serac":  # the scope classifier: sentence embeddings, no language model
-        from factedit.methods.serac import train_scope
+        from factedit.methods.memory.serac import train_scope
 
         manifest = train_scope(train, validation, args.out, **{
             k: v for k, v in dict(steps=args.steps, lr=args.lr).items() if v is not None})

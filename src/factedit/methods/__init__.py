@@ -1,9 +1,14 @@
-"""Editing methods: one file each, registered by name.
+"""Editing methods: one file each, registered by name, families in subpackages.
+
+    locate/    rome, memit, pmet, alphaedit, d4s, d4s_alphaedit (+ their shared base)
+    hypernet/  mend, ke            patches/  t_patcher, calinet
+    memory/    ike, memprompt, serac, mello
+    grace, finetune (ft-l, ft-m), kn beside them; `base` the registry and Editor,
+    `config` the shared field validators and per-model defaults.
 
 Importing this package registers every built-in method.
 """
 
-from .alphaedit import AlphaEditConfig, AlphaEditEditor
 from .base import (
     METHODS,
     ConfigError,
@@ -15,24 +20,39 @@ from .base import (
     options_for,
     register_method,
 )
-from .calinet import CaliNetConfig, CaliNetEditor
-from .d4s import D4SConfig, D4SEditor
-from .d4s_alphaedit import D4SAlphaEditConfig, D4SAlphaEditEditor
 from .finetune import FineTuneConfig, FineTuneEditor, FtMConfig
 from .grace import GraceConfig, GraceEditor
-from .ike import IkeConfig, IkeEditor
-from .ke import KeConfig, KeEditor
+from .hypernet import KeConfig, KeEditor, MendConfig, MendEditor
 from .kn import KnConfig, KnEditor
-from .locate import LocateEditConfig, LocateEditor
-from .mello import MelloConfig, MelloEditor
-from .memit import MemitConfig, MemitEditor
-from .memory import MemoryConfig, MemoryEditor
-from .memprompt import MemPromptConfig, MemPromptEditor
-from .mend import MendConfig, MendEditor
-from .pmet import PmetConfig, PmetEditor
-from .rome import RomeConfig, RomeEditor
-from .serac import SeracConfig, SeracEditor
-from .t_patcher import TPatcherConfig, TPatcherEditor
+from .locate import (
+    AlphaEditConfig,
+    AlphaEditEditor,
+    D4SAlphaEditConfig,
+    D4SAlphaEditEditor,
+    D4SConfig,
+    D4SEditor,
+    LocateEditConfig,
+    LocateEditor,
+    MemitConfig,
+    MemitEditor,
+    PmetConfig,
+    PmetEditor,
+    RomeConfig,
+    RomeEditor,
+)
+from .memory import (
+    IkeConfig,
+    IkeEditor,
+    MelloConfig,
+    MelloEditor,
+    MemoryConfig,
+    MemoryEditor,
+    MemPromptConfig,
+    MemPromptEditor,
+    SeracConfig,
+    SeracEditor,
+)
+from .patches import CaliNetConfig, CaliNetEditor, TPatcherConfig, TPatcherEditor
 
 __all__ = [
     "METHODS", "AlphaEditConfig", "AlphaEditEditor", "CaliNetConfig", "CaliNetEditor",

@@ -33,7 +33,7 @@ from ..models import EditableModel, Trace, frozen, onloaded, start_at_layer
 from ..models.scoring import TokenRows, mean_nll_per_row, token_rows
 from ..requests import EditRequest
 from .base import ConfigError, Editor, EditResult, MethodConfig, register_method
-from .locate import check_choice, check_layer_list, check_positive, default_layers
+from .config import check_choice, check_layer_list, check_positive, default_layers
 
 OBJECTIVES = ("prompt_last", "target", "all")
 

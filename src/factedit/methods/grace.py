@@ -42,7 +42,7 @@ from ..models.attach import Attachment
 from ..requests import EditRequest
 from ..text import continuation_ids, encode
 from .base import ConfigError, Editor, EditResult, MethodConfig, register_method
-from .locate import check_choice, check_positive
+from .config import check_choice, check_positive
 
 REPLACEMENTS = ("from_key", "key")
 

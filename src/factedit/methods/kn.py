@@ -46,7 +46,7 @@ from ..models import EditableModel, Trace, TraceDict, frozen, read_param, start_
 from ..requests import EditRequest
 from ..text import continuation_ids, encode
 from .base import ConfigError, Editor, EditResult, MethodConfig, register_method
-from .locate import check_layer_list, check_positive
+from .config import check_layer_list, check_positive
 
 
 @dataclass

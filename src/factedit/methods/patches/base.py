@@ -35,13 +35,13 @@ from typing import Any
 
 import torch
 
-from ..models import EditableModel, Trace, TraceDict, frozen, start_at_layer
-from ..models.attach import Attachment
-from ..models.scoring import TokenRows, mean_nll_per_row, token_rows
-from ..requests import EditRequest
-from ..text import pad_right
-from .base import ConfigError, Editor, EditResult, MethodConfig
-from .locate import check_layer_list, check_positive
+from ...models import EditableModel, Trace, TraceDict, frozen, start_at_layer
+from ...models.attach import Attachment
+from ...models.scoring import TokenRows, mean_nll_per_row, token_rows
+from ...requests import EditRequest
+from ...text import pad_right
+from ..base import ConfigError, Editor, EditResult, MethodConfig
+from ..config import check_layer_list, check_positive
 
 # General sentences (written for factedit) whose MLP inputs a patch should not fire on.
 MEMORY_PROMPTS = (

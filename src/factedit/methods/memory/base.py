@@ -44,11 +44,11 @@ from typing import Any
 
 import torch
 
-from ..models import EditableModel, Trace
-from ..models.attach import Attachment, AttachmentError
-from ..requests import EditRequest
-from ..text import encode, pad_right
-from .base import ConfigError, Editor, EditResult, MethodConfig
+from ...models import EditableModel, Trace
+from ...models.attach import Attachment, AttachmentError
+from ...requests import EditRequest
+from ...text import encode, pad_right
+from ..base import ConfigError, Editor, EditResult, MethodConfig
 
 
 @dataclass

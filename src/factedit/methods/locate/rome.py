@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..linalg import compute_keys, spd_solve
-from ..requests import EditRequest
-from .base import ConfigError, EditResult, register_method
-from .locate import LocateEditConfig, LocateEditor
+from ...linalg import compute_keys, spd_solve
+from ...requests import EditRequest
+from ..base import ConfigError, EditResult, register_method
+from .base import LocateEditConfig, LocateEditor
 
 
 @dataclass

@@ -34,9 +34,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..linalg import TargetValues
-from ..requests import EditRequest
-from .base import EditResult, register_method
+from ...linalg import TargetValues
+from ...requests import EditRequest
+from ..base import EditResult, register_method
 from .memit import MemitConfig, MemitEditor
 
 

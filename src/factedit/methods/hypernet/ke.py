@@ -46,10 +46,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models import EditableModel
-from ..requests import EditRequest
-from .base import register_method
-from .hypernet import (
+from ...models import EditableModel
+from ...requests import EditRequest
+from ..base import register_method
+from ..config import check_positive
+from .base import (
     EditSuccess,
     HypernetConfig,
     HypernetEditor,
@@ -58,7 +59,6 @@ from .hypernet import (
     edited_shape,
     train_editor,
 )
-from .locate import check_positive
 
 
 @dataclass
@@ -181,7 +181,7 @@ def train_ke(model: EditableModel, train: Sequence[EditRequest],
              config: KeConfig | None = None, resume: bool = True,
              progress: bool = True, edit_success: EditSuccess | None = None
              ) -> dict[str, Any]:
-    """Train KE for `model` on `train`; writes out_dir/hypernet.* (see hypernet.py)."""
+    """Train KE for `model` on `train`; writes out_dir/hypernet.* (see hypernet/base.py)."""
     return train_editor(KeEditor, model, train, validation, out_dir, config or KeConfig(),
                         resume, progress, edit_success)
 

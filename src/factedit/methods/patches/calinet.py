@@ -30,10 +30,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models import EditableModel
-from .base import ConfigError, register_method
-from .locate import check_positive
-from .patches import PatchConfig, PatchEditor, firing_rows, neuron_output, separating_key
+from ...models import EditableModel
+from ..base import ConfigError, register_method
+from ..config import check_positive
+from .base import PatchConfig, PatchEditor, firing_rows, neuron_output, separating_key
 
 INITS = ("separating", "random")
 

@@ -39,10 +39,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..models import EditableModel
-from ..requests import EditRequest
-from .base import register_method
-from .hypernet import (
+from ...models import EditableModel
+from ...requests import EditRequest
+from ..base import register_method
+from ..config import check_positive
+from .base import (
     EditSuccess,
     HypernetConfig,
     HypernetEditor,
@@ -51,7 +52,6 @@ from .hypernet import (
     edited_shape,
     train_editor,
 )
-from .locate import check_positive
 
 
 @dataclass
@@ -159,7 +159,7 @@ def train_mend(model: EditableModel, train: Sequence[EditRequest],
                config: MendConfig | None = None, resume: bool = True,
                progress: bool = True, edit_success: EditSuccess | None = None
                ) -> dict[str, Any]:
-    """Train MEND for `model` on `train`; writes out_dir/hypernet.* (see hypernet.py)."""
+    """Train MEND for `model` on `train`; writes out_dir/hypernet.* (see hypernet/base.py)."""
     return train_editor(MendEditor, model, train, validation, out_dir, config or MendConfig(),
                         resume, progress, edit_success)
 

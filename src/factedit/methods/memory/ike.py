@@ -30,10 +30,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..requests import EditRequest
-from ..text import continuation_text
-from .base import ConfigError, register_method
-from .memory import MemoryConfig, MemoryEditor
+from ...requests import EditRequest
+from ...text import continuation_text
+from ..base import ConfigError, register_method
+from .base import MemoryConfig, MemoryEditor
 
 DEMO_KINDS = ("copy", "update", "retain")
 

@@ -30,18 +30,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..linalg import memit_solve_is_low_rank, memit_system, memit_update, solve_update
-from ..requests import EditRequest
-from .base import EditResult, register_method
-from .locate import (
-    RESIDUAL_MODES,
-    LocateEditConfig,
-    LocateEditor,
-    SystemMatrix,
-    check_choice,
-    check_positive,
-    model_default,
-)
+from ...linalg import memit_solve_is_low_rank, memit_system, memit_update, solve_update
+from ...requests import EditRequest
+from ..base import EditResult, register_method
+from ..config import check_choice, check_positive, model_default
+from .base import RESIDUAL_MODES, LocateEditConfig, LocateEditor, SystemMatrix
 
 
 @dataclass

@@ -38,11 +38,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..models import EditableModel, Trace, frozen, start_at_layer
-from ..models.scoring import TokenRows, mean_nll_per_row, token_rows
-from ..requests import EditRequest
-from .base import ConfigError, Editor, EditResult, MethodConfig
-from .locate import check_layer_list, check_positive
+from ...models import EditableModel, Trace, frozen, start_at_layer
+from ...models.scoring import TokenRows, mean_nll_per_row, token_rows
+from ...requests import EditRequest
+from ..base import ConfigError, Editor, EditResult, MethodConfig
+from ..config import check_layer_list, check_positive
 
 log = logging.getLogger(__name__)
 

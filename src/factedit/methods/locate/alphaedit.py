@@ -35,18 +35,12 @@ from typing import Any
 
 import torch
 
-from ..linalg import WoodburySolver, keys_added_solve, null_space_update
-from ..models import EditableModel
-from ..requests import EditRequest
-from .base import ConfigError, EditResult, MethodConfig, register_method
-from .locate import (
-    RESIDUAL_MODES,
-    LocateEditConfig,
-    LocateEditor,
-    SystemMatrix,
-    check_choice,
-    check_positive,
-)
+from ...linalg import WoodburySolver, keys_added_solve, null_space_update
+from ...models import EditableModel
+from ...requests import EditRequest
+from ..base import ConfigError, EditResult, MethodConfig, register_method
+from ..config import check_choice, check_positive
+from .base import RESIDUAL_MODES, LocateEditConfig, LocateEditor, SystemMatrix
 
 
 def check_null_space_fields(config: MethodConfig) -> None:

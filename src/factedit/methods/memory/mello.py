@@ -35,11 +35,11 @@ from typing import Any
 
 import torch
 
-from ..models import EditableModel
-from ..requests import EditRequest
-from ..text import continuation_text, encode
-from .base import ConfigError, Editor, EditResult, MethodConfig, register_method
-from .locate import check_positive
+from ...models import EditableModel
+from ...requests import EditRequest
+from ...text import continuation_text, encode
+from ..base import ConfigError, Editor, EditResult, MethodConfig, register_method
+from ..config import check_positive
 from .sentence import SentenceEmbedder
 
 DEMONSTRATION = """\

@@ -24,10 +24,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..base import register_method
 from .alphaedit import check_null_space_fields, projected_update
-from .base import register_method
+from .base import SystemMatrix
 from .d4s import D4SConfig, D4SEditor
-from .locate import SystemMatrix
 
 
 @dataclass

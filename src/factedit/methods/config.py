@@ -1,0 +1,82 @@
+"""What method configs share beyond `MethodConfig`: field validators that name the field
+and the fix, and the per-model defaults table (which layers to edit on a known model).
+
+Every family (locate-then-edit, hypernetworks, patches, memories) and the single methods
+(grace, ft-*, kn) validate their configs with these, so none imports another family for them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ..models import EditableModel
+from .base import ConfigError, MethodConfig
+
+# Layers chosen per model shape (model_type, n_layers, d_model). How they were chosen is
+# recorded in bench/RESULTS.md ("layer sweep"). Other models get a depth-fraction default.
+MODEL_DEFAULTS: dict[tuple[str, int, int], dict[str, dict]] = {
+    # SmolLM2-135M
+    ("llama", 30, 576): {
+        "rome": {"layers": [6]},
+        # lambda: MEMIT batch of 5 CounterFact-style edits (C from wikitext-2, 50k tokens)
+        # flipped 5/5 greedy answers at 1,536 and 5,000 and 3/5 at 15,000; 5,000 moves the
+        # weights ~35% less than 1,536 (see methods/locate/memit.py for the scale argument).
+        "memit": {"layers": [4, 5, 6, 7, 8], "mom2_update_weight": 5000.0},
+    },
+}
+
+
+def model_default(model: EditableModel, family: str, name: str) -> Any:
+    """MODEL_DEFAULTS[model shape][family][name], or None when the table has no entry."""
+    cfg = model.model.config
+    key = (cfg.model_type, model.num_layers, getattr(cfg, "hidden_size", 0))
+    return MODEL_DEFAULTS.get(key, {}).get(family, {}).get(name)
+
+
+def default_layers(model: EditableModel, family: str) -> list[int]:
+    layers = model_default(model, family, "layers")
+    if layers is not None:
+        return list(layers)
+    # ROME's GPT-2 XL layer 17/48 and MEMIT's 13-17 sit at roughly a third of the depth.
+    centre = max(1, round(model.num_layers * 0.2))
+    if family == "rome":
+        return [centre]
+    return [max(0, centre - 2 + i) for i in range(5) if centre - 2 + i < model.num_layers]
+
+
+
+def check_choice(config: MethodConfig, name: str, choices: Sequence[str]) -> None:
+    """ConfigError naming the field unless getattr(config, name) is one of `choices`."""
+    value = getattr(config, name)
+    if value not in choices:
+        raise ConfigError(f"{type(config).__name__}.{name}={value!r}: choose one of "
+                          f"{', '.join(repr(c) for c in choices)}")
+
+
+def check_layer_list(config: MethodConfig, name: str = "layers") -> None:
+    """Normalise `config.<name>` (an int becomes [int]; None stays None) and reject what is
+    not a non-empty, ascending list of distinct layer numbers, naming the field."""
+    layers = getattr(config, name)
+    if layers is None:
+        return
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        layers = [layers]
+        setattr(config, name, layers)
+    where = f"{type(config).__name__}.{name}={layers!r}"
+    if (not isinstance(layers, list) or not layers
+            or any(not isinstance(x, int) or isinstance(x, bool) or x < 0 for x in layers)):
+        raise ConfigError(f"{where}: give a non-empty list of layer numbers")
+    if sorted(set(layers)) != layers:
+        raise ConfigError(f"{where}: list them once each, ascending")
+
+
+def check_positive(config: MethodConfig, *names: str, optional: bool = False) -> None:
+    """ConfigError naming the first field that is not a positive number (None: if optional)."""
+    for name in names:
+        value = getattr(config, name)
+        if optional and value is None:
+            continue
+        if isinstance(value, bool) or not (isinstance(value, (int, float)) and value > 0):
+            raise ConfigError(f"{type(config).__name__}.{name}={value!r}: must be a positive "
+                              f"number")
