@@ -5,6 +5,9 @@
 
 The run folder:
     config.json        the validated experiment (what --resume runs)
+    resolved.json      the experiment with every method config's defaults filled in, and its
+                       digest: --resume refuses a config.json edited since (naming the
+                       changed fields) unless forced
     requests.json      the edit requests, in order (resume does not re-read the dataset)
     results.sqlite     the results store (see lab.store)
     run.log            log of this run and every resume
@@ -31,6 +34,7 @@ OS file lock that dies with its process), and skips a method another process hol
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -52,6 +56,7 @@ from ..data.mqd import mqd_requests
 from ..metrics import Baseline, capture_baseline, evaluate, target_perplexity
 from ..models import EditableModel
 from ..models.loading import partial_path
+from ..patch import Patch, PatchError
 from ..protocol import EditHandle, EditRecord, make_editor
 from ..protocol.sequence import Checkpoint, SequenceReport, run_sequence
 from ..protocol.state import UnreadableStateError
@@ -62,10 +67,12 @@ from .store import MEAN, UNEDITED, ResultsStore, score_rows
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
+RESOLVED_FILE = "resolved.json"
 REQUESTS_FILE = "requests.json"
 STORE_FILE = "results.sqlite"
 LOG_FILE = "run.log"
 STATE_DIR = "state"
+PATCH_DIR = "patches"  # one patch file per finished method
 
 
 class RunInterrupted(RuntimeError):
@@ -90,6 +97,7 @@ def run_experiment(
     stop_after_edits: int | None = None,
     device: str | None = None,
     methods: Sequence[str] | None = None,
+    force: bool = False,
 ) -> Path:
     """Run (or with `resume=True` continue) an experiment in `out_dir`; returns the folder.
 
@@ -102,12 +110,28 @@ def run_experiment(
     methods: run only these of the experiment's methods (their keys: `label` or `name`) in
         this call, and leave the others to a later one. Other processes may run other methods
         of the same folder at the same time (see the module docstring).
+    force: resume even though config.json changed since the run started (resolved.json is
+        rewritten to match, and the change is logged).
+
+    A folder whose earlier start failed before any method committed a resume point (a wrong
+    dataset path, a model that did not load) may be given again for a new run.
     """
     out = Path(out_dir)
-    experiment = _experiment_for(config, out, resume, model)
+    experiment = _experiment_for(config, out, resume, model, force)
     runs = _selected_methods(experiment, methods)
     if not resume:
+        # Everything that can fail without the model fails here, before the folder exists:
+        # the methods' configs, the model's name and the dataset.
+        resolved = resolved_config(experiment)
+        if isinstance(experiment.model, str):
+            from ..models.loading import resolve_source
+
+            resolve_source(experiment.model)
+        requests = _dataset_requests(experiment)
+        _clear_restartable(out)
         out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / REQUESTS_FILE, [r.to_dict() for r in requests])
+        _write_json(out / RESOLVED_FILE, resolved)
         _write_json(out / CONFIG_FILE, experiment.to_dict())
     store = ResultsStore(out / STORE_FILE)
     try:
@@ -202,16 +226,107 @@ def unfinished_methods(out_dir: str | Path) -> list[str]:
 
 def resume_experiment(out_dir: str | Path, *, model: EditableModel | None = None,
                       progress: bool = True, device: str | None = None,
-                      methods: Sequence[str] | None = None) -> Path:
+                      methods: Sequence[str] | None = None, force: bool = False) -> Path:
     """Continue the run in `out_dir` where it stopped (`factedit run --resume DIR`)."""
     return run_experiment(None, out_dir, resume=True, model=model, progress=progress,
-                          device=device, methods=methods)
+                          device=device, methods=methods, force=force)
+
+
+def resolved_config(experiment: Experiment) -> dict[str, Any]:
+    """The experiment as it runs: its fields plus every method's config with the defaults
+    filled in, and a digest of both (what resolved.json holds)."""
+    body = {"experiment": experiment.to_dict(),
+            "method_configs": {r.key: experiment.method_config(r).to_dict()
+                               for r in experiment.methods}}
+    text = json.dumps(body, sort_keys=True, ensure_ascii=False, default=str)
+    return {**body, "blake2b": hashlib.blake2b(text.encode(), digest_size=16).hexdigest()}
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    """{"methods[0].config.layers": [4, 5], ...}: every leaf of a JSON value by its path."""
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    if isinstance(value, list) and any(isinstance(v, dict) for v in value):
+        out = {}
+        for i, v in enumerate(value):
+            out.update(_flat(v, f"{prefix}[{i}]"))
+        return out
+    return {prefix: value}
+
+
+def changed_fields(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """The leaf paths whose values differ between two resolved configs (digest excluded)."""
+    a = _flat({k: v for k, v in before.items() if k != "blake2b"})
+    b = _flat({k: v for k, v in after.items() if k != "blake2b"})
+    return sorted(k for k in a.keys() | b.keys() if a.get(k, "<absent>") != b.get(k, "<absent>"))
+
+
+def _check_resolved(out: Path, experiment: Experiment, force: bool) -> None:
+    """Refuse to resume a run whose config.json no longer matches what it started with."""
+    now = resolved_config(experiment)
+    path = out / RESOLVED_FILE
+    if not path.is_file():  # a run started before resolved.json existed: record it now
+        log.info("%s: no %s (run started by an older factedit); writing it", out, RESOLVED_FILE)
+        _write_json(path, now)
+        return
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ExperimentError(f"--resume {out}: {RESOLVED_FILE} is unreadable ({err}); "
+                              f"pass --force to resume with config.json as it is") from None
+    if saved.get("blake2b") == now["blake2b"]:
+        return
+    fields = changed_fields(saved, now) or ["(digest only)"]
+    shown = ", ".join(fields[:8]) + (f" and {len(fields) - 8} more" if len(fields) > 8 else "")
+    if not force:
+        raise ExperimentError(
+            f"--resume {out}: the run's config changed since it started ({shown}); its "
+            f"results were made with the old values. Put {CONFIG_FILE} back, start a new run, "
+            f"or pass --force to continue with the new config")
+    log.warning("%s: resuming with a changed config (%s), as forced", out, shown)
+    _write_json(path, now)
+
+
+def _clear_restartable(out: Path) -> None:
+    """Remove what a failed start left in `out` (only called once `_experiment_for` has
+    found no committed edit there)."""
+    for name in (CONFIG_FILE, RESOLVED_FILE, REQUESTS_FILE, STORE_FILE, LOG_FILE):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / STATE_DIR, ignore_errors=True)
+
+
+def _busy(out: Path) -> bool:
+    """Whether another process holds a lock of the run in `out` (it is running now)."""
+    if fcntl is None:
+        return False
+    for path in (out / STATE_DIR).glob("*.lock"):
+        with open(path, "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(handle, fcntl.LOCK_UN)
+    return False
+
+
+def _committed_methods(out: Path) -> list[str]:
+    """Methods of the run in `out` with a committed resume point (none: nothing to lose)."""
+    if not (out / STORE_FILE).is_file():
+        return []
+    try:
+        with ResultsStore(out / STORE_FILE) as store:
+            return store.methods()
+    except Exception:  # an unreadable store holds nothing a restart could lose  # noqa: BLE001
+        return []
 
 
 # -- set-up ----------------------------------------------------------------------------------
 
 def _experiment_for(config: Experiment | dict | str | Path | None, out: Path, resume: bool,
-                    model: EditableModel | None) -> Experiment:
+                    model: EditableModel | None, force: bool = False) -> Experiment:
     if isinstance(config, str | Path):
         config = load_experiment(config, model)
     elif isinstance(config, dict):
@@ -231,12 +346,20 @@ def _experiment_for(config: Experiment | dict | str | Path | None, out: Path, re
         if config is not None and config.with_absolute_paths().to_dict() != experiment.to_dict():
             raise ExperimentError(f"--resume {out}: the config given differs from the run's "
                                   f"{CONFIG_FILE}; resume without a config, or start a new run")
+        _check_resolved(out, experiment, force)
         return experiment
     if config is None:
         raise ExperimentError("run_experiment: give an experiment config (or resume=True)")
-    if (out / STORE_FILE).exists() or (out / CONFIG_FILE).exists():
-        raise ExperimentError(f"{out} already holds a run: continue it with `factedit run "
-                              f"--resume {out}`, or choose another --out folder")
+    if out.exists() and not out.is_dir():
+        raise ExperimentError(f"--out {out} is an existing file: give a folder path")
+    run_files = [n for n in (STORE_FILE, LOG_FILE, RESOLVED_FILE, REQUESTS_FILE)
+                 if (out / n).exists()]
+    if (out / CONFIG_FILE).exists() or run_files:
+        # A start that failed before any method committed a resume point may be redone;
+        # a folder that is no run (a model folder has a config.json too) never is.
+        if not run_files or _committed_methods(out) or _busy(out):
+            raise ExperimentError(f"{out} already holds a run: continue it with `factedit run "
+                                  f"--resume {out}`, or choose another --out folder")
     return config.with_absolute_paths()  # run_experiment writes it as config.json
 
 
@@ -290,6 +413,13 @@ def _requests(experiment: Experiment, out: Path) -> list[EditRequest]:
     path = out / REQUESTS_FILE
     if path.is_file():
         return [EditRequest.from_dict(d) for d in json.loads(path.read_text())]
+    requests = _dataset_requests(experiment)
+    _write_json(path, [r.to_dict() for r in requests])
+    return requests
+
+
+def _dataset_requests(experiment: Experiment) -> list[EditRequest]:
+    """The experiment's requests from its dataset, checked (count, unique ids)."""
     from ..data import load_dataset
 
     ds = experiment.dataset
@@ -306,7 +436,6 @@ def _requests(experiment: Experiment, out: Path) -> list[EditRequest]:
         dup = next(u for u in uids if uids.count(u) > 1)
         raise ExperimentError(f"dataset {ds.name!r}: request id {dup!r} occurs twice; the "
                               f"results store keys rows by request id (give unique case_ids)")
-    _write_json(path, [r.to_dict() for r in requests])
     return requests
 
 
@@ -405,8 +534,19 @@ def _run_method(store: ResultsStore, out: Path, experiment: Experiment, run: Met
             immediate=experiment.eval.immediate, unedited=False, baseline=baseline,
             handle=handle, on_edit=recorder.on_edit, on_checkpoint=recorder.on_checkpoint,
             progress=progress)
+        _write_patch(out, key, handle, requests, recorder.final_scores)
     finally:
         handle.restore()  # W_0 again for the next method (or the next resume)
+
+
+def _write_patch(out: Path, key: str, handle: EditHandle, requests: list[EditRequest],
+                 scores: dict[str, Any]) -> None:
+    """patches/<key>.safetensors: the finished sequence as one patch file (docs/patches.md).
+    A method whose edits leave nothing to patch (single mode) logs why and the run goes on."""
+    try:
+        Patch.from_handle(handle, requests, scores).save(out / PATCH_DIR / f"{key}.safetensors")
+    except PatchError as err:
+        log.warning("%s: no patch file (%s)", key, err)
 
 
 def _remove_stale_states(out: Path, key: str, keep: str | None) -> None:
@@ -431,6 +571,7 @@ class _Recorder:
         self.total = total
         self.budget = budget
         self.state_dir = state_dir
+        self.final_scores: dict[str, Any] = {}  # the last checkpoint's means, for the patch
         self._clear()
 
     def _clear(self) -> None:
@@ -475,6 +616,7 @@ class _Recorder:
         if self.immediate:
             self.means_at.append((self.key, n))
         if n == self.total:
+            self.final_scores = means
             # The final checkpoint follows the last edit, whose state is saved already.
             self._flush(report.handle, n, finished=True, save_state=False)
         else:

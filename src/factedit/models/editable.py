@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from .arch import ArchSpec
+from .atomic import atomic_folder
 from .hooks import get_module
 from .params import module_device, read_param
 
@@ -25,6 +27,21 @@ log = logging.getLogger(__name__)
 
 class LayerIndexError(IndexError):
     """A layer number the model does not have."""
+
+
+def _present_head(model: nn.Module, arch: ArchSpec) -> ArchSpec:
+    """`arch` with its lm_head path as this model names it: a family's head attribute can
+    change between transformers versions (GPT-NeoX: embed_out in 4.x, lm_head in 5.x), so
+    a path that is absent falls back to the module `get_output_embeddings()` returns."""
+    try:
+        get_module(model, arch.lm_head)
+        return arch
+    except LookupError:
+        head = model.get_output_embeddings()
+        name = next((n for n, m in model.named_modules() if m is head and n), None)
+        if name is None:
+            raise
+        return replace(arch, lm_head=name)
 
 
 class EditableModel:
@@ -40,7 +57,7 @@ class EditableModel:
     def __init__(self, model: nn.Module, tokenizer: Any, arch: ArchSpec, model_id: str) -> None:
         self.model = model
         self.tokenizer = tokenizer
-        self.arch = arch
+        self.arch = _present_head(model, arch)
         self.model_id = model_id
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -154,12 +171,15 @@ class EditableModel:
                                             skip_special_tokens=True)
         return texts[0] if single else texts
 
-    def save_pretrained(self, path: str | Path) -> None:
-        """Write the (edited) model and tokenizer as a HF folder of safetensors."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(path, safe_serialization=True)
-        self.tokenizer.save_pretrained(path)
+    def save_pretrained(self, path: str | Path, *, overwrite: bool = False) -> None:
+        """Write the (edited) model and tokenizer as a HF folder of safetensors.
+
+        The folder appears whole or not at all (written beside it, then renamed): a full
+        disk or a kill leaves no half folder. An existing non-empty folder is refused unless
+        `overwrite`, which replaces it once the new one is complete."""
+        with atomic_folder(path, force=overwrite, what="save_pretrained path") as tmp:
+            self.model.save_pretrained(tmp, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
         log.info("saved model to %s", path)
 
     def __getattr__(self, name: str) -> Any:
