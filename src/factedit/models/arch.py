@@ -113,7 +113,24 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         attn_out="attention.dense",
         embed="gpt_neox.embed_in",
         final_norm="gpt_neox.final_layer_norm",
-        lm_head="embed_out",
+        # transformers 5 names the head lm_head (4.x: embed_out); EditableModel falls back
+        # to the model's output embedding when the named head is absent.
+        lm_head="lm_head",
+    ),
+    # Phi-3: gate and up projections fused in one matrix (d_model -> 2 d_ff).
+    "phi3": replace(_LLAMA_LIKE, mlp_in="mlp.gate_up_proj"),
+    # OLMo-2 normalises the MLP output before the residual add (no pre-MLP norm).
+    "olmo2": replace(_LLAMA_LIKE, mlp_out_feeds_residual=False),
+    # Phi-1/1.5/2: attention and MLP in parallel on one LayerNorm, both added to the residual.
+    "phi": ArchSpec(
+        layers="model.layers",
+        mlp="mlp",
+        mlp_in="mlp.fc1",
+        mlp_out="mlp.fc2",
+        attn_out="self_attn.dense",
+        embed="model.embed_tokens",
+        final_norm="model.final_layernorm",
+        lm_head="lm_head",
     ),
 }
 # Gemma-3 checkpoints may report the multimodal type; its text tower has the same layout
