@@ -10,6 +10,9 @@
     factedit run --resume DIR --methods X  only method X now (another process: the rest)
     factedit report DIR                   plots, tables and an HTML page of a run
     factedit report DIR DIR ... [--out D] one page comparing runs (MQD types, batch sizes)
+    factedit serve --state DIR [--method d4s-alphaedit]  OpenAI-compatible server taking edits
+    factedit patch apply|revert|diff|inspect ...  patch files (docs/patches.md)
+    factedit export gguf MODEL_DIR --out m.gguf --type q8_0   for llama.cpp
 """
 
 from __future__ import annotations
@@ -22,6 +25,10 @@ import sys
 import time
 from collections.abc import Sequence
 from typing import Any
+
+from factedit.commands import export as export_command
+from factedit.commands import patch as patch_command
+from factedit.commands import serve as serve_command
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -105,6 +112,10 @@ def cmd_edit(args: argparse.Namespace) -> int:
     scores = fe.evaluate(model, requests, baseline)
     if args.save:
         model.save_pretrained(args.save)
+    if args.patch:
+        from factedit.patch import Patch
+
+        Patch.from_handle(handle, requests, scores).save(args.patch)
     out = {
         "model": model.model_id, "method": handle.method,
         "before": before[0] if len(before) == 1 else before,
@@ -113,6 +124,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
         "per_request": scores["per_request"],
         "seconds": {"load_model": load_seconds, **handle.timings()},
         "saved_to": args.save,
+        "patch": args.patch,
     }
     if args.json:
         print(json.dumps(out, indent=1, default=float))
@@ -125,6 +137,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
           f"({', '.join(f'{k} {v:.1f}' for k, v in handle.timings().items())})")
     if args.save:
         print(f"edited model saved to {args.save}")
+    if args.patch:
+        print(f"patch written to {args.patch} (factedit patch inspect {args.patch})")
     return 0
 
 
@@ -211,7 +225,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from factedit.lab import load_experiment, run_experiment, unfinished_methods
-    from factedit.lab.report import format_tables, write_report
+    from factedit.report import format_tables, write_report
 
     overrides = _assignments(args.set, "batch_size=64")
     if args.resume:
@@ -246,10 +260,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from factedit.lab.report import format_tables, write_report
+    from factedit.report import format_tables, write_report
 
     if len(args.run_dir) > 1:
-        from factedit.lab.compare import compare_runs, format_comparison
+        from factedit.report import compare_runs, format_comparison
 
         out = Path(args.out) if args.out else Path(args.run_dir[0]).parent / "comparison"
         comparison = compare_runs(args.run_dir, out)
@@ -353,6 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--max-new-tokens", type=int, default=12)
     p.add_argument("--save", help="write the edited model here as a HF folder (safetensors)")
+    p.add_argument("--patch", help="write the edit as a patch file here (.safetensors; "
+                   "docs/patches.md)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_edit)
 
@@ -410,6 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="where to write (default: RUN_DIR/report; for several "
                    "runs: comparison/ beside the first)")
     p.set_defaults(func=cmd_report)
+    serve_command.register(sub)
+    patch_command.register(sub)
+    export_command.register(sub)
     return parser
 
 

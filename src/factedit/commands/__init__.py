@@ -1,0 +1,1 @@
+"""Subcommands of the `factedit` CLI, one module each (each exposes `register(sub)`)."""

@@ -1,0 +1,243 @@
+"""`factedit serve` end to end: the real server (uvicorn in a subprocess on a free loopback
+port, the built-in SmolLM2-135M, D4S with fast settings), spoken to through the official
+`openai` client (completions) and plain HTTP (edits).
+
+One server history runs through the module in order, each test building on the last:
+start -> bad requests -> edit (with generations running) -> restart -> exact rollback ->
+patch -> kill -9 between the state write and the ledger commit -> restart reconciles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+
+pytestmark = pytest.mark.slow
+
+TOKEN = "serve-test-token-0123456789"
+MODEL = "smollm2-135m"
+EIFFEL = {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower",
+          "target_new": "Rome", "target_true": "Paris", "case_id": "eiffel"}
+GATE = {"prompt": "{} is located in the city of", "subject": "The Brandenburg Gate",
+        "target_new": "Vienna", "target_true": "Berlin", "case_id": "gate"}
+EIFFEL_PROMPT = "The Eiffel Tower is located in the city of"
+GATE_PROMPT = "The Brandenburg Gate is located in the city of"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """One `factedit serve` subprocess on a free loopback port."""
+
+    def __init__(self, state: Path, corpus: Path, log: Path, crash_at: str | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "FACTEDIT_API_TOKEN": TOKEN, "OMP_NUM_THREADS": "1"}
+        env.pop("FACTEDIT_SERVE_CRASH_AT", None)
+        if crash_at:
+            env["FACTEDIT_SERVE_CRASH_AT"] = crash_at
+        fast = {"covariance_corpus": str(corpus), "covariance_tokens": 4000,
+                "covariance_seq_len": 64, "v_steps": 8, "context_prefixes": 0, "layers": [5]}
+        sets = [a for k, v in fast.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+        self.log = open(log, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "factedit.cli", "serve", "--model", MODEL, "--method", "d4s",
+             *sets, "--state", str(state), "--port", str(self.port)],
+            env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"server exited {self.proc.returncode}: " + \
+                Path(log).read_text()[-3000:]
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        else:
+            raise TimeoutError("server did not start in 180 s")
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key=TOKEN, max_retries=0)
+
+    def http(self, method: str, path: str, token: str | None = TOKEN, **kwargs) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        headers.update(kwargs.pop("headers", {}))
+        return httpx.request(method, self.url + path, headers=headers, timeout=300, **kwargs)
+
+    def answer(self, prompt: str) -> str:
+        out = self.client.completions.create(model=MODEL, prompt=prompt, max_tokens=3,
+                                             temperature=0)
+        return out.choices[0].text
+
+    def logprobs(self, prompt: str) -> tuple[list[float], list[dict[str, float]]]:
+        out = self.client.completions.create(model=MODEL, prompt=prompt, max_tokens=4,
+                                             temperature=0, logprobs=5)
+        lp = out.choices[0].logprobs
+        return lp.token_logprobs, lp.top_logprobs
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(60)
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, shared_data):
+    """The state folder, the corpus and the running server (replaced by restarts)."""
+    root = tmp_path_factory.mktemp("serve")
+    corpus = shared_data / "corpus" / "wikitext-2-raw"
+    ctx = {"state": root / "state", "corpus": corpus, "log": root / "server.log"}
+    ctx["server"] = Server(ctx["state"], corpus, ctx["log"])
+    yield ctx
+    ctx["server"].stop(signal.SIGKILL)
+
+
+def restart(world, crash_at: str | None = None) -> Server:
+    world["server"].stop()
+    world["server"] = Server(world["state"], world["corpus"], world["log"], crash_at)
+    return world["server"]
+
+
+def test_generation_and_bad_requests(world):
+    s = world["server"]
+    world["before"] = s.answer(EIFFEL_PROMPT)
+    assert world["before"].strip().startswith("Paris")
+    world["before_logprobs"] = s.logprobs(EIFFEL_PROMPT)
+    assert [m.id for m in s.client.models.list().data] == [MODEL]
+    chat = s.client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Say hello."}], max_tokens=5,
+        temperature=0)
+    assert chat.choices[0].message.content and chat.choices[0].finish_reason in ("stop", "length")
+    with pytest.raises(openai.NotFoundError):
+        s.client.completions.create(model="gpt-4", prompt="Hi", max_tokens=2)
+    with pytest.raises(openai.UnprocessableEntityError):
+        s.client.completions.create(model=MODEL, prompt="Hi", max_tokens=100_000)
+    body = {"requests": [EIFFEL]}
+    assert s.http("POST", "/v1/edits", token=None, json=body).status_code == 401
+    assert s.http("POST", "/v1/edits", token="wrong-token-000000000", json=body).status_code == 401
+    assert s.http("GET", "/v1/patch", token=None).status_code == 401
+    assert s.http("DELETE", "/v1/edits/0", token=None).status_code == 401
+    bad = s.http("POST", "/v1/edits", json={"requests": [{**EIFFEL, "subject": "Big Ben",
+                                                           "prompt": "It is in"}]})
+    assert bad.status_code == 422 and bad.json()["error"]["param"] == "requests[0].subject"
+    unknown = s.http("POST", "/v1/edits", json={"requests": [{**EIFFEL, "colour": "red"}]})
+    assert unknown.status_code == 422 and "colour" in unknown.json()["error"]["message"]
+    assert s.http("POST", "/v1/edits", json={"requests": []}).status_code == 422
+    assert s.http("POST", "/v1/edits", content=b"{not json",
+                  headers={"content-type": "application/json"}).status_code == 422
+    assert s.http("POST", "/v1/edits", content=b"x" * (2 << 20)).status_code == 413
+    assert s.http("DELETE", "/v1/edits/99").status_code == 404
+    assert s.http("GET", "/v1/edits").json()["data"] == []
+
+
+def test_edit_changes_answer_while_generations_see_before_or_after(world):
+    s = world["server"]
+    seen: list[str] = []
+    done = threading.Event()
+
+    def ask() -> None:
+        with httpx.Client(timeout=120) as client:
+            while not done.is_set():
+                r = client.post(s.url + "/v1/completions", json={
+                    "model": MODEL, "prompt": EIFFEL_PROMPT, "max_tokens": 3, "temperature": 0})
+                seen.append(r.json()["choices"][0]["text"])
+
+    readers = [threading.Thread(target=ask) for _ in range(2)]  # two: they overlap each other
+    for t in readers:
+        t.start()
+    try:
+        r = s.http("POST", "/v1/edits", json={"requests": [EIFFEL]})
+    finally:
+        done.set()
+        for t in readers:
+            t.join()
+    assert r.status_code == 200, r.text
+    (edit,) = r.json()["edits"]
+    assert edit["id"] == 0 and edit["status"] == "live" and edit["who"] == "env"
+    assert edit["scores"]["efficacy"] == 1.0 and edit["timings"]["persist"] > 0
+    after = s.answer(EIFFEL_PROMPT)
+    assert after.strip().startswith("Rome"), after
+    assert seen and set(seen) <= {world["before"], after}, set(seen)
+    world["after"] = after
+
+
+def test_restart_keeps_ledger_and_model(world):
+    ledger = world["server"].http("GET", "/v1/edits").json()["data"]
+    # This server kills itself (SIGKILL) in its next *edit* between the state write and the
+    # ledger commit (the kill test below); removals and generation are not affected.
+    s = restart(world, crash_at="after-state")
+    assert s.http("GET", "/v1/edits").json()["data"] == ledger
+    assert s.answer(EIFFEL_PROMPT) == world["after"]
+    assert s.http("GET", "/health").json()["live_edits"] == 1
+
+
+def test_patch_export_holds_the_live_edit(world):
+    r = world["server"].http("GET", "/v1/patch")
+    try:
+        from factedit.patch import Patch
+    except ImportError:
+        assert r.status_code == 501
+        return
+    assert r.status_code == 200, r.text
+    assert Patch.from_bytes(r.content).describe()["request_ids"] == ["eiffel"]
+
+
+def test_rollback_restores_exact_pre_edit_logprobs(world):
+    s = world["server"]
+    r = s.http("DELETE", "/v1/edits/0")
+    assert r.status_code == 200 and r.json()["status"] == "removed", r.text
+    tokens, top = s.logprobs(EIFFEL_PROMPT)
+    before_tokens, before_top = world["before_logprobs"]
+    assert tokens == pytest.approx(before_tokens, abs=1e-5)
+    assert [sorted(t) for t in top] == [sorted(t) for t in before_top]
+    for got, want in zip(top, before_top):
+        assert [got[k] for k in sorted(got)] == pytest.approx([want[k] for k in sorted(want)],
+                                                              abs=1e-5)
+    assert s.http("DELETE", "/v1/edits/0").status_code == 409
+    assert s.http("GET", "/v1/edits/0").json()["status"] == "removed"
+
+
+def test_kill_9_between_state_and_ledger_leaves_the_edit_in_neither(world):
+    # The server SIGKILLs itself after the new state is on disk, before the ledger commit:
+    # the worst place for a crash (FACTEDIT_SERVE_CRASH_AT, set at the restart above).
+    s = world["server"]
+    gate_before = s.answer(GATE_PROMPT)
+    with pytest.raises(httpx.HTTPError):
+        s.http("POST", "/v1/edits", json={"requests": [GATE]})
+    assert s.proc.wait(60) == -signal.SIGKILL
+    states = sorted(p.name for p in (world["state"] / "state").iterdir())
+    assert len(states) == 2, states  # the committed generation and the uncommitted one
+    s = restart(world)
+    health = s.http("GET", "/health").json()
+    assert health["generation"] == 2 and health["live_edits"] == 0, health
+    ledger = s.http("GET", "/v1/edits").json()["data"]
+    assert [(e["id"], e["status"]) for e in ledger] == [(0, "removed")]
+    assert s.answer(GATE_PROMPT) == gate_before
+    assert s.answer(EIFFEL_PROMPT) == world["before"]
+    assert sorted(p.name for p in (world["state"] / "state").iterdir()) == ["gen-00000002"]
+    assert "never committed" in world["log"].read_text()
+
+
+def test_non_loopback_without_token_is_refused(tmp_path, monkeypatch, capsys):
+    from factedit.cli import main
+
+    monkeypatch.delenv("FACTEDIT_API_TOKEN", raising=False)
+    assert main(["serve", "--host", "0.0.0.0", "--state", str(tmp_path)]) == 2
+    assert "loopback" in capsys.readouterr().err
+    assert not (tmp_path / "ledger.sqlite").exists()  # refused before any work
