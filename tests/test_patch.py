@@ -7,12 +7,16 @@ wrong base, a changed or truncated file, another dtype are refused with nothing 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import make_tiny_model
 
 import factedit as fe
+from factedit.cli import main
 from factedit.patch import Patch, PatchError
+from factedit.patch.gguf import permute_rotary
 
 EIFFEL = fe.EditRequest(prompt="{} is located in the city of", subject="The Eiffel Tower",
                         target_new="Rome", target_true="Paris")
@@ -132,3 +136,71 @@ def test_grace_patch_carries_the_codebook(tokenizer):
     patch.revert(fresh)
     with torch.no_grad():
         assert torch.equal(fresh.model(input_ids=ids).logits, plain)
+
+
+def test_cli_apply_diff_inspect_revert(tokenizer, edits, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    base_dir = tmp_path / "base"
+    make_tiny_model(tokenizer).save_pretrained(base_dir)
+    out = tmp_path / "edited"
+    assert main(["patch", "apply", str(base_dir), str(edits["p1"]), str(edits["p2"]),
+                 "--out", str(out)]) == 0
+    plain = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float64)  # no factedit
+    got = {n: p.detach() for n, p in plain.named_parameters()}
+    assert max_diff(got, edits["after"]) < 1e-6
+    provenance = json.loads((out / "factedit-patches.json").read_text())
+    assert [p["method"] for p in provenance["patches"]] == ["rome", "rome"]
+    # A wrong base: refused, nothing written (not even an empty folder).
+    assert main(["patch", "apply", str(out), str(edits["p1"]), "--out",
+                 str(tmp_path / "twice")]) == 2
+    assert "base fingerprint" in capsys.readouterr().err and not (tmp_path / "twice").exists()
+    # A non-empty --out without --force: refused before loading anything.
+    assert main(["patch", "apply", str(base_dir), str(edits["p1"]), "--out", str(out)]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert main(["patch", "diff", str(base_dir), str(out), "--out",
+                 str(tmp_path / "d.safetensors"), "--dtype", "float64"]) == 0
+    diff = Patch.load(tmp_path / "d.safetensors")
+    assert sorted(i["rank"] for i in diff.meta["weights"].values()) in ([2], [1, 1])
+    capsys.readouterr()
+    assert main(["patch", "inspect", str(edits["p1"])]) == 0
+    shown = capsys.readouterr().out
+    assert "rank 1" in shown and "The Eiffel Tower is located in the city of -> Rome" in shown
+    assert main(["patch", "revert", str(out), str(edits["p2"]), "--out",
+                 str(tmp_path / "reverted")]) == 0
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "reverted", dtype=torch.float64)
+    assert max_diff({n: p.detach() for n, p in back.named_parameters()}, edits["middle"]) < 1e-6
+
+
+def test_permutation_is_the_inverse_of_transformers_reader():
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    reader = LlamaTensorProcessor(config={"num_attention_heads": 6, "num_key_value_heads": 2})
+    w = torch.randn(6 * 8, 10).numpy()
+    k = torch.randn(2 * 8, 10).numpy()
+    assert (reader.process(permute_rotary(w, 6, 6), "blk.0.attn_q.weight").weights == w).all()
+    assert (reader.process(permute_rotary(k, 6, 2), "blk.0.attn_k.weight").weights == k).all()
+
+
+def test_run_writes_a_patch_per_method(tokenizer, shared_data, tmp_path):
+    from factedit.lab import run_experiment
+    from factedit.requests import save_requests
+
+    facts = [fe.EditRequest(**{**r.to_dict(), "case_id": c}) for r, c in
+             ((EIFFEL, "eiffel"), (MESSI, "messi"))]
+    save_requests(facts, str(tmp_path / "facts.json"))
+    config = {"name": "tiny", "dataset": {"name": str(tmp_path / "facts.json")},
+              "methods": [{"name": "memit", "config": dict(layers=[1, 2], v_steps=3,
+                                                           context_prefixes=0,
+                                                           covariance_seq_len=32)}],
+              "n_edits": [2], "covariance": {"corpus": str(shared_data / "corpus" /
+                                                           "wikitext-2-raw"), "tokens": 256},
+              "seed": 0}
+    out = run_experiment(config, tmp_path / "run", model=make_tiny_model(tokenizer),
+                         progress=False)
+    patch = Patch.load(out / "patches" / "memit.safetensors")
+    assert patch.method == "memit" and patch.meta["request_ids"] == ["eiffel", "messi"]
+    assert sorted(patch.meta["weights"]) == [f"model.layers.{i}.mlp.down_proj.weight"
+                                             for i in (1, 2)]
+    assert "efficacy" in patch.meta["scores"]
+    assert patch.check_base(make_tiny_model(tokenizer))["exact"]
