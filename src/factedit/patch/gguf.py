@@ -14,6 +14,7 @@ model's weights again (to the chosen type's rounding). 2-D weights take the chos
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,15 @@ def _check_fits(reader: Any, arch: str, model: EditableModel) -> None:
                                   f"{value}: give the GGUF file this model was loaded from")
 
 
+@functools.lru_cache(maxsize=2)
+def _read_base(path: str, mtime_ns: int) -> Any:
+    """The base GGUF file, parsed once per process (gguf's reader takes seconds on the
+    tokenizer arrays; the tensors stay memory-mapped). Keyed by mtime: a changed file is read again."""
+    import gguf
+
+    return gguf.GGUFReader(path)
+
+
 def export_gguf(model: EditableModel, out: str | Path, qtype: str = "f16", *,
                 base_gguf: str | Path, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write `model` (edited or not) as a GGUF file at `out` (temporary sibling + rename).
@@ -126,7 +136,7 @@ def export_gguf(model: EditableModel, out: str | Path, qtype: str = "f16", *,
 
     qt, file_type = _qtypes(qtype)
     out = Path(out)
-    reader = gguf.GGUFReader(str(base_gguf))
+    reader = _read_base(str(base_gguf), Path(base_gguf).stat().st_mtime_ns)
     arch_field = reader.fields.get("general.architecture")
     arch = str(arch_field.contents()) if arch_field is not None else "?"
     if arch not in SUPPORTED_ARCHITECTURES:
