@@ -63,9 +63,22 @@ def _model_samples(model: EditableModel, n_tokens: int, seed: int) -> tuple[str,
     path = cache_root() / "corpus" / f"{model.model_id}_{corpus_id}.json"
     if path.is_file():
         try:
-            return json.loads(path.read_text())["text"], corpus_id
-        except (ValueError, KeyError):
-            log.warning("sampled corpus cache %s is corrupt; resampling", path)
+            data = json.loads(path.read_text())
+            text = data["text"]
+            digest = data.get("blake2b")
+            if digest is None:  # written before the file carried its digest: add it
+                _write_sampled(path, text)
+            elif digest != _text_digest(text):
+                raise ValueError("checksum mismatch")
+            return text, corpus_id
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            log.warning("sampled corpus cache %s is corrupt (%s); resampling", path, err)
+    # Said once, before minutes of sampling: what this is, how to skip it, where it goes.
+    log.warning("no covariance corpus given: sampling %d tokens of text from %s to estimate "
+                "the key covariance C (once per model and token count; on 2 CPU cores this "
+                "takes minutes, the bar shows the rate). Cached in %s. To skip it, pass a text "
+                "file or folder (--corpus, covariance.corpus, covariance_corpus=...)",
+                n_tokens, model.model_id, path.parent)
     starts = ["The", "In", "A", "It", "He", "She", "This", "When", "After", "According to",
               "Many", "One", "There", "His", "Her", "During"]
     per_seq, batch = 128, 32
@@ -82,11 +95,20 @@ def _model_samples(model: EditableModel, n_tokens: int, seed: int) -> tuple[str,
     finally:
         torch.random.set_rng_state(state)
     text = "\n\n".join(texts)
+    _write_sampled(path, text)
+    return text, corpus_id
+
+
+def _text_digest(text: str) -> str:
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def _write_sampled(path: Path, text: str) -> None:
+    """The sampled corpus with its digest, via a temporary file (a kill leaves no half file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = partial_path(path)
-    tmp.write_text(json.dumps({"text": text}))
+    tmp.write_text(json.dumps({"text": text, "blake2b": _text_digest(text)}))
     tmp.replace(path)
-    return text, corpus_id
 
 
 PRECISIONS = ("float64", "mixed")
