@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from factedit.lab.downstream import TASKS, DownstreamError, task_configs
+from factedit.metrics.downstream import TASKS, DownstreamError, task_configs
 
 # Records per file (../shared/data/SOURCES-downstream.md).
 RECORDS = {"arc_challenge": 1172, "hellaswag": 10042, "winogrande": 1267, "mmlu": 14042,

@@ -16,9 +16,8 @@ from factedit.lab import (
     RunInterrupted,
     load_experiment,
     run_experiment,
-    write_report,
 )
-from factedit.lab.report import format_tables, pearson, ranks, spearman
+from factedit.report import format_tables, pearson, ranks, spearman, write_report
 
 FACTS = [
     fe.EditRequest(prompt="{} is located in the city of", subject="The Eiffel Tower",
@@ -482,7 +481,7 @@ def fake_run(folder, name, question_type, efficacy, arc_after, ppl, batch_size=1
 def test_median_target_perplexity_is_over_the_first_n_requests_in_run_order(tmp_path):
     """A run scored after 2 of its 3 requests: the median is over the first two of
     requests.json (r2, r0: 800 and 100), not over the two smallest values."""
-    from factedit.lab.compare import compare_runs
+    from factedit.report import compare_runs
 
     runs = [fake_run(tmp_path / "a", "a", "true_false", 1.0, 0.3, 400.0, n=2, order=(2, 0, 1)),
             fake_run(tmp_path / "b", "b", "generated", 1.0, 0.3, 400.0, n=2)]
@@ -496,7 +495,7 @@ def test_batch_size_study_draws_curves_over_the_batch_size(tmp_path):
     curve per method over batch sizes 1-64 on a log axis; question types stay bars."""
     import matplotlib.pyplot as plt
 
-    from factedit.lab.compare import _numeric_setting, _per_method, compare_runs
+    from factedit.report.compare import _numeric_setting, _per_method, compare_runs
 
     runs = [fake_run(tmp_path / f"bs{b}", f"batch-size-{b}", None, e, 0.3, 9.0, batch_size=b)
             for b, e in ((16, 0.8), (1, 1.0), (64, 0.6))]
@@ -518,7 +517,7 @@ def test_batch_size_study_draws_curves_over_the_batch_size(tmp_path):
 
 def test_comparison_of_runs_names_what_differs_and_the_downstream_change(tmp_path, capsys):
     from factedit.cli import main
-    from factedit.lab.compare import compare_runs
+    from factedit.report import compare_runs
 
     runs = [fake_run(tmp_path / "tf", "mqd-tf", "true_false", 1.0, 0.29, 1.5),
             fake_run(tmp_path / "gen", "mqd-gen", "generated", 0.9, 0.21, 400.0)]

@@ -11,8 +11,8 @@ import pytest
 from conftest import make_tiny_model
 from test_lab import experiment_dict, fake_run, lab_env  # noqa: F401  (fixture)
 
-from factedit.lab import run_experiment, write_report
-from factedit.lab.compare import compare_runs
+from factedit.lab import run_experiment
+from factedit.report import compare_runs, write_report
 
 BROWSER = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome")
                 if shutil.which(b)), None)

@@ -26,8 +26,8 @@
       tokens: null                # token positions; null: the method's default
     checkpoint_every: 10          # save editing state + scores every k edits (resume point)
     seed: 0                       # torch seed, and `seed` of every method config that has one
-    downstream:                   # optional: lm_eval tasks on local files (lab/downstream.py)
-      tasks: [arc_challenge, winogrande]   # names in factedit.lab.downstream.TASKS
+    downstream:                   # optional: lm_eval tasks on local files (metrics/downstream.py)
+      tasks: [arc_challenge, winogrande]   # names in factedit.metrics.downstream.TASKS
       limit: 100                  # documents per task (null: all)
       at: null                    # edit counts to measure at; null: 0 and max(n_edits)
       data_dir: null              # default: $FACTEDIT_DATA/downstream, else ../shared/data/...
@@ -319,7 +319,7 @@ def _bool(value: Any, path: str) -> bool:
 
 
 def _parse_downstream(data: Any, n_edits: list[int]) -> DownstreamSpec:
-    from .downstream import TASKS
+    from ..metrics.downstream import TASKS
 
     ds = _section(data, "downstream", DownstreamSpec)
     tasks = ds.get("tasks") or []

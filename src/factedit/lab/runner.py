@@ -472,7 +472,7 @@ def _score_unedited(store: ResultsStore, experiment: Experiment, model: Editable
 def downstream_rows(key: str, n: int, model: EditableModel, experiment: Experiment
                     ) -> list[tuple]:
     """Score rows ("downstream" view, metric "task/metric") of the model as it is now."""
-    from .downstream import evaluate_downstream
+    from ..metrics.downstream import evaluate_downstream
 
     spec = experiment.downstream
     log.info("%s: downstream tasks %s after %d edits", key, ", ".join(spec.tasks), n)

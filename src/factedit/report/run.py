@@ -29,11 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .runner import CONFIG_FILE, STORE_FILE
-from .store import MEAN, UNEDITED, ResultsStore
+from ..lab.runner import CONFIG_FILE, STORE_FILE
+from ..lab.store import MEAN, UNEDITED, ResultsStore
+from .common import CSS, PAPER_COLUMNS, figure, fmt, run_methods, run_status, status_line
 
 # Paper-style table columns: (metric in the store, heading). Avg is their mean.
-PAPER_COLUMNS = (("efficacy", "Eff"), ("generalization", "Gen"), ("specificity", "Spe"))
 EASYEDIT_COLUMNS = (("rewrite_acc", "Rewrite"), ("rephrase_acc", "Rephrase"),
                     ("locality", "Locality"))
 # Added to the EasyEdit table where the dataset measures it (zsRE, KnowEdit, MQuAKE).
@@ -102,14 +102,6 @@ def spearman(xs: Sequence[float], ys: Sequence[float]) -> float | None:
 
 # -- data ------------------------------------------------------------------------------------
 
-def _methods(run_dir: Path, store: ResultsStore) -> list[str]:
-    """Method keys in the experiment's order (those with results)."""
-    with_rows = {r["method"] for r in store.scores(view="checkpoint", uid=MEAN)}
-    config = json.loads((run_dir / CONFIG_FILE).read_text())
-    ordered = [m.get("label") or m["name"] for m in config["methods"]]
-    return [m for m in ordered if m in with_rows] + sorted(with_rows - set(ordered))
-
-
 def _mean_abs_by_checkpoint(store: ResultsStore, method: str) -> dict[int, float]:
     """n_edits -> mean |W| averaged over the method's edited weights."""
     per_n: dict[int, list[float]] = {}
@@ -160,23 +152,11 @@ def paper_tables(store: ResultsStore, methods: Sequence[str], counts: Sequence[i
 
 # -- plots -----------------------------------------------------------------------------------
 
-def _figure(n_panels: int, width: float = 4.2, height: float = 3.2):
-    from matplotlib.figure import Figure
-
-    cols = min(n_panels, 3)
-    rows = -(-n_panels // cols)
-    fig = Figure(figsize=(width * cols, height * rows), layout="constrained")
-    axes = fig.subplots(rows, cols, squeeze=False).ravel().tolist()
-    for ax in axes[n_panels:]:
-        ax.set_visible(False)
-    return fig, axes[:n_panels]
-
-
 def _plot_scores(store: ResultsStore, methods: Sequence[str], path: Path) -> bool:
     metrics = [m for m in PLOT_METRICS if store.means("checkpoint", m)]
     if not metrics:
         return False
-    fig, axes = _figure(len(metrics))
+    fig, axes = figure(len(metrics))
     for ax, metric in zip(axes, metrics):
         means = store.means("checkpoint", metric)
         for method in methods:
@@ -208,7 +188,7 @@ def _plot_downstream(store: ResultsStore, methods: Sequence[str], path: Path) ->
                       if r["metric"].endswith("/acc")})
     if not metrics:
         return False
-    fig, axes = _figure(len(metrics))
+    fig, axes = figure(len(metrics))
     for ax, metric in zip(axes, metrics):
         means = store.means("downstream", metric)
         base = means.get(UNEDITED, {}).get(0)
@@ -229,7 +209,7 @@ def _plot_weights(store: ResultsStore, methods: Sequence[str], path: Path) -> bo
     methods = [m for m in methods if store.weight_stats(m)]
     if not methods:
         return False
-    fig, axes = _figure(2 * len(methods))
+    fig, axes = figure(2 * len(methods))
     for i, method in enumerate(methods):
         by_layer: dict[str, list[tuple[int, float, float]]] = {}
         for row in store.weight_stats(method):
@@ -255,7 +235,7 @@ def _plot_forgetting(store: ResultsStore, methods: Sequence[str], counts: Sequen
     if not metrics:
         return False
     first = counts[0]
-    fig, axes = _figure(len(metrics) + 1)
+    fig, axes = figure(len(metrics) + 1)
     for ax, metric in zip(axes, metrics):
         immediate, checkpoint = store.means("immediate", metric), store.means("checkpoint", metric)
         for method in methods:
@@ -302,7 +282,7 @@ def _plot_bottleneck(store: ResultsStore, methods: Sequence[str], path: Path) ->
                if store.scores(view="immediate", metric=m)]
     if not metrics:
         return False
-    fig, axes = _figure(len(metrics))
+    fig, axes = figure(len(metrics))
     for ax, metric in zip(axes, metrics):
         for method in methods:
             rows = sorted((r["n_edits"], r["value"]) for r in store.scores(
@@ -322,10 +302,6 @@ def _plot_bottleneck(store: ResultsStore, methods: Sequence[str], path: Path) ->
 
 # -- HTML ------------------------------------------------------------------------------------
 
-def _fmt(value: float | None, digits: int = 1) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
 def _table_html(rows: list[dict[str, Any]], headings: Sequence[str]) -> str:
     """Rows with the best value of each column (among edited methods) in bold."""
     best = {}
@@ -337,7 +313,7 @@ def _table_html(rows: list[dict[str, Any]], headings: Sequence[str]) -> str:
     for row in rows:
         cells = []
         for h in headings:
-            text = _fmt(row[h])
+            text = fmt(row[h])
             if row["method"] != UNEDITED and row[h] is not None and row[h] == best[h]:
                 text = f"<b>{text}</b>"
             cells.append(f"<td>{text}</td>")
@@ -347,38 +323,6 @@ def _table_html(rows: list[dict[str, Any]], headings: Sequence[str]) -> str:
         out.append(f"<tr><td>{name}</td>{''.join(cells)}</tr>")
     out.append("</tbody></table>")
     return "\n".join(out)
-
-
-def run_status(config: dict[str, Any], store: ResultsStore) -> list[dict[str, Any]]:
-    """Where each method of the experiment stands: requests edited of max(n_edits), and
-    whether it finished (its rows after the last checkpoint are all in the store)."""
-    n_total = max(config.get("n_edits") or [0])
-    rows = []
-    for method in config["methods"]:
-        key = method.get("label") or method["name"]
-        progress = store.progress(key)
-        rows.append({"method": key, "n_done": progress["n_done"] if progress else 0,
-                     "n_total": n_total, "finished": bool(progress and progress["finished"])})
-    return rows
-
-
-def status_line(status: Sequence[dict[str, Any]]) -> str | None:
-    """One sentence for a run with unfinished methods; None when every method finished."""
-    unfinished = [r for r in status if not r["finished"]]
-    if not unfinished:
-        return None
-    done = [r["method"] for r in status if r["finished"]]
-    parts = [f"finished: {', '.join(done)}"] if done else []
-    parts += [f"{r['method']} {r['n_done']}/{r['n_total']} edits" if r["n_done"]
-              else f"{r['method']} not started" for r in unfinished]
-    return "run in progress (" + "; ".join(parts) + "): the tables hold finished checkpoints only"
-
-
-_CSS = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}
-table{border-collapse:collapse;margin:0.5em 0 1.5em}
-th,td{border:1px solid #bbb;padding:0.25em 0.7em;text-align:right}
-th:first-child,td:first-child{text-align:left} img{max-width:100%}
-pre{background:#f4f4f4;padding:0.7em;overflow-x:auto;font-size:small}"""
 
 
 def _has_values(rows: Sequence[dict[str, Any]], headings: Sequence[str]) -> bool:
@@ -392,7 +336,7 @@ def _html_page(run_dir: Path, config: dict[str, Any], tables: dict[int, list[dic
                status: Sequence[dict[str, Any]] = ()) -> str:
     title = f"factedit run: {config.get('name') or run_dir.name}"
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
-             f"</title><style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>",
+             f"</title><style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>",
              f"<p>model <code>{html.escape(str(config.get('model')))}</code>, dataset "
              f"<code>{html.escape(str(config.get('dataset', {}).get('name')))}</code>, mode "
              f"{html.escape(str(config.get('mode')))}. Scores in %, measured on the model after "
@@ -414,15 +358,15 @@ def _html_page(run_dir: Path, config: dict[str, Any], tables: dict[int, list[dic
                      + "</tr></thead><tbody>")
         for r in downstream:
             parts.append(f"<tr><td>{html.escape(r['method'])}</td><td>{r['N']}</td>"
-                         + "".join(f"<td>{_fmt(r.get(m))}</td>" for m in metrics) + "</tr>")
+                         + "".join(f"<td>{fmt(r.get(m))}</td>" for m in metrics) + "</tr>")
         parts.append("</tbody></table>")
     if corr:
         parts.append("<h2>mean |W| against the scores</h2><table><thead><tr><th>score</th>"
                      "<th>Pearson r</th><th>Spearman &rho;</th><th>points</th></tr></thead>"
                      "<tbody>")
         for metric, c in corr.items():
-            parts.append(f"<tr><td>{html.escape(metric)}</td><td>{_fmt(c['pearson'], 3)}</td>"
-                         f"<td>{_fmt(c['spearman'], 3)}</td><td>{c['n']}</td></tr>")
+            parts.append(f"<tr><td>{html.escape(metric)}</td><td>{fmt(c['pearson'], 3)}</td>"
+                         f"<td>{fmt(c['spearman'], 3)}</td><td>{c['n']}</td></tr>")
         parts.append("</tbody></table>")
     for name, path in plots.items():
         data = base64.b64encode(path.read_bytes()).decode("ascii")
@@ -449,7 +393,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Repo
     folder.mkdir(parents=True, exist_ok=True)
     config = json.loads((run_dir / CONFIG_FILE).read_text())
     with ResultsStore(run_dir / STORE_FILE) as store:
-        methods = _methods(run_dir, store)
+        methods = run_methods(run_dir, store)
         counts = sorted({r["n_edits"] for r in store.scores(view="checkpoint", uid=MEAN)})
         table_counts = [n for n in config.get("n_edits", counts) if n in counts] or counts
         report = Report(folder=folder, html=folder / "report.html", run_dir=run_dir,
@@ -493,7 +437,7 @@ def format_tables(report: Report) -> str:
         lines.append("  " + "method".ljust(width) + "".join(f"{h:>8}" for h in headings))
         for r in rows:
             lines.append("  " + r["method"].ljust(width)
-                         + "".join(f"{_fmt(r[h]):>8}" for h in headings))
+                         + "".join(f"{fmt(r[h]):>8}" for h in headings))
         easyedit = report.easyedit.get(n, [])
         if _has_values(easyedit, report.easyedit_headings):
             lines.append("  EasyEdit convention (token accuracy, %):")
@@ -501,7 +445,7 @@ def format_tables(report: Report) -> str:
                          + "".join(f"{h:>12}" for h in report.easyedit_headings))
             for r in easyedit:
                 lines.append("  " + r["method"].ljust(width)
-                             + "".join(f"{_fmt(r[h]):>12}" for h in report.easyedit_headings))
+                             + "".join(f"{fmt(r[h]):>12}" for h in report.easyedit_headings))
     if report.downstream:
         metrics = sorted({k for r in report.downstream for k in r} - {"method", "N"})
         lines.append("downstream (lm_eval, %)")
@@ -509,10 +453,10 @@ def format_tables(report: Report) -> str:
                      + "".join(f"{m:>28}" for m in metrics))
         for r in report.downstream:
             lines.append("  " + r["method"].ljust(16) + str(r["N"]).rjust(6)
-                         + "".join(f"{_fmt(r.get(m)):>28}" for m in metrics))
+                         + "".join(f"{fmt(r.get(m)):>28}" for m in metrics))
     if report.correlations:
         lines.append("mean |W| vs score over (method, checkpoint) points:")
         for metric, c in report.correlations.items():
-            lines.append(f"  {metric:16s} Pearson {_fmt(c['pearson'], 3):>7}  "
-                         f"Spearman {_fmt(c['spearman'], 3):>7}  (n={c['n']})")
+            lines.append(f"  {metric:16s} Pearson {fmt(c['pearson'], 3):>7}  "
+                         f"Spearman {fmt(c['spearman'], 3):>7}  (n={c['n']})")
     return "\n".join(lines)

@@ -34,10 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..lab.runner import CONFIG_FILE, REQUESTS_FILE, STORE_FILE
+from ..lab.store import MEAN, UNEDITED, ResultsStore
 from ..requests import EditRequest
-from .report import _CSS, PAPER_COLUMNS, _figure, _fmt, _methods, run_status, status_line
-from .runner import CONFIG_FILE, REQUESTS_FILE, STORE_FILE
-from .store import MEAN, UNEDITED, ResultsStore
+from .common import CSS, PAPER_COLUMNS, figure, fmt, run_methods, run_status, status_line
 
 # Settings that tell the runs of a study apart: (path in config.json, column heading).
 SETTINGS = (("dataset.question_type", "question type"), ("batch_size", "batch size"),
@@ -70,7 +70,7 @@ def _run_rows(run_dir: Path, config: dict[str, Any], settings: dict[str, Any]
     (None when every method finished)."""
     with ResultsStore(run_dir / STORE_FILE) as store:
         status = status_line(run_status(config, store))
-        methods = _methods(run_dir, store)
+        methods = run_methods(run_dir, store)
         counts = sorted({r["n_edits"] for r in store.scores(view="checkpoint", uid=MEAN)})
         if not counts:
             raise ValueError(f"{run_dir}: no checkpoint scores yet; finish the run with "
@@ -222,7 +222,7 @@ def _plot_scores(comparison: Comparison, path: Path) -> bool:
     headings = [h for _, h in PAPER_COLUMNS] + ["Avg"]
     if not any(r[h] is not None for r in comparison.rows for h in headings):
         return False
-    fig, axes = _figure(len(headings))
+    fig, axes = figure(len(headings))
     for ax, heading in zip(axes, headings):
         _per_method(ax, comparison, lambda r, h=heading: r[h])
         ax.set(title=f"{heading} after N edits", ylabel="%")
@@ -236,7 +236,7 @@ def _plot_downstream(comparison: Comparison, path: Path) -> bool:
     if not comparison.tasks:
         return False
     panels = [*comparison.tasks, "mean"]
-    fig, axes = _figure(len(panels))
+    fig, axes = figure(len(panels))
     for ax, task in zip(axes, panels):
         if task == "mean":
             _per_method(ax, comparison, lambda r: r["downstream_mean"], skip=[UNEDITED])
@@ -255,7 +255,7 @@ def _plot_perplexity(comparison: Comparison, path: Path) -> bool:
                if r["target_ppl"]}
     if not per_run:
         return False
-    fig, axes = _figure(1)
+    fig, axes = figure(1)
     xs = range(len(per_run))
     axes[0].bar([x - 0.2 for x in xs], [v[0] for v in per_run.values()], width=0.4,
                 label="mean")
@@ -276,13 +276,13 @@ def _columns(comparison: Comparison) -> list[tuple[str, Any]]:
     cols: list[tuple[str, Any]] = [("run", lambda r: r["run"])]
     cols += [(h, lambda r, h=h: r[h]) for h in comparison.settings]
     cols += [("method", lambda r: r["method"]), ("N", lambda r: r["N"]),
-             ("target ppl mean", lambda r: _fmt(r["target_ppl"])),
-             ("median", lambda r: _fmt(r["target_ppl_median"]))]
-    cols += [(h, lambda r, h=h: _fmt(r[h])) for h in [*(h for _, h in PAPER_COLUMNS), "Avg"]]
-    cols += [(f"Δ {t.split('/')[0]}", lambda r, t=t: _fmt(r["downstream"].get(t)))
+             ("target ppl mean", lambda r: fmt(r["target_ppl"])),
+             ("median", lambda r: fmt(r["target_ppl_median"]))]
+    cols += [(h, lambda r, h=h: fmt(r[h])) for h in [*(h for _, h in PAPER_COLUMNS), "Avg"]]
+    cols += [(f"Δ {t.split('/')[0]}", lambda r, t=t: fmt(r["downstream"].get(t)))
              for t in comparison.tasks]
     if comparison.tasks:
-        cols.append(("Δ mean", lambda r: _fmt(r["downstream_mean"])))
+        cols.append(("Δ mean", lambda r: fmt(r["downstream_mean"])))
     return cols
 
 
@@ -300,7 +300,7 @@ def _html_page(comparison: Comparison) -> str:
     title = "factedit comparison: " + ", ".join(dict.fromkeys(r["run"]
                                                               for r in comparison.rows))
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
-             f"</title><style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>",
+             f"</title><style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>",
              "<p>One row per run and method at the run's last checkpoint N. Scores in %; "
              "target ppl: mean perplexity of the edit targets under the unedited model; "
              "&Delta; task: lm_eval accuracy after N edits minus the unedited model's, in "
