@@ -10,6 +10,9 @@
     factedit run --resume DIR --methods X  only method X now (another process: the rest)
     factedit report DIR                   plots, tables and an HTML page of a run
     factedit report DIR DIR ... [--out D] one page comparing runs (MQD types, batch sizes)
+    factedit serve --state DIR [--method d4s-alphaedit]  OpenAI-compatible server taking edits
+    factedit patch apply|revert|diff|inspect ...  patch files (docs/patches.md)
+    factedit export gguf MODEL_DIR --out m.gguf --type q8_0   for llama.cpp
 """
 
 from __future__ import annotations
@@ -22,6 +25,10 @@ import sys
 import time
 from collections.abc import Sequence
 from typing import Any
+
+from factedit.commands import export as export_command
+from factedit.commands import patch as patch_command
+from factedit.commands import serve as serve_command
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -54,7 +61,9 @@ def _parse_pair(text: str) -> tuple[str, str]:
 def _method_overrides(args: argparse.Namespace) -> dict[str, Any]:
     overrides: dict[str, Any] = {}
     if getattr(args, "layers", None):
-        overrides["layers"] = [int(x) for x in args.layers.split(",")]
+        from factedit.preflight import parse_layers
+
+        overrides["layers"] = parse_layers(args.layers)
     if getattr(args, "corpus", None):
         overrides["covariance_corpus"] = args.corpus
     if getattr(args, "covariance_tokens", None):
@@ -77,34 +86,80 @@ def _assignments(items: list[str] | None, example: str) -> dict[str, Any]:
     return values
 
 
+# `factedit edit` generates before/after text for at most this many requests (scores cover all).
+SHOWN_REQUESTS = 20
+
+
 def cmd_edit(args: argparse.Namespace) -> int:
     import factedit as fe
-    from factedit.requests import load_requests
+    from factedit import preflight
+    from factedit.protocol import EditHandle, make_editor
+    from factedit.requests import InvalidRequestError, load_requests
 
     if args.requests:
         requests = load_requests(args.requests)
     else:
         missing = [f for f in ("prompt", "subject", "target_new") if not getattr(args, f)]
         if missing:
-            raise SystemExit(f"factedit edit: give --{missing[0].replace('_', '-')} "
-                             f"(or --requests FILE.json)")
-        requests = [fe.EditRequest(
-            prompt=args.prompt, subject=args.subject, target_new=args.target_new,
-            target_true=args.target_true, paraphrases=args.paraphrase or [],
-            neighborhood=args.neighbor or [])]
+            raise preflight.PreflightError(f"give --{missing[0].replace('_', '-')} "
+                                           f"(or --requests FILE.json)")
+        try:
+            requests = [fe.EditRequest(
+                prompt=args.prompt, subject=args.subject, target_new=args.target_new,
+                target_true=args.target_true, paraphrases=args.paraphrase or [],
+                neighborhood=args.neighbor or [])]
+        except InvalidRequestError as err:  # name the flag, not the dataclass field
+            flags = {"EditRequest.target_new": "--target-new", "EditRequest.target_true":
+                     "--target-true", "EditRequest.subject": "--subject", "EditRequest.prompt":
+                     "--prompt", "EditRequest.paraphrases": "--paraphrase",
+                     "EditRequest.neighborhood": "--neighbor"}
+            message = str(err)
+            for field_name, flag in flags.items():
+                message = message.replace(field_name, flag)
+            raise InvalidRequestError(message) from None
+    # Everything checkable without the model, before it loads (seconds to minutes).
+    plan = preflight.check_edit(args, _method_overrides(args), requests)
+    n = len(requests)
+
+    def say(message: str) -> None:  # progress on stderr: stdout stays the result (--json)
+        print(message, file=sys.stderr, flush=True)
+
+    say(f"loading {args.model} ...")
     t0 = time.perf_counter()
     model = fe.load_model(args.model, device=args.device)
     load_seconds = time.perf_counter() - t0
-    prompts = [r.rewrite_prompt for r in requests]
+    preflight.check_layers(plan.config, model.num_layers)
+    preflight.check_prompt_lengths(model, requests)
+    shown = requests[:SHOWN_REQUESTS]
+    prompts = [r.rewrite_prompt for r in shown]
     before = model.generate(prompts, max_new_tokens=args.max_new_tokens)
+    if n > 1:
+        say(f"scoring the unedited model on {n} requests ...")
     baseline = fe.capture_baseline(model, requests)
-    handle = fe.edit(model, requests, method=args.method, mode=args.mode,
-                     batch_size=args.batch_size, progress=not args.json,
-                     **_method_overrides(args))
+    handle = EditHandle(model, make_editor(model, plan.config))
+    say(f"editing {n} request{'s' if n > 1 else ''} with {handle.method} ...")
+    try:
+        handle.edit(requests, mode=args.mode, batch_size=args.batch_size,
+                    progress=not args.json)
+    except KeyboardInterrupt:
+        done = sum(len(r.request_ids) for r in handle.records)
+        say(f"factedit edit: interrupted after {done} of {n} edits; nothing was saved "
+            f"(--save and --patch write only a finished edit)")
+        if args.json:
+            print(json.dumps({"interrupted": True, "edits_done": done, "requests": n,
+                              "done": [uid for r in handle.records for uid in r.request_ids]}))
+        return 130
     after = model.generate(prompts, max_new_tokens=args.max_new_tokens)
+    if n > 1:
+        say(f"scoring the edited model on {n} requests ...")
     scores = fe.evaluate(model, requests, baseline)
     if args.save:
-        model.save_pretrained(args.save)
+        say(f"saving to {args.save} ...")
+        model.save_pretrained(args.save, overwrite=args.force)
+    if args.patch:
+        from factedit.patch import Patch
+
+        Patch.from_handle(handle, requests, scores).save(args.patch)
     out = {
         "model": model.model_id, "method": handle.method,
         "before": before[0] if len(before) == 1 else before,
@@ -113,18 +168,24 @@ def cmd_edit(args: argparse.Namespace) -> int:
         "per_request": scores["per_request"],
         "seconds": {"load_model": load_seconds, **handle.timings()},
         "saved_to": args.save,
+        "patch": args.patch,
     }
     if args.json:
         print(json.dumps(out, indent=1, default=float))
         return 0
     for prompt, b, a in zip(prompts, before, after):
         print(f"{prompt!r}\n  before: {b!r}\n  after:  {a!r}")
+    if n > len(shown):
+        print(f"(before/after text for the first {len(shown)} of {n} requests; the scores "
+              f"cover all)")
     print()
     print(_table([[k, scores.get(k)] for k in METRIC_COLUMNS], ["metric", "value"]))
     print(f"\nedit took {sum(handle.timings().values()):.1f} s "
           f"({', '.join(f'{k} {v:.1f}' for k, v in handle.timings().items())})")
     if args.save:
         print(f"edited model saved to {args.save}")
+    if args.patch:
+        print(f"patch written to {args.patch} (factedit patch inspect {args.patch})")
     return 0
 
 
@@ -226,7 +287,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         raise SystemExit("factedit run: give an experiment file, or --resume DIR")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
-    run_experiment(config, out, resume=bool(args.resume), device=args.device, methods=methods)
+    try:
+        run_experiment(config, out, resume=bool(args.resume), device=args.device,
+                       methods=methods, force=args.force)
+    except KeyboardInterrupt:
+        print(f"factedit run: interrupted; the edits up to the last resume point are kept: "
+              f"`factedit run --resume {out}` continues", file=sys.stderr)
+        return 130
     unfinished = unfinished_methods(out)
     if unfinished:  # left for a later call, or being run by another process
         print(f"not finished in {out}: {', '.join(unfinished)} (`factedit run --resume {out}` "
@@ -248,6 +315,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     from factedit.report import format_tables, write_report
 
+    if args.out:
+        from factedit.models.atomic import check_destination
+
+        check_destination(args.out, force=True, what="--out")
     if len(args.run_dir) > 1:
         from factedit.report import compare_runs, format_comparison
 
@@ -353,7 +424,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--max-new-tokens", type=int, default=12)
     p.add_argument("--save", help="write the edited model here as a HF folder (safetensors)")
+    p.add_argument("--patch", help="write the edit as a patch file here (.safetensors; "
+                   "docs/patches.md)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing --save folder or --patch file")
     p.set_defaults(func=cmd_edit)
 
     p = sub.add_parser("methods", help="list editing methods")
@@ -376,6 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="change a field of the file, dotted, VALUE as JSON or a bare string "
                         "(repeatable), e.g. --set batch_size=64 --set downstream.limit=20 "
                         "--set methods.0.config.alpha=10")
+    p.add_argument("--force", action="store_true",
+                   help="with --resume: continue although config.json changed since the start")
     device(p)
     p.set_defaults(func=cmd_run)
 
@@ -410,6 +487,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="where to write (default: RUN_DIR/report; for several "
                    "runs: comparison/ beside the first)")
     p.set_defaults(func=cmd_report)
+    serve_command.register(sub)
+    patch_command.register(sub)
+    export_command.register(sub)
     return parser
 
 
@@ -428,8 +508,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (InvalidRequestError, FileNotFoundError, KeyError, ValueError, ImportError) as err:
+    except KeyboardInterrupt:
+        print(f"factedit {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (InvalidRequestError, FileNotFoundError, KeyError, ValueError, IndexError,
+            ImportError) as err:
         print(f"factedit {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a full disk, a read-only place: what could not be written
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"factedit {args.command}: error: {err.strerror or err}{where}; nothing was "
+              f"left half-written", file=sys.stderr)
         return 2
 
 
