@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from ..methods.base import Editor, EditResult, MethodConfig, get_method
 from ..models import EditableModel, read_param, write_param
 from ..models.attach import Attachment
+from ..preflight import check_prompt_lengths
 from ..requests import EditRequest, as_requests
 from .state import check_state_model, load_state_into, read_state, save_handle
 
@@ -202,6 +203,7 @@ class EditHandle:
         progress: bool = True,
     ) -> EditHandle:
         requests = as_requests(requests)
+        check_prompt_lengths(self.model, requests)  # before any work, naming the request
         mode = mode or ("batch" if self.editor.supports_batch and len(requests) > 1 else "sequential")
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}: choose one of {MODES}")
