@@ -385,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def device(p: argparse.ArgumentParser) -> None:
         # The CPU by default: the locate-then-edit family and the scoring have run on CUDA
-        # (bench/RESULTS.md, "On an H200"); the other editors have not been run on a GPU yet.
+        # (bench/RESULTS.md, "GPU runs"); the other editors have not been run on a GPU yet.
         p.add_argument("--device", default="cpu", help="where the model runs: cpu (default), "
                        "cuda, cuda:N, or auto (a CUDA GPU if torch sees one)")
 
