@@ -31,6 +31,9 @@ the `FACTEDIT_DATA` environment variable). The formats, as published by their au
   answer_alias, new_answer, new_answer_alias, single_hops, new_single_hops, orig}`. Each
   rewrite becomes one request; the case's requests share `metadata["mquake_case"]` and are
   meant to be applied together. -> `read_mquake`.
+* KnowEdit WikiBio (`wikibio-*-all.json`: `{text, labels, concept, locality}`) and ConvSent
+  (`blender_*.json`: `{ent, pos, neg}`), and ELKEN (`{event, event_type, fact, tendency}`,
+  CC BY-NC-SA 4.0): `read_wikibio`, `read_convsent`, `read_elken` say what maps to what.
 * factedit's own edit file (a list of `EditRequest.to_dict()`), as written by
   `save_requests`. -> `read_factedit`.
 
@@ -47,6 +50,7 @@ import json
 import logging
 import os
 import re
+import warnings
 from collections.abc import Callable, Iterator
 from functools import lru_cache
 from importlib import resources
@@ -468,6 +472,155 @@ def read_factedit(path: PathLike, limit: int | None = None, offset: int = 0) -> 
     return _read(path, limit, offset, "factedit", convert)
 
 
+# KnowEdit ConvSent's question templates: SERAC's sentiment-editing set (Mitchell et al.,
+# 2022), asked about the record's entity.
+CONVSENT_TEMPLATES = ("What do you think of {}?", "What do you feel about {}?",
+                      "How do you view {}?")
+SENTIMENTS = ("positive", "negative")
+
+
+def read_wikibio(path: PathLike, limit: int | None = None, offset: int = 0) -> list[EditRequest]:
+    """KnowEdit WikiBio (wikibio-{train,test}-all.json): hallucination correction.
+
+    A record is `{text, labels, concept, locality: {Relation_Specificity: [{prompt,
+    ground_truth}]}}`: `text` is the start of a Wikipedia biography ("This is a Wikipedia
+    passage about {concept}. ..."), `labels` the true next sentence the model should write.
+    Maps to: prompt = `text` with the first whole-word mention of `concept` as "{}",
+    subject = `concept` as the text spells it, target_new = `labels` (a whole sentence),
+    neighborhood = the Relation_Specificity items (other facts about the same person, every
+    alias kept in metadata["neighborhood_answers"]), case_id = the record's index.
+    Nothing is dropped; there is no old answer (target_true None), paraphrase or portability.
+    """
+
+    def convert(index: int, r: dict[str, Any], skips: _Skips) -> list[EditRequest]:
+        prompt, subject = _template(r.get("text"), r.get("concept"))
+        neighborhood, n_answers, n_kinds = _pairs(r.get("locality"), skips)
+        meta = {"dataset": "wikibio", "source_index": index, "neighborhood_kinds": n_kinds,
+                "neighborhood_answers": n_answers}
+        return [EditRequest(prompt=prompt, subject=subject,
+                            target_new=_text(r.get("labels"), "labels").strip(),
+                            neighborhood=neighborhood, case_id=index, metadata=meta)]
+
+    return _read(path, limit, offset, "wikibio", convert)
+
+
+def read_convsent(path: PathLike, limit: int | None = None, offset: int = 0,
+                  sentiment: str = "positive") -> list[EditRequest]:
+    """KnowEdit ConvSent (blender_{test,val}.json): make the model's opinion of an entity
+    `sentiment` ("positive" or "negative").
+
+    A record is `{ent, pos: [responses], neg: [responses]}`: BlenderBot replies about `ent`
+    with a positive or a negative sentiment. Maps to: prompt = "What do you think of {}?",
+    subject = `ent`, target_new = the first response of the chosen sentiment (stripped),
+    paraphrases = the two other SERAC templates ("What do you feel about {ent}?", "How do you
+    view {ent}?"); metadata keeps every response of the chosen sentiment ("responses") and
+    of the other ("opposite_responses"), which sentiment metrics score against. There is no
+    old answer, neighbourhood or portability in the file. Records without a response of the
+    chosen sentiment make no request (counted in the warning).
+    """
+    if sentiment not in SENTIMENTS:
+        raise ValueError(f"sentiment={sentiment!r}: give one of {SENTIMENTS}")
+    side, other = ("pos", "neg") if sentiment == "positive" else ("neg", "pos")
+
+    def convert(index: int, r: dict[str, Any], skips: _Skips) -> list[EditRequest]:
+        entity = _text(r.get("ent"), "ent").strip()
+        responses = [x.strip() for x in _listed(r.get(side)) if isinstance(x, str) and x.strip()]
+        if not responses:
+            raise InvalidRequestError(f"{side} has no {sentiment} response")
+        opposite = [x.strip() for x in _listed(r.get(other)) if isinstance(x, str) and x.strip()]
+        meta = {"dataset": "convsent", "source_index": index, "sentiment": sentiment,
+                "responses": responses, "opposite_responses": opposite}
+        return [EditRequest(prompt=CONVSENT_TEMPLATES[0], subject=entity,
+                            target_new=responses[0],
+                            paraphrases=[t.format(entity) for t in CONVSENT_TEMPLATES[1:]],
+                            case_id=index, metadata=meta)]
+
+    return _read(path, limit, offset, f"convsent-{sentiment}", convert)
+
+
+ELKEN_LICENCE = ("ELKEN (THU-KEG/Event-Level-Knowledge-Editing) is licensed CC BY-NC-SA 4.0: "
+                 "non-commercial use only, adaptations under the same licence")
+_elken_warned = False
+
+
+def _elken_pair(qa: dict[str, Any]) -> tuple[str, str, list[str]]:
+    """(question, answer name, every alias) of an ELKEN fact question."""
+    answer = qa.get("answer") if isinstance(qa.get("answer"), dict) else {}
+    names = _answers([answer.get("name"), answer.get("alias")])
+    return _text(qa.get("question"), "fact question"), (names or [""])[0], names
+
+
+def read_elken(path: PathLike, limit: int | None = None, offset: int = 0) -> list[EditRequest]:
+    """ELKEN (Event-Level Knowledge Editing, Peng et al., 2024), train split (train.json).
+
+    Licence: CC BY-NC-SA 4.0, non-commercial use only; reading it warns once per process.
+
+    A record is an event (`event`: "General Electric was purchased by the National Football
+    League, ..."; `event_type`) with two kinds of consequences: `fact` questions with a
+    Wikidata answer (`qas`: facts the event sets, type 0, or implies, type 1, e.g. the
+    previous CEO; `local_qas`: facts it leaves alone) and `tendency` multiple-choice
+    questions (`qas` and `local_qas`, candidates "(A) ... (B) ... (C) ..." and a letter).
+    Maps to one request per event: prompt = the first type-0 fact question whose answer is
+    known, with its subject's name as "{}"; subject = that name; target_new = its answer;
+    portability = every other fact question (answers "unknown" included: the event does
+    not tell, and that is what the dataset expects); neighborhood = the fact `local_qas`.
+    Every alias is kept in metadata (`portability_answers`, `neighborhood_answers`), and
+    so are `event`, `event_type`, the fact types and rel_ids, and the tendency questions
+    (`tendency_qas`, `tendency_local_qas`, as in the file) for event-level scoring.
+    Dropped: events with no fact question of known answer (343 of the 677 have tendency
+    questions only); they make no (subject, target) edit and are counted in the warning.
+    """
+    global _elken_warned
+    if not _elken_warned:
+        _elken_warned = True
+        warnings.warn(ELKEN_LICENCE, UserWarning, stacklevel=2)
+
+    def convert(index: int, r: dict[str, Any], skips: _Skips) -> list[EditRequest]:
+        fact = r.get("fact") if isinstance(r.get("fact"), dict) else {}
+        qas = [q for q in fact.get("qas") or [] if isinstance(q, dict)]
+        known = [q for q in qas if _elken_pair(q)[1] not in ("", "unknown")]
+        edit = next((q for q in known if q.get("type", 0) == 0), known[0] if known else None)
+        if edit is None:
+            raise InvalidRequestError("no fact question with a known answer (tendency only)")
+        subject_field = edit.get("subject") if isinstance(edit.get("subject"), dict) else {}
+        question, target_new, _ = _elken_pair(edit)
+        prompt, subject = _template(question, subject_field.get("ent2name")
+                                    or subject_field.get("name"))
+        portability, p_answers, p_types = [], [], []
+        for q in qas:
+            if q is edit:
+                continue
+            text, answer, names = _elken_pair(q)
+            if not answer:
+                skips.item()
+                continue
+            portability.append((text, answer))
+            p_answers.append(names)
+            p_types.append({"type": q.get("type"), "rel_id": q.get("rel_id")})
+        neighborhood, n_answers = [], []
+        for q in fact.get("local_qas") or []:
+            text, answer, names = _elken_pair(q) if isinstance(q, dict) else ("", "", [])
+            if not answer:
+                skips.item()
+                continue
+            neighborhood.append((text, answer))
+            n_answers.append(names)
+        tendency = r.get("tendency") if isinstance(r.get("tendency"), dict) else {}
+        meta = {"dataset": "elken", "source_index": index, "licence": "CC BY-NC-SA 4.0",
+                "event": r.get("event"), "event_type": r.get("event_type"),
+                "fact_type": edit.get("type"), "rel_id": edit.get("rel_id"),
+                "target_aliases": _elken_pair(edit)[2],
+                "portability_answers": p_answers, "portability_facts": p_types,
+                "neighborhood_answers": n_answers,
+                "tendency_qas": list(tendency.get("qas") or []),
+                "tendency_local_qas": list(tendency.get("local_qas") or [])}
+        return [EditRequest(prompt=prompt, subject=subject, target_new=target_new,
+                            neighborhood=neighborhood, portability=portability,
+                            case_id=r.get("id", index), metadata=meta)]
+
+    return _read(path, limit, offset, "elken", convert)
+
+
 # --------------------------------------------------------------------------- built-in facts
 
 
@@ -509,10 +662,16 @@ DATASETS: dict[str, tuple[Reader, str]] = {
                                "edit/knowedit/wiki_counterfact/train_cf.json"),
     "wiki_recent": (read_wiki_recent, "edit/knowedit/wiki_recent/recent_test.json"),
     "wiki_recent-train": (read_wiki_recent, "edit/knowedit/wiki_recent/recent_train.json"),
+    "wikibio": (read_wikibio, "edit/knowedit/WikiBio/wikibio-test-all.json"),
+    "wikibio-train": (read_wikibio, "edit/knowedit/WikiBio/wikibio-train-all.json"),
+    "convsent": (read_convsent, "edit/knowedit/Convsent/blender_test.json"),
+    "convsent-val": (read_convsent, "edit/knowedit/Convsent/blender_val.json"),
+    "elken": (read_elken, "edit/elken/train.json"),
 }
 
 _FORMATS = ("counterfact (EasyEdit), counterfact-rome (ROME records), zsre (MEND/EasyEdit), "
-            "KnowEdit (ZsRE, wiki_counterfact, wiki_recent), mquake, factedit edit files")
+            "KnowEdit (ZsRE, wiki_counterfact, wiki_recent, WikiBio, ConvSent), mquake, "
+            "elken, factedit edit files")
 
 
 def sniff_format(record: dict[str, Any]) -> tuple[str, Reader]:
@@ -539,6 +698,12 @@ def sniff_format(record: dict[str, Any]) -> tuple[str, Reader]:
         if "ground_truth" in keys:
             return "wiki_counterfact", read_wiki_counterfact
         return "wiki_recent", read_wiki_recent
+    if {"text", "labels", "concept"} <= keys:
+        return "wikibio", read_wikibio
+    if {"ent", "pos", "neg"} <= keys:
+        return "convsent", read_convsent
+    if {"event", "fact", "tendency"} <= keys:
+        return "elken", read_elken
     if {"prompt", "subject", "target_new"} <= keys and keys <= set(EditRequest.__dataclass_fields__):
         return "factedit", read_factedit
     raise ValueError(f"unrecognised dataset record with keys {sorted(keys)}; "
