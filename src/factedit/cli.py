@@ -249,6 +249,7 @@ def cmd_methods(_args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     import factedit as fe
+    from factedit.methods import get_method
     from factedit.methods.config import default_layers
 
     model = fe.load_model(args.model, device=args.device)
@@ -258,13 +259,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"edited matrix per layer ({model.arch.mlp_out}): {d_out} x {d_in}")
     for family in ("rome", "memit"):
         print(f"default {family} layers: {default_layers(model, family)}")
-    if args.method in ("d4s", "d4s-alphaedit"):
-        layers = default_layers(model, "memit")
-        # float64 S_RK (d_out x d_in) + S_KK and C (d_in x d_in each) + W_0 (d_out x d_in).
-        per_layer = 8 * (2 * d_out * d_in + 2 * d_in * d_in)
-        print(f"{args.method} state per edited layer: {per_layer / 2**20:.1f} MiB "
-              f"(S_RK, S_KK, C, W_0 in float64), {len(layers)} layers: "
-              f"{per_layer * len(layers) / 2**20:.1f} MiB, independent of the number of edits")
+    spec = get_method(args.method)
+    if spec.state_size is not None:  # methods that keep a sizeable state of their own
+        size = spec.state_size(model, spec.config_cls())
+        print(f"{spec.name} state per edited layer: {size.per_layer / 2**20:.1f} MiB "
+              f"({size.parts}), {size.layers} layers: {size.total / 2**20:.1f} MiB, "
+              f"{size.growth}")
     return 0
 
 
@@ -336,44 +336,58 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def _train_config(config_cls: type, args: argparse.Namespace) -> Any:
-    """The hypernetwork config of `factedit train`: --set fields, then the training flags
-    over the method's own training defaults (MEND: one edit per step), which stay unless a
-    flag overrides them."""
-    config = config_cls(**_method_overrides(args))
+    """The trainer's settings for `factedit train`: --set fields (and --layers), then the
+    training flags. Where the config keeps its training loop's settings in a `train` dict
+    (MEND, KE) the flags go there, over the method's own training defaults (MEND: one edit
+    per step), which stay unless a flag overrides them; otherwise a flag fills the field of
+    its name. Flags the trainer has no setting for do not apply."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    overrides = _method_overrides(args)
+    if "layers" not in names:  # --layers means the edited layers of a network trainer
+        overrides.pop("layers", None)
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ValueError(f"--set {unknown[0]}: {config_cls.__name__} has no such setting; "
+                         f"its settings: {', '.join(sorted(names))}")
     given = dict(steps=args.steps, lr=args.lr, lr_lr=args.lr_lr, batch_size=args.batch_size,
                  checkpoint_every=args.checkpoint_every, validate_every=args.validate_every)
-    return config.replace(train={**config.train,
-                                 **{k: v for k, v in given.items() if v is not None}})
+    given = {k: v for k, v in given.items() if v is not None}
+    if "train" in names:
+        config = config_cls(**overrides)
+        return config.replace(train={**config.train, **given})
+    return config_cls(**overrides, **{k: v for k, v in given.items() if k in names})
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     import factedit as fe
     from factedit.data import load_dataset
-    from factedit.methods import get_method
-    from factedit.methods.hypernet import train_editor
+    from factedit.methods import METHODS, get_method, trainable_methods
     from factedit.protocol import edit_success
 
+    if args.kind is None:  # list what the registry says can be trained
+        for name in trainable_methods():
+            trainer = METHODS[name].trainer
+            print(f"{name:16s} {trainer.what} (then: factedit edit --method {name} "
+                  f"--set {trainer.output_field}=OUT)")
+        return 0
     spec = get_method(args.kind)
+    if spec.trainer is None:
+        raise ValueError(f"method {spec.name!r} has nothing to train; `factedit train` trains "
+                         f"for {', '.join(trainable_methods())}")
+    if not args.out:
+        raise ValueError("--out: give the folder for checkpoints and the trained result")
+    trainer = spec.trainer
+    config = _train_config(trainer.config_cls, args)
     train = load_dataset(args.data, limit=args.limit, data_dir=args.data_dir)
     validation = load_dataset(args.val_data, limit=args.val_limit, data_dir=args.data_dir)
-    if args.kind == "serac":  # the scope classifier: sentence embeddings, no language model
-        from factedit.methods.memory.serac import train_scope
-
-        manifest = train_scope(train, validation, args.out, **{
-            k: v for k, v in dict(steps=args.steps, lr=args.lr).items() if v is not None})
-        print(f"trained serac's scope classifier on {manifest['train_pairs']} pairs: validation "
-              f"accuracy {manifest['validation_accuracy']:.3f} at threshold "
-              f"{manifest['threshold']:.3f}")
-        print(f"edit with: factedit edit --method serac --set classifier={args.out} ...")
-        return 0
-    model = fe.load_model(args.model, device=args.device)
-    config = _train_config(spec.config_cls, args)
-    result = train_editor(spec.editor_cls, model, train, validation, args.out, config,
-                          resume=not args.restart, edit_success=edit_success)
-    last = result["history"][-1] if result["history"] else {}
-    print(f"trained {args.kind} for {model.model_id} on {len(train)} edits in "
-          f"{result['train_seconds']:.0f} s; last validation: {last}")
-    print(f"edit with: factedit edit --method {args.kind} --set checkpoint={args.out} ...")
+    model = fe.load_model(args.model, device=args.device) if trainer.needs_model else None
+    result = trainer.run(model, train, validation, args.out, config, resume=not args.restart,
+                         edit_success=edit_success)
+    print(trainer.summary(result))
+    print(f"edit with: factedit edit --method {spec.name} --set {trainer.output_field}={args.out} "
+          f"...")
     return 0
 
 
@@ -456,9 +470,10 @@ def build_parser() -> argparse.ArgumentParser:
     device(p)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("train", help="train what an editor needs: MEND's or KE's hypernetwork, "
-                       "SERAC's scope classifier")
-    p.add_argument("kind", choices=["mend", "ke", "serac"], help="which editor")
+    p = sub.add_parser("train", help="train what an editor needs before it edits (a "
+                       "hypernetwork, a scope classifier); without NAME: list them")
+    p.add_argument("kind", nargs="?", metavar="NAME",
+                   help="the method to train for (`factedit train` lists them)")
     p.add_argument("--model", default="smollm2-135m")
     device(p)
     p.add_argument("--data", default="counterfact-train", help="dataset name or file")
@@ -474,7 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--checkpoint-every", type=int)
     p.add_argument("--validate-every", type=int)
-    p.add_argument("--out", required=True, help="folder for checkpoints and the trained net")
+    p.add_argument("--out", help="folder for checkpoints and the trained result (required "
+                   "with NAME)")
     p.add_argument("--restart", action="store_true", help="ignore a checkpoint in --out")
     p.add_argument("--set", action="append", metavar="FIELD=VALUE",
                    help="network config field (repeatable), e.g. --set edit_lr_init=1e-6")

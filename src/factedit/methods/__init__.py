@@ -15,10 +15,14 @@ from .base import (
     Editor,
     EditResult,
     MethodConfig,
+    MethodSpec,
+    StateSize,
+    Trainer,
     get_method,
     list_methods,
     options_for,
     register_method,
+    trainable_methods,
 )
 from .finetune import FineTuneConfig, FineTuneEditor, FtMConfig
 from .grace import GraceConfig, GraceEditor
@@ -55,12 +59,14 @@ from .memory import (
 from .patches import CaliNetConfig, CaliNetEditor, TPatcherConfig, TPatcherEditor
 
 __all__ = [
-    "METHODS", "AlphaEditConfig", "AlphaEditEditor", "CaliNetConfig", "CaliNetEditor",
-    "ConfigError", "D4SAlphaEditConfig",
-    "D4SAlphaEditEditor", "D4SConfig", "D4SEditor", "EditResult", "Editor", "FineTuneConfig",
-    "FineTuneEditor", "FtMConfig", "GraceConfig", "GraceEditor", "IkeConfig", "IkeEditor",
-    "KeConfig", "KeEditor", "KnConfig", "KnEditor", "LocateEditConfig", "LocateEditor",
-    "MelloConfig", "MelloEditor", "MemPromptConfig", "MemPromptEditor", "MemitConfig", "MemitEditor", "MemoryConfig",
-    "MemoryEditor", "MendConfig", "MendEditor", "MethodConfig", "PmetConfig", "PmetEditor",
-    "RomeConfig", "RomeEditor", "SeracConfig", "SeracEditor", "TPatcherConfig", "TPatcherEditor", "get_method", "list_methods", "options_for", "register_method",
+    "AlphaEditConfig", "AlphaEditEditor", "CaliNetConfig", "CaliNetEditor", "ConfigError",
+    "D4SAlphaEditConfig", "D4SAlphaEditEditor", "D4SConfig", "D4SEditor", "EditResult",
+    "Editor", "FineTuneConfig", "FineTuneEditor", "FtMConfig", "GraceConfig", "GraceEditor",
+    "IkeConfig", "IkeEditor", "KeConfig", "KeEditor", "KnConfig", "KnEditor",
+    "LocateEditConfig", "LocateEditor", "METHODS", "MelloConfig", "MelloEditor",
+    "MemPromptConfig", "MemPromptEditor", "MemitConfig", "MemitEditor", "MemoryConfig",
+    "MemoryEditor", "MendConfig", "MendEditor", "MethodConfig", "MethodSpec", "PmetConfig",
+    "PmetEditor", "RomeConfig", "RomeEditor", "SeracConfig", "SeracEditor", "StateSize",
+    "TPatcherConfig", "TPatcherEditor", "Trainer", "get_method", "list_methods", "options_for",
+    "register_method", "trainable_methods",
 ]

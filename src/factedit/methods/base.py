@@ -17,7 +17,7 @@ import json
 import time
 import types
 import typing
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -275,24 +275,92 @@ class Editor:
 
 
 @dataclass(frozen=True)
+class Trainer:
+    """What `factedit train NAME` runs for a method that must be trained before it edits.
+
+    run: `run(model, train, validation, out_dir, config, resume=, progress=, edit_success=)`
+        -> a JSON-able summary of the training. `model` is None where `needs_model` is False;
+        `edit_success(editor, requests)` is the validation score the caller supplies
+        (`factedit.protocol.edit_success`), for trainers that validate by editing.
+    config_cls: the settings `run` takes. `factedit train` builds one from --set fields and
+        its flags (--steps, --lr, ...): a flag fills the field of that name, or the key of a
+        `train` dict field (MEND's and KE's training loop settings); flags it has neither of
+        do not apply.
+    output_field: the method config field that points at the trained folder
+        (`factedit edit --method NAME --set FIELD=OUT`).
+    needs_model: False where no language model is involved (SERAC's scope classifier).
+    what: what is trained, in a few words, for listings.
+    summary: one line about a finished training, from `run`'s result.
+    """
+
+    run: Callable[..., dict[str, Any]]
+    config_cls: type
+    output_field: str
+    needs_model: bool = True
+    what: str = ""
+    summary: Callable[[dict[str, Any]], str] = str
+
+
+@dataclass(frozen=True)
+class StateSize:
+    """An editor's own memory (beyond the model), estimated before any edit: bytes per edited
+    layer, the number of layers, what the bytes hold, and how the total grows."""
+
+    per_layer: int
+    layers: int
+    parts: str
+    growth: str = "independent of the number of edits"
+
+    @property
+    def total(self) -> int:
+        """Bytes over all edited layers."""
+        return self.per_layer * self.layers
+
+
+@dataclass(frozen=True)
 class MethodSpec:
+    """One registered method: its config and editor classes and what the registry tells
+    callers about it without building an editor (the CLI reads these, never method names).
+
+    supports_batch: the editor takes several requests in one edit (`Editor.supports_batch`).
+    supports_remove: the editor can take one edit out again (it overrides `Editor.remove`).
+    trainer: how `factedit train NAME` trains what the method needs (None: nothing to train).
+    state_size: `state_size(model, config)` estimates the editor's own memory (`factedit
+        info --method NAME`); None where the method keeps no sizeable state of its own.
+    """
+
     name: str
     config_cls: type[MethodConfig]
     editor_cls: type[Editor]
     description: str = ""
+    supports_batch: bool = True
+    supports_remove: bool = False
+    trainer: Trainer | None = None
+    state_size: Callable[[EditableModel, MethodConfig], StateSize] | None = None
 
 
 METHODS: dict[str, MethodSpec] = {}
 
 
 def register_method(name: str, config_cls: type[MethodConfig], editor_cls: type[Editor],
-                    description: str = "") -> None:
+                    description: str = "", *, trainer: Trainer | None = None,
+                    state_size: Callable[[EditableModel, MethodConfig], StateSize] | None = None,
+                    ) -> None:
+    """Register `name`; batch and remove support are read off `editor_cls`."""
     if name != name.lower() or " " in name:
         raise ValueError(f"method name {name!r} must be lowercase without spaces")
     if name in METHODS:
         raise ValueError(f"method {name!r} is already registered")
     config_cls.method = name
-    METHODS[name] = MethodSpec(name, config_cls, editor_cls, description)
+    METHODS[name] = MethodSpec(
+        name, config_cls, editor_cls, description, supports_batch=editor_cls.supports_batch,
+        supports_remove=editor_cls.remove is not Editor.remove, trainer=trainer,
+        state_size=state_size)
+
+
+def trainable_methods() -> list[str]:
+    """Names of the methods `factedit train` can train for, sorted."""
+    return sorted(name for name, spec in METHODS.items() if spec.trainer is not None)
 
 
 class UnknownMethodError(ConfigError, KeyError):
@@ -303,7 +371,10 @@ class UnknownMethodError(ConfigError, KeyError):
 
 
 def get_method(name: str) -> MethodSpec:
-    _import_builtin_methods()
+    """The registered method `name` (case-insensitive); UnknownMethodError names the nearest.
+
+    Importing any part of `factedit.methods` imports the package first, which registers
+    every built-in method."""
     if not isinstance(name, str):
         raise UnknownMethodError(f"method={name!r}: give a method name ({', '.join(sorted(METHODS))})"
                                  f" or a method config object")
@@ -324,10 +395,5 @@ def options_for(method: str, **options: Any) -> dict[str, Any]:
 
 
 def list_methods() -> list[str]:
-    _import_builtin_methods()
+    """Names of the registered methods, sorted."""
     return sorted(METHODS)
-
-
-def _import_builtin_methods() -> None:
-    # Importing the package runs each method file's register_method line.
-    from .. import methods  # noqa: F401

@@ -469,6 +469,13 @@ def default_layers(model: EditableModel) -> list[int]:
 EditSuccess = Callable[[Editor, Sequence[EditRequest]], float]
 
 
+def training_summary(result: dict[str, Any]) -> str:
+    """One line about a finished `train_editor` run (what `factedit train` prints)."""
+    last = result["history"][-1] if result["history"] else {}
+    return (f"trained {result['kind']} for {result['model_id']} on {result['n_train']} edits in "
+            f"{result['train_seconds']:.0f} s; last validation: {last}")
+
+
 def train_editor(editor_cls: type[HypernetEditor], model: EditableModel,
                  train: Sequence[EditRequest], validation: Sequence[EditRequest],
                  out_dir: str | Path, config: HypernetConfig, resume: bool = True,

@@ -48,7 +48,7 @@ from torch import nn
 
 from ...models import EditableModel
 from ...requests import EditRequest
-from ..base import register_method
+from ..base import Trainer, register_method
 from ..config import check_positive
 from .base import (
     EditSuccess,
@@ -58,6 +58,7 @@ from .base import (
     TrainConfig,
     edited_shape,
     train_editor,
+    training_summary,
 )
 
 
@@ -188,4 +189,7 @@ def train_ke(model: EditableModel, train: Sequence[EditRequest],
 
 register_method("ke", KeConfig, KeEditor,
                 "KnowledgeEditor, constrained hypernetwork (De Cao et al. 2021); needs "
-                "`factedit train ke`")
+                "`factedit train ke`",
+                trainer=Trainer(train_ke, KeConfig, output_field="checkpoint",
+                                what="the constrained hypernetwork",
+                                summary=training_summary))

@@ -41,7 +41,7 @@ from torch import nn
 
 from ...models import EditableModel
 from ...requests import EditRequest
-from ..base import register_method
+from ..base import Trainer, register_method
 from ..config import check_positive
 from .base import (
     EditSuccess,
@@ -51,6 +51,7 @@ from .base import (
     TrainConfig,
     edited_shape,
     train_editor,
+    training_summary,
 )
 
 
@@ -166,4 +167,7 @@ def train_mend(model: EditableModel, train: Sequence[EditRequest],
 
 register_method("mend", MendConfig, MendEditor,
                 "gradient-decomposition hypernetwork (Mitchell et al. 2022); needs "
-                "`factedit train mend`")
+                "`factedit train mend`",
+                trainer=Trainer(train_mend, MendConfig, output_field="checkpoint",
+                                what="the gradient-transform hypernetwork",
+                                summary=training_summary))

@@ -70,8 +70,8 @@ from ...linalg import WoodburySolver, memit_system, solve_update
 from ...linalg.solve import spd_solve
 from ...models import EditableModel
 from ...requests import EditRequest
-from ..base import ConfigError, EditResult, register_method
-from ..config import check_choice, check_positive
+from ..base import ConfigError, EditResult, MethodConfig, StateSize, register_method
+from ..config import check_choice, check_positive, default_layers
 from .base import SystemMatrix
 from .memit import MemitConfig, MemitEditor
 
@@ -325,5 +325,15 @@ class D4SEditor(MemitEditor):
                     for layer in self.layers}
 
 
+def history_state_size(model: EditableModel, config: MethodConfig) -> StateSize:
+    """D4S's sums per edited layer: float64 S_RK (d_out x d_in) + S_KK and C (d_in x d_in
+    each) + W_0 (d_out x d_in); the same whatever the number of edits."""
+    layers = config.layers or default_layers(model, D4SEditor.layer_family)
+    d_out, d_in = model.weight(0).shape
+    return StateSize(8 * (2 * d_out * d_in + 2 * d_in * d_in), len(layers),
+                     "S_RK, S_KK, C, W_0 in float64")
+
+
 register_method("d4s", D4SConfig, D4SEditor,
-                "sequential MEMIT over whole-history sums; removable edits (Huang et al. 2024)")
+                "sequential MEMIT over whole-history sums; removable edits (Huang et al. 2024)",
+                state_size=history_state_size)

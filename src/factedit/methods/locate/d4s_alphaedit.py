@@ -27,7 +27,7 @@ import torch
 from ..base import register_method
 from .alphaedit import check_null_space_fields, projected_update
 from .base import SystemMatrix
-from .d4s import D4SConfig, D4SEditor
+from .d4s import D4SConfig, D4SEditor, history_state_size
 
 
 @dataclass
@@ -93,4 +93,5 @@ class D4SAlphaEditEditor(D4SEditor):
 
 
 register_method("d4s-alphaedit", D4SAlphaEditConfig, D4SAlphaEditEditor,
-                "AlphaEdit's null-space solve over D4S's whole-history sums")
+                "AlphaEdit's null-space solve over D4S's whole-history sums",
+                state_size=history_state_size)

@@ -26,6 +26,7 @@ model, which keeps one vocabulary and lets the lab score it like any edited mode
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Sequence
@@ -40,7 +41,7 @@ from safetensors.torch import load_file, save_file
 from ...models import EditableModel
 from ...requests import EditRequest
 from ...text import continuation_text
-from ..base import register_method
+from ..base import Trainer, register_method
 from .base import MemoryConfig, MemoryEditor, MemoryEntry, check_context_template
 from .sentence import SentenceEmbedder
 
@@ -178,6 +179,33 @@ def train_scope(train: Sequence[EditRequest], validation: Sequence[EditRequest],
     return manifest
 
 
+@dataclass
+class ScopeTrainConfig:
+    """Settings of `train_scope` (`factedit train serac`): the sentence embedder (None: the
+    packaged one), Adam steps and rate, and the seed of the map's training."""
+
+    embedder: str | None = None
+    steps: int = 300
+    lr: float = 1e-2
+    seed: int = 0
+
+
+def train_serac(model: EditableModel | None, train: Sequence[EditRequest],
+                validation: Sequence[EditRequest], out_dir: str | Path,
+                config: ScopeTrainConfig | None = None, resume: bool = True,
+                progress: bool = True, edit_success: Any = None) -> dict[str, Any]:
+    """`train_scope` in the registry's trainer form: no language model, nothing to resume,
+    validated by classification accuracy (so `model`, `resume`, `edit_success` are unused)."""
+    return train_scope(train, validation, out_dir, **dataclasses.asdict(config or ScopeTrainConfig()))
+
+
+def scope_summary(manifest: dict[str, Any]) -> str:
+    """One line about a trained scope classifier (what `factedit train serac` prints)."""
+    return (f"trained serac's scope classifier on {manifest['train_pairs']} pairs: validation "
+            f"accuracy {manifest['validation_accuracy']:.3f} at threshold "
+            f"{manifest['threshold']:.3f}")
+
+
 def load_scope_classifier(folder: str | Path, dim: int) -> tuple[torch.Tensor, float]:
     """(the map P, the validated threshold) written by `train_scope`."""
     path = Path(folder) / "scope.safetensors"
@@ -196,4 +224,7 @@ def load_scope_classifier(folder: str | Path, dim: int) -> tuple[torch.Tensor, f
 
 register_method("serac", SeracConfig, SeracEditor,
                 "edit memory + sentence-embedding scope classifier + the model prompted with "
-                "the edit as counterfactual model (SERAC)")
+                "the edit as counterfactual model (SERAC)",
+                trainer=Trainer(train_serac, ScopeTrainConfig, output_field="classifier",
+                                needs_model=False, what="the scope classifier",
+                                summary=scope_summary))
