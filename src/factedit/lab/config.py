@@ -37,6 +37,10 @@
 Relative paths (dataset file, data_dir, covariance.corpus) are read from the working directory
 where the run starts; the run's config.json holds them absolute.
 
+`include: base.yaml` (a path relative to the including file, or a list of them) reads another
+experiment file first; the including file's keys override it, dicts merged deeply, so a
+variant states only what differs (experiments/batch-size-*.yaml). Cycles are refused.
+
 Every error names the field by its path (`methods[1].name`, `dataset.limit`) and the fix.
 Method config fields are checked by the method's own config dataclass at load time, so a
 typo fails before any model is loaded.
@@ -200,6 +204,17 @@ def load_experiment(path: str | Path, model: EditableModel | None = None,
     path = Path(path)
     if not path.is_file():
         raise ExperimentError(f"experiment file {path} does not exist")
+    data = read_experiment_file(path)
+    try:
+        data = resolve_includes(data, path)
+        data = apply_overrides(data, overrides or {})
+        return Experiment.from_dict(data, model)
+    except ExperimentError as err:
+        raise ExperimentError(f"{path}: {err}") from None
+
+
+def read_experiment_file(path: Path) -> Any:
+    """The parsed document of a .yaml/.yml, .toml or .json file (includes not resolved)."""
     text = path.read_text(encoding="utf-8")
     suffix = path.suffix.lower()
     try:
@@ -220,11 +235,52 @@ def load_experiment(path: str | Path, model: EditableModel | None = None,
         raise
     except Exception as err:  # the parsers raise their own error types
         raise ExperimentError(f"{path} is not valid {suffix[1:].upper()}: {err}") from None
-    try:
-        data = apply_overrides(data, overrides or {})
-        return Experiment.from_dict(data, model)
-    except ExperimentError as err:
-        raise ExperimentError(f"{path}: {err}") from None
+    return data
+
+
+def resolve_includes(data: Any, path: Path, chain: Sequence[Path] = ()) -> Any:
+    """`data` (parsed from `path`) with its `include:` resolved.
+
+    `include: base.yaml` (or a list of files, merged in order) names files relative to the
+    including file; the including file's keys override theirs, dicts merged deeply, lists
+    and values replaced whole. Included files may include others; a cycle is refused."""
+    if not isinstance(data, dict) or "include" not in data:
+        return data
+    includes = data["include"]
+    if isinstance(includes, str):
+        includes = [includes]
+    if not isinstance(includes, list) or not all(isinstance(i, str) and i for i in includes):
+        raise ExperimentError(f"include={data['include']!r}: give a file path (relative to "
+                              f"{path.name}) or a list of them")
+    chain = [*chain, path.resolve()]
+    merged: dict[str, Any] = {}
+    for include in includes:
+        target = (path.parent / include).resolve()
+        if target in chain:
+            loop = " -> ".join(p.name for p in [*chain[chain.index(target):], target])
+            raise ExperimentError(f"include: {include} makes a cycle ({loop}); an included "
+                                  f"file must not include the files that include it")
+        if not target.is_file():
+            raise ExperimentError(f"include: {include}: no file {target} (paths are relative "
+                                  f"to the including file, {path})")
+        base = resolve_includes(read_experiment_file(target), target, chain)
+        if not isinstance(base, dict):
+            raise ExperimentError(f"include: {include}: {target} holds "
+                                  f"{type(base).__name__}, not a section of fields")
+        merged = deep_merge(merged, base)
+    return deep_merge(merged, {k: v for k, v in data.items() if k != "include"})
+
+
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of `base` with `override`'s keys set: dicts on both sides merge recursively;
+    anything else (lists, values, None) replaces what was there."""
+    out = copy.deepcopy(dict(base))
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
 
 
 def apply_overrides(data: Any, overrides: Mapping[str, Any]) -> dict[str, Any]:
