@@ -239,9 +239,12 @@ def save_requests(requests: Sequence[EditRequest], path: str) -> None:
     """Write requests as a JSON list (the edit-file format the CLI reads), atomically."""
     target = Path(path)
     tmp = target.with_name(f"{target.name}.{os.getpid()}.partial")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump([r.to_dict() for r in requests], f, ensure_ascii=False, indent=1)
-    tmp.replace(target)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump([r.to_dict() for r in requests], f, ensure_ascii=False, indent=1)
+        tmp.replace(target)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_requests(path: str) -> list[EditRequest]:
