@@ -85,11 +85,14 @@ def _probe(n: int) -> torch.Tensor:
 
 
 def sketch(weight: torch.Tensor) -> torch.Tensor:
-    """s = W @ g in float64 (a 1-D weight is its own sketch)."""
+    """s = W @ g in float64, along the longer side (a 49152 x 576 embedding gives 576
+    numbers, not 49152); a 1-D weight is its own sketch."""
     w = weight.detach().cpu().double()
     if w.dim() <= 1:
         return w.reshape(-1).clone()
     w = w.reshape(w.shape[0], -1)
+    if w.shape[0] > w.shape[1]:
+        w = w.T
     return w @ _probe(w.shape[1])
 
 
