@@ -204,3 +204,20 @@ def test_run_writes_a_patch_per_method(tokenizer, shared_data, tmp_path):
                                              for i in (1, 2)]
     assert "efficacy" in patch.meta["scores"]
     assert patch.check_base(make_tiny_model(tokenizer))["exact"]
+
+
+def test_cli_edit_writes_a_patch(tokenizer, shared_data, tmp_path, capsys):
+    base_dir = tmp_path / "base"
+    make_tiny_model(tokenizer).save_pretrained(base_dir)
+    path = tmp_path / "edit.safetensors"
+    assert main(["edit", "--model", str(base_dir), "--prompt", EIFFEL.prompt, "--subject",
+                 EIFFEL.subject, "--target-new", "Rome", "--target-true", "Paris",
+                 "--corpus", str(shared_data / "corpus" / "wikitext-2-raw"),
+                 "--covariance-tokens", "512", "--set", "v_steps=3", "--set",
+                 "context_prefixes=1", "--set", "covariance_seq_len=32", "--patch", str(path),
+                 "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    patch = Patch.load(path)
+    assert shown["patch"] == str(path) and patch.meta["requests"][0]["target_new"] == "Rome"
+    assert patch.meta["scores"]["efficacy"] == shown["metrics"]["efficacy"]
+    assert patch.check_base(fe.load_model(str(base_dir)))["exact"]
