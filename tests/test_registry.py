@@ -52,3 +52,17 @@ def test_train_command_lists_and_refuses_from_the_registry(capsys):
 def test_train_needs_out_with_a_name(argv, capsys):
     assert main(argv) == 2
     assert "--out" in capsys.readouterr().err
+
+
+def test_configs_saved_with_retired_fields_still_load():
+    """`extra` (every locate config) and d4s-alphaedit's `mom2_update_weight` never had an
+    effect and are gone; saved configs hold them as {} and null."""
+    from factedit.methods import ConfigError, D4SAlphaEditConfig, MemitConfig
+
+    saved = {**D4SAlphaEditConfig(alpha=5.0).to_dict(), "extra": {}, "mom2_update_weight": None}
+    assert D4SAlphaEditConfig.from_dict(saved) == D4SAlphaEditConfig(alpha=5.0)
+    assert MemitConfig.from_dict({"extra": {}, "mom2_update_weight": 5000}).mom2_update_weight == 5000
+    with pytest.raises(ConfigError, match="mom2_update_weight.*no longer exists"):
+        D4SAlphaEditConfig.from_dict({"mom2_update_weight": 3.0})
+    with pytest.raises(ConfigError, match="extra"):
+        MemitConfig.from_dict({"extra": {"x": 1}})

@@ -126,6 +126,10 @@ class MethodConfig:
     naming the field, whatever path the value came by (Python, --set, an experiment file)."""
 
     method: ClassVar[str] = ""
+    # Fields older versions had that never had an effect, with the value their saved configs
+    # hold: `from_dict` drops them at that value (old run folders and states still load) and
+    # refuses any other, naming the field.
+    retired_fields: ClassVar[dict[str, Any]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -155,6 +159,12 @@ class MethodConfig:
             raise ConfigError(f"{cls.__name__}: a config is a JSON object of fields, got "
                               f"{type(data).__name__} {data!r}")
         data = {k: v for k, v in data.items() if k != "method"}
+        for name, saved in cls.retired_fields.items():
+            if name in data:
+                if data[name] != saved:
+                    raise ConfigError(f"{cls.__name__}.{name}={data[name]!r}: the field no "
+                                      f"longer exists (it never had an effect); drop it")
+                del data[name]
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - names
         if unknown:

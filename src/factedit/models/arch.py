@@ -54,9 +54,6 @@ class ArchSpec:
     def mlp_out_at(self, i: int) -> str:
         return f"{self.layers}.{i}.{self.mlp_out}"
 
-    def mlp_in_at(self, i: int) -> str:
-        return f"{self.layers}.{i}.{self.mlp_in}"
-
     def mlp_at(self, i: int) -> str:
         return f"{self.layers}.{i}.{self.mlp}"
 

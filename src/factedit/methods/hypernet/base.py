@@ -335,10 +335,6 @@ def load_hypernet(folder: str | Path, kind: str, model_id: str | None = None
     return load_file(str(path)), manifest
 
 
-def mean_or_nan(values: Sequence[float]) -> float:
-    return sum(values) / len(values) if values else math.nan
-
-
 # -- the editor around a network ---------------------------------------------------------------
 
 @dataclass

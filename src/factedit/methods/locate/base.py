@@ -12,8 +12,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
@@ -102,7 +102,8 @@ class LocateEditConfig(MethodConfig):
     condition_every: int = 10
     value_cache: bool = False
     seed: int = 0
-    extra: dict = field(default_factory=dict)
+    # `extra` (a dict no method read) was dropped; configs saved with it empty still load.
+    retired_fields: ClassVar[dict[str, Any]] = {"extra": {}}
 
     def __post_init__(self) -> None:
         check_layer_list(self)

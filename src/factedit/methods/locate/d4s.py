@@ -73,7 +73,7 @@ from ...requests import EditRequest
 from ..base import ConfigError, EditResult, MethodConfig, StateSize, register_method
 from ..config import check_choice, check_positive, default_layers
 from .base import SystemMatrix
-from .memit import MemitConfig, MemitEditor
+from .memit import MemitEditor, MemitLayersConfig
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +81,9 @@ Terms = dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> (K (d_in, n), R
 
 
 @dataclass
-class D4SConfig(MemitConfig):
-    """D4S: MEMIT's fields plus where edits are computed and whether history is kept.
+class D4SHistoryConfig(MemitLayersConfig):
+    """What D4S and d4s-alphaedit share: MEMIT's layer loop plus where edits are computed
+    and whether history is kept.
 
     residual: "once" (reference) or "per_layer". values_on: "original" (reference) or
     "current". fit: "history" (reference) or "sequential". keep_history: keep each edit's
@@ -106,6 +107,20 @@ class D4SConfig(MemitConfig):
         if not isinstance(self.keep_history, bool):
             raise ConfigError(f"{type(self).__name__}.keep_history={self.keep_history!r}: "
                               f"give True or False")
+
+
+@dataclass
+class D4SConfig(D4SHistoryConfig):
+    """D4S: the history fields plus MEMIT's lambda, which weighs C in its solve.
+
+    mom2_update_weight: lambda (None: the model's table entry, else d_in; see memit.py).
+    """
+
+    mom2_update_weight: float | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive(self, "mom2_update_weight", optional=True)
 
 
 class D4SEditor(MemitEditor):

@@ -21,21 +21,26 @@ rounding (tested); with values_on="original" the values stay on W_0 and can be c
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
 from ..base import register_method
 from .alphaedit import check_null_space_fields, projected_update
 from .base import SystemMatrix
-from .d4s import D4SConfig, D4SEditor, history_state_size
+from .d4s import D4SEditor, D4SHistoryConfig, history_state_size
 
 
 @dataclass
-class D4SAlphaEditConfig(D4SConfig):
-    """D4S's fields plus AlphaEdit's nullspace_threshold and alpha (mom2_update_weight unused)."""
+class D4SAlphaEditConfig(D4SHistoryConfig):
+    """D4S's history fields plus AlphaEdit's nullspace_threshold and alpha. D4S's lambda
+    (mom2_update_weight) has no part in this solve, so the config has no such field; configs
+    saved with it at null still load."""
 
     nullspace_threshold: float = 1e-2
     alpha: float = 10.0
+    retired_fields: ClassVar[dict[str, Any]] = {**D4SHistoryConfig.retired_fields,
+                                                "mom2_update_weight": None}
 
     def __post_init__(self) -> None:
         super().__post_init__()

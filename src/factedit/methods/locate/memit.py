@@ -38,24 +38,36 @@ from .base import RESIDUAL_MODES, LocateEditConfig, LocateEditor, SystemMatrix
 
 
 @dataclass
-class MemitConfig(LocateEditConfig):
-    """MEMIT.
+class MemitLayersConfig(LocateEditConfig):
+    """MEMIT's layer loop without its solve's weight (what d4s-alphaedit, whose solve has no
+    lambda, shares with MEMIT).
 
     clamp_factor: ||delta_i|| <= 0.75 ||h_i|| (the MEMIT reference value).
-    mom2_update_weight: lambda, the weight of the preserved-key statistic C (None: the
-        model's table entry, else d_in; see the module docstring).
     residual: "per_layer" (MEMIT: keys and residual re-read after each layer is written) or
         "once" (read before the loop; D4S's convention).
     """
 
     clamp_factor: float = 0.75
-    mom2_update_weight: float | None = None
     residual: str = "per_layer"
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_positive(self, "mom2_update_weight", optional=True)
         check_choice(self, "residual", RESIDUAL_MODES)
+
+
+@dataclass
+class MemitConfig(MemitLayersConfig):
+    """MEMIT: the layer loop's fields plus
+
+    mom2_update_weight: lambda, the weight of the preserved-key statistic C (None: the
+        model's table entry, else d_in; see the module docstring).
+    """
+
+    mom2_update_weight: float | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive(self, "mom2_update_weight", optional=True)
 
 
 class MemitEditor(LocateEditor):
