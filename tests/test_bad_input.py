@@ -551,14 +551,55 @@ def test_cli_save_failure_is_one_line_and_leaves_nothing(tmp_path, tiny_folder, 
 
     monkeypatch.setattr(EditableModel, "save_pretrained", full)
     monkeypatch.setenv("FACTEDIT_CACHE", str(tmp_path / "cache"))
-    code = main(_edit_flags(tiny_folder) + ["--save", str(tmp_path / "out"), "--set",
-                                            "v_steps=1", "--set", "context_prefixes=0",
-                                            "--corpus", str(tiny_folder / "config.json"),
-                                            "--set", "covariance_seq_len=8",
-                                            "--max-new-tokens", "1", "--json"])
+    code = main(_edit_flags(tiny_folder) + ["--save", str(tmp_path / "out"), "--json",
+                                            *_quick_edit_flags(tiny_folder)])
     err = capsys.readouterr().err
     assert code == 2 and "No space left on device" in err and "Traceback" not in err
     assert not any(p.name != "cache" for p in tmp_path.iterdir())
+
+
+def _quick_edit_flags(folder: Path) -> list[str]:
+    """Settings that keep one ROME edit of the tiny model well under a second."""
+    return ["--set", "v_steps=1", "--set", "context_prefixes=0", "--set",
+            "covariance_seq_len=8", "--corpus", str(folder / "config.json"),
+            "--max-new-tokens", "1"]
+
+
+def test_ctrl_c_prints_how_far_the_edit_got(tmp_path, tiny_folder, capsys, monkeypatch):
+    """Ctrl-C during the second of three edits: one line, exit 130, no traceback, the
+    finished edits named in the JSON, and no --save folder."""
+    monkeypatch.setenv("FACTEDIT_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "three.json"
+    path.write_text(json.dumps([f.to_dict() for f in LAB_FACTS[:3]]))
+    real_step, calls = fe.EditHandle.step, []
+
+    def step(self, requests):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_step(self, requests)
+
+    monkeypatch.setattr(fe.EditHandle, "step", step)
+    code = main(["edit", "--model", str(tiny_folder), "--requests", str(path), "--save",
+                 str(tmp_path / "out"), "--json", *_quick_edit_flags(tiny_folder)])
+    out, err = capsys.readouterr()
+    assert code == 130
+    assert "interrupted after 1 of 3 edits" in err and "Traceback" not in err
+    assert "editing 3 requests with rome" in err  # progress said what it was doing
+    assert json.loads(out) == {"interrupted": True, "edits_done": 1, "requests": 3,
+                               "done": ["eiffel"]}
+    assert not (tmp_path / "out").exists()
+
+
+def test_long_prompt_within_the_context_is_warned_about(tiny_model, caplog, monkeypatch):
+    from factedit import preflight
+    from factedit.preflight import check_prompt_lengths
+
+    monkeypatch.setattr(preflight, "LONG_PROMPT_TOKENS", 50)  # the tiny model reads 256
+    long = fe.EditRequest(prompt="word " * 100 + "{} is in", subject="X", target_new="Y")
+    check_prompt_lengths(tiny_model, [fe.EditRequest(**EIFFEL), long])
+    assert "request [1]: the prompt is" in caplog.text
+    assert "request [0]" not in caplog.text
 
 
 KILL_SCRIPT = textwrap.dedent("""
