@@ -41,8 +41,11 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(VENV)/bin/pytest -q -m "not slow"
 
+# ruff, then the import graph: no module imports a layer above it, no cycles (the layers:
+# tests/test_import_graph.py).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/pytest -q -p no:cacheprovider tests/test_import_graph.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache
