@@ -1,10 +1,14 @@
-"""`factedit serve` end to end: the real server (uvicorn in a subprocess on a free loopback
-port, the built-in SmolLM2-135M, D4S with fast settings), spoken to through the official
-`openai` client (completions) and plain HTTP (edits).
+"""`factedit serve`.
 
-One server history runs through the module in order, each test building on the last:
-start -> bad requests -> edit (with generations running) -> restart -> exact rollback ->
-patch -> kill -9 between the state write and the ledger commit -> restart reconciles.
+Fast tests (tiny model, in process): the readers-writer lock, the ledger's transactions, the
+reconciliation of state generations with the ledger, tokens, and a full edit queue (429).
+
+Slow tests, end to end: the real server (uvicorn in a subprocess on a free loopback port, the
+built-in SmolLM2-135M, D4S with fast settings), spoken to through the official `openai`
+client (completions) and plain HTTP (edits). One server history runs through them in order,
+each test building on the last: start -> bad requests -> edit (with generations running) ->
+restart -> patch -> exact rollback -> kill -9 between the state write and the ledger commit
+-> restart reconciles.
 """
 
 from __future__ import annotations
@@ -19,13 +23,23 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
+import openai
 import pytest
 
-httpx = pytest.importorskip("httpx")
-openai = pytest.importorskip("openai")
-pytest.importorskip("fastapi")
-
-pytestmark = pytest.mark.slow
+from factedit.requests import EditRequest
+from factedit.serve import (
+    Auth,
+    EditService,
+    Ledger,
+    LedgerRow,
+    RWLock,
+    ServeSettings,
+    StateMismatchError,
+    StateStore,
+    create_app,
+    removal_refusal,
+)
 
 TOKEN = "serve-test-token-0123456789"
 MODEL = "smollm2-135m"
@@ -114,6 +128,7 @@ def restart(world, crash_at: str | None = None) -> Server:
     return world["server"]
 
 
+@pytest.mark.slow
 def test_generation_and_bad_requests(world):
     s = world["server"]
     world["before"] = s.answer(EIFFEL_PROMPT)
@@ -146,6 +161,7 @@ def test_generation_and_bad_requests(world):
     assert s.http("GET", "/v1/edits").json()["data"] == []
 
 
+@pytest.mark.slow
 def test_edit_changes_answer_while_generations_see_before_or_after(world):
     s = world["server"]
     seen: list[str] = []
@@ -177,6 +193,7 @@ def test_edit_changes_answer_while_generations_see_before_or_after(world):
     world["after"] = after
 
 
+@pytest.mark.slow
 def test_restart_keeps_ledger_and_model(world):
     ledger = world["server"].http("GET", "/v1/edits").json()["data"]
     # This server kills itself (SIGKILL) in its next *edit* between the state write and the
@@ -187,6 +204,7 @@ def test_restart_keeps_ledger_and_model(world):
     assert s.http("GET", "/health").json()["live_edits"] == 1
 
 
+@pytest.mark.slow
 def test_patch_export_holds_the_live_edit(world):
     r = world["server"].http("GET", "/v1/patch")
     try:
@@ -198,6 +216,7 @@ def test_patch_export_holds_the_live_edit(world):
     assert Patch.from_bytes(r.content).describe()["request_ids"] == ["eiffel"]
 
 
+@pytest.mark.slow
 def test_rollback_restores_exact_pre_edit_logprobs(world):
     s = world["server"]
     r = s.http("DELETE", "/v1/edits/0")
@@ -213,6 +232,7 @@ def test_rollback_restores_exact_pre_edit_logprobs(world):
     assert s.http("GET", "/v1/edits/0").json()["status"] == "removed"
 
 
+@pytest.mark.slow
 def test_kill_9_between_state_and_ledger_leaves_the_edit_in_neither(world):
     # The server SIGKILLs itself after the new state is on disk, before the ledger commit:
     # the worst place for a crash (FACTEDIT_SERVE_CRASH_AT, set at the restart above).
@@ -241,3 +261,109 @@ def test_non_loopback_without_token_is_refused(tmp_path, monkeypatch, capsys):
     assert main(["serve", "--host", "0.0.0.0", "--state", str(tmp_path)]) == 2
     assert "loopback" in capsys.readouterr().err
     assert not (tmp_path / "ledger.sqlite").exists()  # refused before any work
+
+
+# -- fast: the parts, on a tiny model -------------------------------------------------------------
+def test_rwlock_prefers_a_waiting_writer():
+    lock, order = RWLock(), []
+    reading, writer_waiting = threading.Event(), threading.Event()
+
+    def first_reader():
+        with lock.read():
+            reading.set()
+            writer_waiting.wait(5)
+            time.sleep(0.05)
+            order.append("reader 1 done")
+
+    def writer():
+        reading.wait(5)
+        writer_waiting.set()
+        with lock.write():
+            order.append("writer")
+
+    def late_reader():
+        writer_waiting.wait(5)
+        time.sleep(0.01)
+        with lock.read():  # must wait for the writer, not slip in before it
+            order.append("reader 2")
+
+    threads = [threading.Thread(target=f) for f in (first_reader, writer, late_reader)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert order == ["reader 1 done", "writer", "reader 2"]
+
+
+def test_ledger_transactions_are_all_or_nothing(tmp_path):
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    row = LedgerRow(id=0, request=EIFFEL, created=1.0, who="me", method="d4s", generation=1)
+    ledger.commit_edits([row], generation=1)
+    with pytest.raises(KeyError, match="not a live edit"):
+        ledger.commit_removal(5, "me", generation=2)
+    assert ledger.generation == 1  # the failed transaction left the generation alone
+    ledger.commit_removal(0, "you", generation=2)
+    ledger.close()
+    reopened = Ledger(tmp_path / "ledger.sqlite")
+    (again,) = reopened.rows()
+    assert reopened.generation == 2 and again.status == "removed" and again.removed_by == "you"
+    assert again.request == EIFFEL and reopened.rows("live") == []
+
+
+def test_reconcile_drops_uncommitted_and_superseded_generations(tmp_path):
+    store = StateStore(tmp_path)
+    for name in ("gen-00000001", "gen-00000002", "gen-00000003", ".tmp-gen-00000004"):
+        (store.root / name).mkdir()
+    actions = store.reconcile(committed=2)
+    assert store.generations() == [2]
+    assert sum("never committed" in a for a in actions) == 1 and len(actions) == 3
+    with pytest.raises(StateMismatchError, match="generation 5"):
+        store.reconcile(committed=5)
+
+
+def test_tokens_are_named_and_checked():
+    auth = Auth({"a" * 20: "alice", "b" * 20: "bob"})
+    assert auth.identify("Bearer " + "b" * 20) == "bob"
+    assert auth.identify("Bearer " + "c" * 20) is None
+    assert auth.identify("b" * 20) is None and auth.identify(None) is None
+
+
+def test_removal_refusal_names_the_reason(tiny_model):
+    from factedit.protocol import make_editor
+
+    assert removal_refusal(make_editor(tiny_model, "d4s")) is None
+    assert "keeps no edit history" in removal_refusal(make_editor(tiny_model, "rome"))
+    assert "fit='sequential'" in removal_refusal(make_editor(tiny_model, "d4s",
+                                                             fit="sequential"))
+
+
+def test_full_edit_queue_gets_429_and_queued_edits_commit(tiny_model, tmp_path, shared_data):
+    from fastapi.testclient import TestClient
+
+    overrides = dict(layers=[1], v_steps=3, context_prefixes=0, covariance_tokens=256,
+                     covariance_seq_len=32,
+                     covariance_corpus=str(shared_data / "corpus" / "wikitext-2-raw"))
+    service = EditService(ServeSettings(method="d4s", overrides=overrides,
+                                        state_dir=tmp_path, edit_queue=1), model=tiny_model)
+    client = TestClient(create_app(service, Auth({TOKEN: "tester"})))
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    colosseum = {"prompt": "{} was built by", "subject": "The Colosseum",
+                 "target_new": "the Vikings"}
+    try:
+        with service.lock.write():  # the worker computes the first edit, then waits to publish
+            first = service.submit_edits([EditRequest(**EIFFEL)], "tester")
+            deadline = time.monotonic() + 60
+            while service.busy_since is None or service.queue_depth:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            second = service.submit_edits([EditRequest(**colosseum)], "tester")
+            refused = client.post("/v1/edits", json={"requests": [colosseum]}, headers=headers)
+            assert refused.status_code == 429, refused.text
+            assert int(refused.headers["Retry-After"]) >= 1
+            assert refused.json()["error"]["code"] == "edit_queue_full"
+        assert [e["id"] for e in first.result(60) + second.result(60)] == [0, 1]
+        ledger = client.get("/v1/edits").json()
+        assert ledger["generation"] == 2 and [e["who"] for e in ledger["data"]] == ["tester"] * 2
+        assert "factedit_edits_total 2.0" in client.get("/metrics").text
+    finally:
+        service.close()

@@ -211,6 +211,20 @@ def _usage(gens: list[Generation]) -> dict[str, int]:
             "total_tokens": prompt + completion}
 
 
+def _stream_pieces(gen: Generation, text: str) -> list[str]:
+    """The text in per-token pieces that add up to `text` (cut where a stop string cut it)."""
+    pieces, used = [], 0
+    for piece in gen.pieces:
+        if used >= len(text):
+            break
+        piece = piece[:len(text) - used]
+        pieces.append(piece)
+        used += len(piece)
+    if used < len(text) or "".join(pieces) != text:  # decoding merged bytes across tokens
+        return [text]
+    return [p for p in pieces if p]
+
+
 def _sse(chunks: list[dict[str, Any]]) -> StreamingResponse:
     """Server-sent events as OpenAI streams them (the completion is generated first, then sent
     in one chunk per token: clients that require streaming work, time to first token does not
@@ -302,8 +316,8 @@ def create_app(service: EditService, auth: Auth, max_body_bytes: int = 1 << 20) 
         name = auth.identify(header)
         if name is not None:
             return name
-        if not mutating and auth.open_reads:
-            return "anonymous"
+        if not header and not mutating and auth.open_reads:
+            return "anonymous"  # a wrong token is refused even where none is needed
         message = ("missing bearer token: send 'Authorization: Bearer <token>' (the token of "
                    "FACTEDIT_API_TOKEN or --token-file)" if not header else
                    "invalid bearer token")
@@ -316,6 +330,12 @@ def create_app(service: EditService, auth: Auth, max_body_bytes: int = 1 << 20) 
                                 f"`{settings.name}`", param="model", code="model_not_found")
 
     async def run_generation(**kwargs: Any) -> Generation:
+        limit = service.context_length
+        if limit and len(kwargs["input_ids"]) + kwargs["max_tokens"] > limit:
+            raise ApiError(422, f"the prompt ({len(kwargs['input_ids'])} tokens) plus "
+                                f"max_tokens ({kwargs['max_tokens']}) exceed the model's "
+                                f"context of {limit} tokens: shorten one", param="max_tokens",
+                           code="context_length_exceeded")
         with service.admitted() as ok:
             if not ok:
                 raise ApiError(503, f"{settings.generation_queue} generation requests pending; "
@@ -338,6 +358,7 @@ def create_app(service: EditService, auth: Auth, max_body_bytes: int = 1 << 20) 
                 "generation": service.generation,
                 "live_edits": sum(not r.removed for r in service.handle.records),
                 "edit_queue": service.queue_depth, "editing": service.busy_since is not None,
+                "warming_up": service.warming,
                 "uptime_s": round(time.time() - service.started, 1), "version": __version__}
 
     @app.get("/metrics")
@@ -398,7 +419,7 @@ def create_app(service: EditService, auth: Auth, max_body_bytes: int = 1 << 20) 
         if body.stream:
             chunks = []
             for c, g in zip(choices, gens):
-                pieces = [s["token"] for s in g.logprobs] if g.logprobs else [c["text"]]
+                pieces = _stream_pieces(g, c["text"])
                 for piece in pieces:
                     chunks.append({"id": ident, "object": "text_completion", "created": created,
                                    "model": settings.name, "choices": [
@@ -438,14 +459,15 @@ def create_app(service: EditService, auth: Auth, max_body_bytes: int = 1 << 20) 
                             "logprobs": _chat_logprobs(gen, top) if body.logprobs else None})
         ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.stream:
-            chunks = []
+            gen_of, chunks = dict(enumerate(gens)), []
             for c in choices:
                 base = {"id": ident, "object": "chat.completion.chunk", "created": created,
                         "model": settings.name}
                 chunks.append({**base, "choices": [{"index": c["index"], "delta": {
                     "role": "assistant", "content": ""}, "finish_reason": None}]})
-                chunks.append({**base, "choices": [{"index": c["index"], "delta": {
-                    "content": c["message"]["content"]}, "finish_reason": None}]})
+                for piece in _stream_pieces(gen_of[c["index"]], c["message"]["content"]):
+                    chunks.append({**base, "choices": [{"index": c["index"], "delta": {
+                        "content": piece}, "finish_reason": None}]})
                 chunks.append({**base, "choices": [{"index": c["index"], "delta": {},
                                                     "finish_reason": c["finish_reason"]}]})
             return _sse(chunks)

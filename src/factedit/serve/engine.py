@@ -129,6 +129,7 @@ class Generation:
     token_ids: list[int]
     text: str
     finish_reason: str
+    pieces: list[str] = field(default_factory=list)  # each new token decoded alone
     logprobs: list[dict[str, Any]] | None = None
 
 
@@ -204,6 +205,7 @@ class EditService:
         self._admit_lock = threading.Lock()
         self.busy_since: float | None = None  # when the worker started its current job
         self._jobs, self._job_seconds = 0, 0.0  # for Retry-After
+        self.warming, self.warm_seconds = True, 0.0
         self.started = time.time()
         self._update_gauges()
         self._worker = threading.Thread(target=self._work, name="factedit-editor", daemon=True)
@@ -265,7 +267,26 @@ class EditService:
     def queue_depth(self) -> int:
         return self._queue.qsize()
 
+    def _warm_up(self) -> None:
+        """Compute (or read from the cache) what every edit needs, before the first job:
+        the covariance statistics of the edited layers and, for AlphaEdit's family, the null
+        space, so the first edit does not pay for them. Generation is served meanwhile."""
+        editor = self.handle.editor
+        start = time.perf_counter()
+        try:
+            for layer in getattr(editor, "layers", None) or []:
+                if hasattr(editor, "covariance"):
+                    editor.covariance(layer)
+                threshold = getattr(editor.config, "nullspace_threshold", None)
+                if threshold is not None and hasattr(editor, "null_basis"):
+                    editor.null_basis(layer, threshold)
+        except Exception:  # noqa: BLE001 - the first edit reports the same error to its client
+            log.exception("warm-up failed; the first edit will try again")
+        self.warm_seconds = time.perf_counter() - start
+
     def _work(self) -> None:
+        self._warm_up()
+        self.warming = False
         while True:
             job = self._queue.get()
             self.metrics.edit_queue_depth.set(self._queue.qsize())
@@ -446,6 +467,13 @@ class EditService:
                 ids.add(end)
         return sorted(i for i in ids if i is not None)
 
+    @property
+    def context_length(self) -> int | None:
+        """The most positions the served model takes (prompt + completion), where known."""
+        config = self.serving_model.model.config
+        return getattr(config, "max_position_embeddings", None) or getattr(
+            config, "n_positions", None)
+
     def generate(self, input_ids: list[int], *, max_tokens: int, temperature: float = 0.0,
                  top_p: float = 1.0, stop: Sequence[str] = (), logprobs: int | None = None,
                  chat: bool = False) -> Generation:
@@ -471,11 +499,11 @@ class EditService:
             new, finish = new[:-1], "stop"
         with self._tokenizer_lock:
             text = tokenizer.decode(new, skip_special_tokens=True)
-            pieces = [tokenizer.decode([t]) for t in new] if logprobs is not None else []
+            pieces = [tokenizer.decode([t]) for t in new]
         for s in stop:
             if s and s in text:
                 text, finish = text[:text.index(s)], "stop"
-        result = Generation(len(input_ids), new, text, finish)
+        result = Generation(len(input_ids), new, text, finish, pieces)
         if logprobs is not None:
             result.logprobs = []
             with self._tokenizer_lock:
