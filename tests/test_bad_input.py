@@ -243,6 +243,9 @@ def _files(tmp: Path) -> None:
     (tmp / "full").mkdir()
     (tmp / "full" / "keep.txt").write_text("keep")
     (tmp / "a-file").write_text("keep")
+    (tmp / "damaged-run").mkdir()
+    (tmp / "damaged-run" / "config.json").write_text("{}")
+    (tmp / "damaged-run" / "results.sqlite").write_text("not a database")
 
 
 CLI_CASES = [
@@ -271,6 +274,11 @@ CLI_CASES = [
     (["--model", "/missing/folder"], "model folder /missing/folder does not exist"),
     (["--model", "{tmp}/empty.gguf"], "is empty (0 bytes)"),
     (["--target-new", " "], "--target-new is empty"),
+    (["--covariance-tokens", "0"], "covariance_tokens must be positive, got 0"),
+    (["--corpus", "{tmp}/no-corpus.txt"], "--corpus {tmp}/no-corpus.txt: no such file"),
+    (["--method", "mend", "--set", "checkpoint={tmp}/no-net"], "--set checkpoint {tmp}/no-net"),
+    (["--max-new-tokens", "-1"], "--max-new-tokens -1"),
+    (["--set", "=3"], "the field name is missing"),
     (["--target-new", "Paris", "--target-true", "Paris"], "--target-new equals target_true"),
     (["--prompt", "{} and {}"], "2 '{}' slots"),
     (["--neighbor", "The Louvre is in="], "--neighbor[0]"),
@@ -288,6 +296,8 @@ CLI_CASES = [
     (["!report", "{tmp}/no-run", "--out", "{tmp}/a-file"], "--out {tmp}/a-file is an existing "
                                                            "file"),
     (["!report", "{tmp}/no-run"], "holds no run"),
+    (["!report", "{tmp}/damaged-run"], "is not a readable results store"),
+    (["!demo", "--n", "0"], "--n 0: give the number of facts"),
     (["!run"], "give an experiment file"),
     (["!run", "{tmp}/missing.yaml"], "missing.yaml"),
     (["!run", "--resume", "{tmp}/full"], "no config.json there"),

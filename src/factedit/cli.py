@@ -21,6 +21,7 @@ import argparse
 import json
 import logging
 import os
+import sqlite3
 import sys
 import time
 from collections.abc import Sequence
@@ -66,7 +67,7 @@ def _method_overrides(args: argparse.Namespace) -> dict[str, Any]:
         overrides["layers"] = parse_layers(args.layers)
     if getattr(args, "corpus", None):
         overrides["covariance_corpus"] = args.corpus
-    if getattr(args, "covariance_tokens", None):
+    if getattr(args, "covariance_tokens", None) is not None:
         overrides["covariance_tokens"] = args.covariance_tokens
     overrides.update(_assignments(getattr(args, "set", None), "checkpoint=nets/mend"))
     return overrides
@@ -79,6 +80,9 @@ def _assignments(items: list[str] | None, example: str) -> dict[str, Any]:
         if "=" not in item:
             raise ValueError(f"--set {item!r}: write FIELD=VALUE, e.g. --set {example}")
         name, value = item.split("=", 1)
+        if not name.strip():
+            raise ValueError(f"--set {item!r}: the field name is missing; write FIELD=VALUE, "
+                             f"e.g. --set {example}")
         try:
             values[name.strip()] = json.loads(value)
         except json.JSONDecodeError:  # a bare word such as a path is a string
@@ -193,6 +197,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import factedit as fe
     from factedit.data import builtin_facts
 
+    if args.n < 1:
+        raise ValueError(f"--n {args.n}: give the number of facts to edit, 1 or more")
     facts = builtin_facts()[: args.n]
     print(f"loading {args.model} ...", flush=True)
     model = fe.load_model(args.model, device=args.device)
@@ -527,8 +533,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"factedit {args.command}: interrupted", file=sys.stderr)
         return 130
+    except SystemExit as exit_:  # a command's own usage message: print it as the others
+        if not isinstance(exit_.code, str):
+            raise
+        message = exit_.code.removeprefix(f"factedit {args.command}: ")
+        print(f"factedit {args.command}: error: {message}", file=sys.stderr)
+        return 2
     except (InvalidRequestError, FileNotFoundError, KeyError, ValueError, IndexError,
-            ImportError) as err:
+            ImportError, sqlite3.DatabaseError) as err:
         print(f"factedit {args.command}: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # a full disk, a read-only place: what could not be written

@@ -131,6 +131,21 @@ def check_mode(method: str, mode: str | None, batch_size: int, n_requests: int) 
                              f"time; use --mode sequential or single")
 
 
+# Method config fields that name files or folders read during the edit (checked up front).
+PATH_FIELDS = {"covariance_corpus": "--corpus", "checkpoint": "--set checkpoint",
+               "classifier": "--set classifier"}
+
+
+def check_paths(config: MethodConfig) -> None:
+    """Each path field of `config` that is set names something that exists."""
+    names = {f.name for f in fields(config)}
+    for name, flag in PATH_FIELDS.items():
+        value = getattr(config, name, None) if name in names else None
+        if isinstance(value, str) and not Path(value).expanduser().exists():
+            raise PreflightError(f"{flag} {value}: no such file or folder ({name} of "
+                                 f"{type(config).__name__})")
+
+
 @dataclass
 class EditPlan:
     """What `factedit edit` will do, all checked before the model loads."""
@@ -145,6 +160,9 @@ def check_edit(args: Any, overrides: dict[str, Any], requests: list[EditRequest]
     """Every check of `factedit edit` that needs no model; raises with the flag named."""
     config = method_config(args.method, overrides)
     check_mode(args.method, args.mode, args.batch_size, len(requests))
+    check_paths(config)
+    if getattr(args, "max_new_tokens", 1) < 0:
+        raise PreflightError(f"--max-new-tokens {args.max_new_tokens}: give 0 or more")
     if args.device is not None:
         resolve_device(args.device)
     config_json = model_config_json(args.model)

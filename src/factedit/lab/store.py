@@ -97,7 +97,12 @@ class ResultsStore:
         self._conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=60)
         self._conn.row_factory = sqlite3.Row
         # One transaction, so a reader polling a running store sees all the tables or none.
-        self._conn.executescript(f"BEGIN IMMEDIATE;\n{_SCHEMA}\nCOMMIT;")
+        try:
+            self._conn.executescript(f"BEGIN IMMEDIATE;\n{_SCHEMA}\nCOMMIT;")
+        except sqlite3.DatabaseError as err:  # not SQLite at all, or damaged
+            self._conn.close()
+            raise ValueError(f"{self.path} is not a readable results store ({err}); a run "
+                             f"folder's results.sqlite was replaced or damaged") from None
         version = self.meta().get("store_version")
         if version is None:
             self.write(meta={"store_version": str(STORE_VERSION)})
