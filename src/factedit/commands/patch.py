@@ -194,4 +194,5 @@ def _print_summary(d: dict[str, Any], path: Path) -> None:
         print(f"  ... and {len(d['requests']) - 10} more facts")
     if d["scores"]:
         print("  scores at creation: " + ", ".join(
-            f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in d["scores"].items()))
+            f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+            for k, v in d["scores"].items() if v is not None))
