@@ -95,6 +95,8 @@ SHOWN_REQUESTS = 20
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
+    """`factedit edit`: check every flag before the model loads, edit, print before/after
+    (or one JSON object), optionally save the model or a patch file."""
     import factedit as fe
     from factedit import preflight
     from factedit.protocol import EditHandle, make_editor
@@ -194,6 +196,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    """`factedit demo`: edit built-in facts on the built-in model and show the answers before
+    and after, with the time per edit."""
     import factedit as fe
     from factedit.data import builtin_facts
 
@@ -254,6 +258,8 @@ def cmd_methods(_args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    """`factedit info`: the model's layout, the default edited layers, and the state size of
+    `--method` where its registration estimates one."""
     import factedit as fe
     from factedit.methods import get_method
     from factedit.methods.config import default_layers
@@ -275,6 +281,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """`factedit run`: run (or resume) an experiment file into a run folder, then write its
+    report where matplotlib is installed."""
     from pathlib import Path
 
     from factedit.lab import load_experiment, run_experiment, unfinished_methods
@@ -317,6 +325,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    """`factedit report`: the report of one run folder, or one comparison page of several."""
     from pathlib import Path
 
     from factedit.report import format_tables, write_report
@@ -367,6 +376,8 @@ def _train_config(config_cls: type, args: argparse.Namespace) -> Any:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """`factedit train NAME`: train what a method's registration says it needs (its Trainer);
+    without NAME, list the trainable methods."""
     import factedit as fe
     from factedit.data import load_dataset
     from factedit.methods import METHODS, get_method, trainable_methods
@@ -398,6 +409,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `factedit` argument parser: the commands defined here and those registered from
+    `factedit.commands`."""
     parser = argparse.ArgumentParser(prog="factedit", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -516,6 +529,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one `factedit` command; errors a user can fix print `factedit <command>: error:
+    ...` and return 2."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

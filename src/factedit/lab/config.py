@@ -90,6 +90,9 @@ class MethodRun:
 
 @dataclass
 class DatasetSpec:
+    """The `dataset:` section: which records (name or file, data folder, offset, limit) and
+    MQD's question type."""
+
     name: str = "counterfact"
     data_dir: str | None = None
     offset: int = 0
@@ -114,6 +117,9 @@ class CovarianceSpec:
 
 @dataclass
 class DownstreamSpec:
+    """The `downstream:` section: lm_eval tasks, documents per task, the edit counts to
+    measure at, and the harness settings."""
+
     tasks: list[str] = field(default_factory=list)
     limit: int | None = 100
     at: list[int] | None = None

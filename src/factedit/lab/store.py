@@ -212,6 +212,8 @@ class ResultsStore:
         return self._select(sql + " ORDER BY method, weight, n_edits", params)
 
     def edits(self, method: str | None = None) -> list[dict[str, Any]]:
+        """Rows of the edits table (one per edit step), of one method or all, in edit order;
+        request_uids, timings and info decoded from JSON."""
         sql, params = "SELECT * FROM edits", []
         if method is not None:
             sql, params = sql + " WHERE method = ?", [method]

@@ -31,6 +31,8 @@ class SubjectRows:
 
 def subject_rows(model: EditableModel, requests: Sequence[EditRequest],
                  templates: Sequence[str]) -> SubjectRows:
+    """One row per (request, template): the token ids of the templated prompt and the index
+    of its subject's last token, with which request and template each row came from."""
     rows = SubjectRows([], [], [], [])
     for qi, req in enumerate(requests):
         for ti, template in enumerate(templates):

@@ -155,6 +155,10 @@ class MethodConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MethodConfig:
+        """The config a saved dict describes (`to_dict`'s output; the `method` key is ignored).
+
+        Retired fields at their saved value are dropped (`retired_fields`); an unknown field is a
+        ConfigError naming the nearest valid one."""
         if not isinstance(data, dict):
             raise ConfigError(f"{cls.__name__}: a config is a JSON object of fields, got "
                               f"{type(data).__name__} {data!r}")

@@ -35,6 +35,9 @@ def model_default(model: EditableModel, family: str, name: str) -> Any:
 
 
 def default_layers(model: EditableModel, family: str) -> list[int]:
+    """The layers a `family` ("rome" or "memit") edits on `model` where the config gives
+    none: the table's entry for the model's shape, else around a fifth of the depth (one
+    layer for rome, five for memit)."""
     layers = model_default(model, family, "layers")
     if layers is not None:
         return list(layers)

@@ -72,6 +72,9 @@ class FtMConfig(FineTuneConfig):
 
 
 class FineTuneEditor(Editor):
+    """ft-l / ft-m: Adam on the MLP output projections of `layers`, everything else frozen;
+    the change is returned as deltas and the weights are put back."""
+
     config: FineTuneConfig
 
     def __init__(self, model: EditableModel, config: FineTuneConfig) -> None:
@@ -104,6 +107,8 @@ class FineTuneEditor(Editor):
         return row, pos, tok
 
     def compute(self, requests: Sequence[EditRequest]) -> EditResult:
+        """Fine-tune on the requests' (edit prompt, target_new) rows and return the weight
+        change; the blocks below the first tuned layer run once, their output fed in."""
         model = self.model
         result = EditResult()
         batch = token_rows(model, [(r.rewrite_prompt, r.target_new) for r in requests])

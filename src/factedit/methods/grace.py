@@ -111,6 +111,9 @@ class Codebook:
 
 
 class GraceEditor(Editor):
+    """GRACE: a codebook on one layer's MLP output projection, applied through an attachment;
+    each edit trains a value and inserts, splits or widens an entry (module docstring)."""
+
     config: GraceConfig
     supports_batch = False  # one key per edit, as in the paper
 
@@ -127,6 +130,8 @@ class GraceEditor(Editor):
 
     # -- editing ------------------------------------------------------------------------------
     def compute(self, requests: Sequence[EditRequest]) -> EditResult:
+        """Train the one request's value, update the codebook, and return no deltas (the edit
+        acts through the attachment)."""
         if len(requests) != 1:
             raise ValueError("grace edits one request at a time: use mode='sequential'")
         request, = requests

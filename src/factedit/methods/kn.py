@@ -91,6 +91,9 @@ class KnConfig(MethodConfig):
 
 
 class KnEditor(Editor):
+    """Knowledge Neurons: attribute the answer to FFN neurons by integrated gradients, then
+    rewrite the kept neurons' value slots (module docstring)."""
+
     config_cls = KnConfig
     config: KnConfig
 
@@ -200,6 +203,9 @@ class KnEditor(Editor):
         return head[token].to("cpu", torch.float64)
 
     def compute(self, requests: Sequence[EditRequest]) -> EditResult:
+        """For each request, find its neurons and add to their value slots update_scale x
+        target_new's embedding minus erase_scale x the old answer's; returns the deltas and
+        the neurons found."""
         c, tok = self.config, self.model.tokenizer
         result = EditResult()
         slots: dict[int, torch.Tensor] = {}

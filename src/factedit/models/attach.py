@@ -62,6 +62,8 @@ class Attachment:
         return bool(self._handles)
 
     def install(self) -> None:
+        """Register the hooks (once), and turn the KV cache off where the hooks need the full
+        sequence."""
         if self.installed:
             return
         for kind, module, fn in self._specs:
@@ -75,6 +77,7 @@ class Attachment:
             generation_config.use_cache = False
 
     def remove(self) -> None:
+        """Remove the hooks in reverse order and put the model's cache setting back."""
         if not self.installed:
             return
         for handle in reversed(self._handles):

@@ -202,6 +202,9 @@ class EditHandle:
         evaluate: Callable[[EditableModel, list[EditRequest]], dict] | None = None,
         progress: bool = True,
     ) -> EditHandle:
+        """Edit `requests` in `mode` (default: batch for several requests when the method
+        batches, else sequential), recording each step; `evaluate(model, requests)` scores each
+        step's requests right after it. Returns self."""
         requests = as_requests(requests)
         check_prompt_lengths(self.model, requests)  # before any work, naming the request
         mode = mode or ("batch" if self.editor.supports_batch and len(requests) > 1 else "sequential")

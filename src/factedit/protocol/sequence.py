@@ -40,6 +40,9 @@ class Checkpoint:
 
 @dataclass
 class SequenceReport:
+    """What `run_sequence` measured: per-request scores right after each edit, the
+    checkpoints along the sequence, the final and unedited scores, and the handle."""
+
     method: str
     mode: str
     handle: EditHandle
@@ -71,6 +74,8 @@ class SequenceReport:
         return out
 
     def summary(self) -> dict[str, Any]:
+        """The headline numbers as one JSON-able dict: final, immediate and unedited scores,
+        forgetting, seconds per request and timings."""
         n = sum(len(r.request_ids) for r in self.handle.records)
         edit_seconds = self.edit_seconds(n)
         return {

@@ -44,6 +44,8 @@ class UnreadableStateError(StateFileError):
 
 
 def save_handle(handle: EditHandle, folder: str | Path) -> Path:
+    """Write `handle`'s state to `folder` (state.safetensors + manifest.json, module
+    docstring); both are written to temporary names and renamed, so a crash keeps the old state."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors, editor_manifest = editor_state(handle.editor)

@@ -46,6 +46,9 @@ SETTINGS = (("dataset.question_type", "question type"), ("batch_size", "batch si
 
 @dataclass
 class Comparison:
+    """What `compare_runs` wrote: the folder, the page, one row per (run, method), the
+    settings that differ between the runs, the downstream metrics and the plots."""
+
     folder: Path
     html: Path
     rows: list[dict[str, Any]] = field(default_factory=list)

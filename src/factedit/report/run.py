@@ -45,6 +45,9 @@ CORRELATION_METRICS = ("efficacy", "generalization", "specificity", "rewrite_acc
 
 @dataclass
 class Report:
+    """What `write_report` wrote: the folder, the page and plots, the norm-score
+    correlations, and the paper-style tables per checkpoint."""
+
     folder: Path
     html: Path
     plots: dict[str, Path] = field(default_factory=dict)

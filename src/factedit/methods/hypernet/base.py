@@ -419,6 +419,8 @@ class HypernetEditor(Editor):
         raise NotImplementedError
 
     def compute(self, requests: Sequence[EditRequest]) -> EditResult:
+        """Deltas the trained network produces for the requests' fine-tuning gradients (no grad),
+        with each layer's delta norm in info."""
         result = EditResult()
         rows = token_rows(self.model, [(r.rewrite_prompt, r.target_new) for r in requests])
         with result.timed("hypernet"), torch.no_grad():

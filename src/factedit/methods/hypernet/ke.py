@@ -131,6 +131,9 @@ class KeNet(nn.Module):
 
 
 class KeEditor(HypernetEditor):
+    """KnowledgeEditor: a network conditioned on the edit's mean hidden input maps each
+    token's gradient pieces to a delta; trained under a locality constraint (module docstring)."""
+
     config_cls = KeConfig
     config: KeConfig
     kind = "ke"
@@ -154,6 +157,8 @@ class KeEditor(HypernetEditor):
 
     def deltas_for(self, rows: TokenRows, block_in: torch.Tensor | None = None
                    ) -> dict[int, torch.Tensor]:
+        """Per edited layer, the (d_out, d_in) delta the network gives for `rows`, conditioned on
+        each row's mean input to the first edited block."""
         if block_in is None:
             block_in = self.forward.block_input(rows)
         pieces = self.forward.layer_gradients(rows, block_in)

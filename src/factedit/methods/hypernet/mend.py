@@ -119,6 +119,9 @@ class MendNet(nn.Module):
 
 
 class MendEditor(HypernetEditor):
+    """MEND: a low-rank network transforms the fine-tuning gradient's factors (u, g) of each
+    edited layer into the delta it applies (module docstring)."""
+
     config_cls = MendConfig
     config: MendConfig
     kind = "mend"
@@ -139,6 +142,8 @@ class MendEditor(HypernetEditor):
 
     def deltas_for(self, rows: TokenRows, block_in: torch.Tensor | None = None
                    ) -> dict[int, torch.Tensor]:
+        """Per edited layer, the delta the network makes of the rows' gradient pieces (their
+        normalisation statistics are set from the first batch the net sees)."""
         if block_in is None:
             block_in = self.forward.block_input(rows)
         pieces = self.forward.layer_gradients(rows, block_in)

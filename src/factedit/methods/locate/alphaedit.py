@@ -84,6 +84,9 @@ class AlphaEditConfig(LocateEditConfig):
 
 
 class AlphaEditEditor(LocateEditor):
+    """AlphaEdit: MEMIT's layer loop with each update projected onto the null space of C and
+    solved against the keys of all earlier edits (K_p K_p^T, kept per layer)."""
+
     config_cls = AlphaEditConfig
     config: AlphaEditConfig
 
@@ -146,6 +149,8 @@ class AlphaEditEditor(LocateEditor):
         return self.weight64(layer) + R.to(torch.float64) @ X.T, lambda: gram() + alpha * eye
 
     def compute(self, requests: Sequence[EditRequest]) -> EditResult:
+        """One edit; its keys join K_p (and the kept factors of the history system) only once the
+        edit has succeeded."""
         result, terms = self.edit_layers(requests, self.solve_layer, self.config.residual)
         # Committed only now: a failed edit must not leave its keys in K_p.
         for layer, (K, _R) in terms.items():

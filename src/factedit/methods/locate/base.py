@@ -511,6 +511,8 @@ class LocateEditor(Editor):
         return tensors, manifest
 
     def load_locate_state(self, tensors: dict[str, torch.Tensor], manifest: dict[str, Any]) -> None:
+        """Take C, W_0 and the templates from a saved `locate_state` (refused where the saved
+        layers differ from this editor's); what was derived from an older C is dropped."""
         if manifest.get("layers") != self.layers:
             raise ValueError(f"saved state edits layers {manifest.get('layers')}, this "
                              f"{type(self).__name__} edits {self.layers}: build it with the "

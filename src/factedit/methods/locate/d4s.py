@@ -124,6 +124,9 @@ class D4SConfig(D4SHistoryConfig):
 
 
 class D4SEditor(MemitEditor):
+    """D4S: MEMIT's solve over running sums of all edits (S_RK, S_KK) on W_0, so an edit can
+    be removed exactly and the state saved and resumed (module docstring)."""
+
     config_cls = D4SConfig
     config: D4SConfig
 
@@ -220,6 +223,8 @@ class D4SEditor(MemitEditor):
         return S_RK, S_KK
 
     def compute(self, requests: Sequence[EditRequest]) -> EditResult:
+        """One edit: its terms join the sums and each layer is solved from W_0 (in full, or by an
+        incremental step); the sums are committed only when the edit succeeds."""
         sums: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         solved: dict[int, torch.Tensor] = {}
         start = self.values_start()
@@ -320,6 +325,8 @@ class D4SEditor(MemitEditor):
         return tensors, manifest
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], manifest: dict[str, Any]) -> None:
+        """Continue from `state_dict()`'s output: C, W_0, templates, the sums, the live edits and
+        their kept terms (or requests); the next edit solves in full."""
         self.load_locate_state(tensors, manifest)
         self._s_rk = {layer: tensors[f"S_RK.{layer}"].to(torch.float64)
                       for layer in self.layers if f"S_RK.{layer}" in tensors}

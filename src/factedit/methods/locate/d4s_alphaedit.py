@@ -48,6 +48,9 @@ class D4SAlphaEditConfig(D4SHistoryConfig):
 
 
 class D4SAlphaEditEditor(D4SEditor):
+    """D4S's whole-history sums solved with AlphaEdit's null-space projection instead of
+    lambda C (module docstring)."""
+
     config_cls = D4SAlphaEditConfig
     config: D4SAlphaEditConfig
     # Target values are D4S's own (same objective, site and options; only the solve differs),

@@ -71,6 +71,9 @@ class MemitConfig(MemitLayersConfig):
 
 
 class MemitEditor(LocateEditor):
+    """MEMIT: z at the last edited layer, then per layer W + R K^T (lambda C + K K^T)^{-1}
+    (module docstring)."""
+
     config_cls = MemitConfig
     config: MemitConfig
 

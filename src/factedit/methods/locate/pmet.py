@@ -48,6 +48,9 @@ class PmetConfig(MemitConfig):
 
 
 class PmetEditor(MemitEditor):
+    """PMET: MEMIT's loop with the target taken in the FFN output of a joint (attention, FFN)
+    optimisation and the residual spread by the square root of the remaining layers."""
+
     config_cls = PmetConfig
     value_site = "mlp_out"  # R_j is measured in the FFN output at the last edited layer
     spread_exponent = 0.5

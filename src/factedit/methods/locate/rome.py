@@ -51,12 +51,16 @@ def bare_keys(model, requests, layers):
 
 
 class RomeEditor(LocateEditor):
+    """ROME: one request, one layer, a rank-one update that writes v* at the subject key k*."""
+
     config_cls = RomeConfig
     supports_batch = False
     layer_family = "rome"
     value_site = "mlp_out"  # v* is the MLP output of the one edited layer
 
     def compute(self, requests: Sequence[EditRequest]) -> EditResult:
+        """The rank-one delta for the single request (C, k* and v* computed or read from the
+        caches first)."""
         if len(requests) != 1:
             raise ValueError("rome computes one request at a time (use mode='sequential')")
         (layer,) = self.layers

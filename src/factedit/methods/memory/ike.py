@@ -71,6 +71,9 @@ def demonstration(request: EditRequest, kind: str) -> str:
 
 
 class IkeEditor(MemoryEditor):
+    """IKE: the retrieved fact is prepended with demonstrations (copy, update, retain)
+    drawn from the stored edits most similar to it."""
+
     config: IkeConfig
 
     def context(self, best: EditRequest, ranked: Sequence[EditRequest]) -> str:

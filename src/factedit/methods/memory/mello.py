@@ -105,6 +105,9 @@ def fact_sentence(request: EditRequest) -> str:
 
 
 class MelloEditor(Editor):
+    """MeLLo: keeps edited facts as sentences; multi-hop questions are decomposed by the
+    model and each sub-answer checked against the retrieved facts (module docstring)."""
+
     config: MelloConfig
 
     def __init__(self, model: EditableModel, config: MelloConfig) -> None:

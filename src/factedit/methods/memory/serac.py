@@ -73,6 +73,9 @@ class SeracConfig(MemoryConfig):
 
 
 class SeracEditor(MemoryEditor):
+    """SERAC: a memory of edits, a scope classifier (mapped sentence embeddings and a cosine
+    threshold) and the model prompted with the edit as counterfactual model."""
+
     config: SeracConfig
 
     def __init__(self, model: EditableModel, config: SeracConfig) -> None:
@@ -94,6 +97,8 @@ class SeracEditor(MemoryEditor):
         return list(self.embed(prompts))
 
     def retrieve(self, ids: torch.Tensor, mask: torch.Tensor) -> list[list[MemoryEntry]]:
+        """Per row, the stored edits in scope of some prefix of the row's text (cosine at or above
+        the threshold), most similar first."""
         if not self.entries:
             return [[] for _ in range(ids.shape[0])]
         decode = self.model.tokenizer.decode

@@ -208,6 +208,8 @@ class PatchEditor(Editor):
 
     # -- editing --------------------------------------------------------------------------
     def compute(self, requests: Sequence[EditRequest]) -> EditResult:
+        """Add and train this edit's neurons (the target's NLL down, firing on the edit, silent
+        on the memory prompts); returns no deltas, the neurons act through the attachment."""
         result = EditResult()
         rows = token_rows(self.model, [(r.rewrite_prompt, r.target_new) for r in requests])
         edit_queries = self.queries(rows, "answer")
@@ -312,6 +314,7 @@ class PatchEditor(Editor):
 
     # -- the attachment -------------------------------------------------------------------
     def attachment(self) -> Attachment:
+        """Forward hooks that add the live neurons' output to each patched layer's MLP output."""
         attachment = Attachment(self.model.model)
         for layer in self.layers:
             def hook(_module, args, kwargs, out, layer=layer):
@@ -335,6 +338,8 @@ class PatchEditor(Editor):
 
     # -- save / resume --------------------------------------------------------------------
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(tensors, manifest): every edit's neurons and memory queries, and which edit and
+        layer each belongs to."""
         tensors = {}
         for i, n in enumerate(self.neurons):
             tensors.update({f"{i}.keys": n.keys.cpu(), f"{i}.bias": n.bias.cpu(),
@@ -348,6 +353,8 @@ class PatchEditor(Editor):
         return tensors, manifest
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], manifest: dict[str, Any]) -> None:
+        """Continue from `state_dict()`'s output, refused where it holds another method's neurons
+        or other layers."""
         if manifest.get("patches") != self.config.method or manifest.get("layers") != self.layers:
             raise ValueError(f"{type(self).__name__}: the saved state holds "
                              f"{manifest.get('patches')!r} neurons at layers "

@@ -58,6 +58,9 @@ class CaliNetConfig(PatchConfig):
 
 
 class CaliNetEditor(PatchEditor):
+    """CaliNET: a block of calibration slots beside each patched MLP, started from keys that
+    separate the edit from the memory prompts (or at random), trained on the edit."""
+
     config_cls = CaliNetConfig
     config: CaliNetConfig
 
@@ -65,7 +68,8 @@ class CaliNetEditor(PatchEditor):
         return [model.num_layers - 2, model.num_layers - 1]
 
     def init_neurons(self, edit_queries, memory_queries):
-        # Seeded by the edit number: the same sequence of edits builds the same memory.
+        """Starting (keys, bias, values) of this edit's slots per layer, seeded by the edit
+        number so a sequence of edits builds the same memory."""
         generator = torch.Generator().manual_seed(self.next_edit_id)
         start = {}
         for layer in self.layers:
@@ -92,6 +96,8 @@ class CaliNetEditor(PatchEditor):
         return start
 
     def lr_scales(self, neurons):
+        """Adam rate multipliers for (keys, bias, values): keys move by about lr of their own size
+        per step when they start from separating keys."""
         # Adam moves every entry by about lr per step, whatever its size; the starting keys'
         # entries are ~lr/25 on the built-in model, so at the plain lr a few steps replace a
         # separating key by noise and a slot goes silent on its edit. Keys move by about

@@ -51,6 +51,9 @@ class TPatcherConfig(PatchConfig):
 
 
 class TPatcherEditor(PatchEditor):
+    """T-Patcher: one neuron per edit in each patched layer's MLP (default: the last layer),
+    trained to fire on the edit and stay below a margin on the memory prompts."""
+
     config_cls = TPatcherConfig
     config: TPatcherConfig
 
@@ -67,6 +70,8 @@ class TPatcherEditor(PatchEditor):
         return start
 
     def extra_losses(self, params, edit_queries, memory_queries):
+        """T-Patcher's activation and memory losses: the patch fires above the margin on the
+        edit and below minus the margin on the memory queries it would fire on."""
         c = self.config
         activation = memory = torch.zeros((), device=self.model.device)
         for layer, (keys, bias, _values) in params.items():
