@@ -16,6 +16,10 @@ EasyEdit / zsRE convention (teacher-forced token accuracy):
                     by the edit (needs a `Baseline` captured before editing); without one,
                     `neighborhood_acc` (token accuracy of the expected answers) is reported.
 
+Generation convention (`metrics.generation`, with `evaluate(..., generation=True)`): the
+model's greedy text judged for the answer; gen_efficacy, gen_generalization,
+gen_specificity (+ gen_specificity_n), gen_bleed, gen_portability, gen_fluency.
+
 `evaluate` returns the means over requests (requests where a metric is undefined, e.g. no
 target_true, are left out of that mean) and `per_request` rows.
 """
@@ -23,13 +27,21 @@ target_true, are left out of that mean) and `per_request` rows.
 from __future__ import annotations
 
 import math
-from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..models import EditableModel
 from ..requests import EditRequest, as_requests
+from .generation import (
+    GenerationOptions,
+    aggregate_generation,
+    baseline_prompts,
+    generate_continuations,
+    generation_options,
+    generation_rows,
+)
+from .ngrams import ngram_entropy
 from .scoring import PairScore, score_pairs
 
 CF_METRICS = ("efficacy", "generalization", "specificity")
@@ -39,20 +51,43 @@ EASYEDIT_METRICS = ("rewrite_acc", "rephrase_acc", "locality", "neighborhood_acc
 
 @dataclass
 class Baseline:
-    """Greedy predictions of the unedited model on neighbourhood answers (for `locality`)."""
+    """The unedited model on neighbourhood prompts: greedy predictions of their answers
+    (for `locality`) and, captured with `generation=...`, their generated continuations
+    (for `gen_specificity`) with the generation options that produced them."""
 
     argmax: dict[tuple[str, str], tuple[int, ...]] = field(default_factory=dict)
+    generated: dict[str, str] = field(default_factory=dict)
+    generation: dict[str, Any] | None = None  # GenerationOptions.generation_key()
 
     def covers(self, requests: Iterable[EditRequest]) -> bool:
         return all(pair in self.argmax for r in requests for pair in r.neighborhood)
 
+    def covers_generation(self, requests: Iterable[EditRequest],
+                          options: GenerationOptions) -> bool:
+        """Were these requests' neighbourhood prompts generated, with the same options?"""
+        return (self.generation == options.generation_key()
+                and all(p in self.generated for r in requests for p, _ in r.neighborhood))
+
 
 def capture_baseline(model: EditableModel, requests: Sequence[EditRequest] | EditRequest,
-                     batch_size: int = 64) -> Baseline:
-    """Record the unedited model's neighbourhood predictions; call it before editing."""
+                     batch_size: int = 64,
+                     generation: bool | dict | GenerationOptions | None = None,
+                     progress: bool = True) -> Baseline:
+    """Record the unedited model's neighbourhood predictions; call it before editing.
+
+    generation: also generate every neighbourhood prompt (True: default GenerationOptions),
+    which `evaluate(..., generation=...)` needs for gen_specificity.
+    """
     requests = as_requests(requests)
+    options = generation_options(generation)
     scores = score_pairs(model, [p for r in requests for p in r.neighborhood], batch_size)
-    return Baseline({pair: s.argmax for pair, s in scores.items()})
+    baseline = Baseline({pair: s.argmax for pair, s in scores.items()})
+    if options is not None:
+        baseline.generated = generate_continuations(
+            model, baseline_prompts(requests), options.context, options.max_new_tokens,
+            options.stop, options.batch_size, progress)
+        baseline.generation = options.generation_key()
+    return baseline
 
 
 def _mean(values: Iterable[float | None]) -> float | None:
@@ -114,39 +149,47 @@ def request_metrics(req: EditRequest, scores: dict[tuple[str, str], PairScore],
 
 def evaluate(model: EditableModel, requests: Sequence[EditRequest] | EditRequest,
              baseline: Baseline | None = None, batch_size: int = 64,
-             per_request: bool = True, progress: bool = True) -> dict[str, Any]:
+             per_request: bool = True, progress: bool = True,
+             generation: bool | dict | GenerationOptions | None = None) -> dict[str, Any]:
     """Score requests on the model as it is now (a progress bar when that takes many batches).
 
     Returns {"efficacy", "generalization", "specificity", their "_magnitude"s, the EasyEdit
     metrics, "n", "per_request": [...]}; means are over requests where a metric is defined
     (None where it is defined for none).
+
+    generation: also generate and judge (True: default `GenerationOptions`; a dict or
+    GenerationOptions: those), adding the `gen_*` keys of `metrics.generation` beside the
+    others. gen_specificity needs a baseline captured with the same generation options
+    (`capture_baseline(model, requests, generation=...)`); without one it is None.
     """
     requests = as_requests(requests)
+    options = generation_options(generation)
     if baseline is not None and not baseline.covers(requests):
         raise ValueError("baseline does not cover these requests' neighbourhoods: capture it "
                          "with capture_baseline(model, requests) before editing")
+    before = None
+    if options is not None and baseline is not None and baseline.generation is not None:
+        if not baseline.covers_generation(requests, options):
+            raise ValueError(
+                f"baseline's generations (options {baseline.generation}) do not cover these "
+                f"requests with options {options.generation_key()}: capture it with "
+                f"capture_baseline(model, requests, generation=<the same options>) before "
+                f"editing")
+        before = baseline.generated
     scores = score_pairs(model, [p for r in requests for p in _pairs_of(r)], batch_size,
                          progress)
     rows = [request_metrics(r, scores, baseline) for r in requests]
     keys = list(dict.fromkeys(k for row in rows for k in row if k != "case_id"))
     out: dict[str, Any] = {k: _mean(row.get(k) for row in rows) for k in keys}
+    if options is not None:
+        gen_rows = generation_rows(model, requests, options, before, progress)
+        out.update(aggregate_generation(gen_rows))
+        for row, gen_row in zip(rows, gen_rows):
+            row.update((k, v) for k, v in gen_row.items() if k != "case_id")
     out["n"] = len(rows)
     if per_request:
         out["per_request"] = rows
     return out
-
-
-def ngram_entropy(text: str, ns: Sequence[int] = (2, 3), weights: Sequence[float] = (2 / 3, 4 / 3)
-                  ) -> float:
-    """ROME's fluency measure: weighted entropy of the n-gram distribution of a text."""
-    words = text.split()
-    total = 0.0
-    for n, w in zip(ns, weights):
-        grams = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
-        count = sum(grams.values())
-        if count:
-            total += w * -sum(c / count * math.log2(c / count) for c in grams.values())
-    return total / len(ns)
 
 
 def fluency(model: EditableModel, prompts: Sequence[str], max_new_tokens: int = 40) -> float:
