@@ -15,6 +15,8 @@ REQUEST = EditRequest(prompt="{} is located in the city of", subject="The Eiffel
                       target_new="Rome", target_true="Paris",
                       paraphrases=["Where is The Eiffel Tower? It is in the city of"])
 
+TOKEN = 234  # the answer token whose probability is attributed: any id of the tiny vocabulary
+
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2", "gemma3"])
 def test_attribution_matches_a_loop_over_interpolation_steps(tokenizer, model_type):
@@ -23,7 +25,7 @@ def test_attribution_matches_a_loop_over_interpolation_steps(tokenizer, model_ty
     full-prompt forward/backward passes (float64), for every layer of one call."""
     model = make_tiny_model(tokenizer, model_type, layers=3)
     editor = make_editor(model, "kn", ig_steps=4)
-    prompt, token = REQUEST.rewrite_prompt, 1234
+    prompt, token = REQUEST.rewrite_prompt, TOKEN
     shapes = []
     spy = model.layers[2].register_forward_pre_hook(
         lambda mod, args, kwargs: shapes.append(tuple((args or [kwargs["hidden_states"]])[0].shape[:2])),
@@ -42,8 +44,8 @@ def test_attribution_of_a_one_token_prompt(tokenizer):
     """No position before the answer: nothing to cache, the pass runs the whole prompt."""
     model = make_tiny_model(tokenizer, layers=2)
     editor = make_editor(model, "kn", ig_steps=3)
-    (batched,) = editor.attribution("Paris", 1234, layers=[1]).values()
-    assert torch.allclose(batched.double(), loop_attribution(model, "Paris", 1234, 1, m=3),
+    (batched,) = editor.attribution("Paris", TOKEN, layers=[1]).values()
+    assert torch.allclose(batched.double(), loop_attribution(model, "Paris", TOKEN, 1, m=3),
                           rtol=1e-4, atol=1e-10)
 
 

@@ -19,6 +19,7 @@ EIFFEL = EditRequest(prompt="{} is located in the city of", subject="The Eiffel 
 COLOSSEUM = EditRequest(prompt="{} was built by", subject="The Colosseum",
                         target_new="the Vikings", target_true="the Romans")
 BIGBEN = EditRequest(prompt="The bell {} rings in", subject="Big Ben", target_new="Berlin",
+                     paraphrases=["Where can one hear Big Ben? In"],
                      neighborhood=[("Tower Bridge crosses the river", "Thames")])
 UNRELATED = "My favourite breakfast is"
 METHODS = ["memprompt", "ike"]
@@ -139,7 +140,11 @@ def test_ike_context_holds_demonstrations_and_the_new_fact_last(tokenizer):
     text = handle.editor.context(COLOSSEUM, [COLOSSEUM])
     assert text.count("New Fact:") == 3
     assert text.endswith("New Fact: The Colosseum was built by the Vikings\n")
-    assert "The Eiffel Tower stands in Rome" in text or "Tower Bridge crosses the river Thames" in text
+    # The most similar stored edit is shown as a copy, the next as an update (its
+    # paraphrase answered with the new target); which is which depends on the random model.
+    first, second = [r for r in handle.editor.demo_pool(COLOSSEUM) if r is not COLOSSEUM]
+    assert f"\n{first.rewrite_prompt} {first.target_new}\n\n" in text
+    assert f"\n{second.paraphrases[0]} {second.target_new}\n\n" in text
 
 
 def test_memprompt_context_is_the_correction(tokenizer):

@@ -14,17 +14,18 @@ from factedit.models import LayerIndexError
 from factedit.protocol import EditHandle, edit, make_editor
 from factedit.text import continuation_ids, encode
 
-# The tiny model never reaches early_stop_nll (its NLL floor is ~9.4), so every edit runs
-# all its steps: few for CaliNET (two layers, eight slots), more for T-Patcher's hinges.
+# The tiny model never reaches early_stop_nll (its NLL floor is ln V less ~0.02 * hidden),
+# so every edit runs all its steps: few for CaliNET (two layers, eight slots), more for
+# T-Patcher's hinges.
 SETTINGS = {"t-patcher": dict(steps=150, lr=0.1), "calinet": dict(steps=60, lr=0.1)}
 
 
 @pytest.mark.parametrize("method", ["t-patcher", "calinet"])
 def test_edit_writes_the_target_through_generate(tokenizer, method):
-    model = make_tiny_model(tokenizer, layers=3)
+    model = make_tiny_model(tokenizer, layers=3, hidden=128)
     before = nll(model, EIFFEL)
     handle = edit(model, [EIFFEL], method=method, progress=False, **SETTINGS[method])
-    # A random 64-wide model cannot put much mass on one of 49k tokens (NLL floor ~9.4):
+    # A random model with tied embeddings moves a logit by at most ~0.02 * hidden (128 here):
     # a drop of > 1 nat and the greedy token are what it can show.
     assert nll(model, EIFFEL) < before - 1.0 and greedy_first(model, EIFFEL)
     assert not any(p.grad is not None for p in model.model.parameters())
