@@ -308,6 +308,11 @@ def test_ledger_transactions_are_all_or_nothing(tmp_path):
     (again,) = reopened.rows()
     assert reopened.generation == 2 and again.status == "removed" and again.removed_by == "you"
     assert again.request == EIFFEL and reopened.rows("live") == []
+    more = [LedgerRow(id=i, request=EIFFEL, created=1.0, who="me", method="d4s", generation=3)
+            for i in (1, 2, 3)]
+    reopened.commit_edits(more, generation=3)
+    assert [r.id for r in reopened.rows(after=1, limit=1)] == [2]
+    assert [r.id for r in reopened.rows("live", after=0)] == [1, 2, 3]
 
 
 def test_reconcile_drops_uncommitted_and_superseded_generations(tmp_path):

@@ -141,6 +141,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
                  "max_tokens_limit", "port"):
         if getattr(args, name) < (0 if name == "port" else 1):
             return _fail(f"--{name.replace('_', '-')} must be positive")
+    from dataclasses import fields
+
+    from factedit.methods import get_method
+
+    try:
+        method_fields = {f.name for f in fields(get_method(args.method).config_cls)}
+    except (KeyError, ValueError) as err:
+        return _fail(str(err))
+    if ("covariance_tokens" in method_fields and "covariance_corpus" not in overrides
+            and "covariance_tokens" not in overrides):
+        # As `factedit demo`: without a corpus the statistics come from text sampled from the
+        # model (~80 tokens/s on two cores), so 20k tokens (minutes, once, then cached), not
+        # the method's 100k. --set covariance_corpus=DIR gives real text instead.
+        overrides["covariance_tokens"] = 20_000
     state = Path(args.state)
     token_note = "tokens from " + " and ".join(
         (["$" + TOKEN_ENV] if os.environ.get(TOKEN_ENV, "").strip() else [])

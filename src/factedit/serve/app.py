@@ -6,7 +6,7 @@
     POST /v1/completions              OpenAI completions (temperature 0: greedy; logprobs)
     POST /v1/chat/completions         OpenAI chat completions (the model's chat template)
     POST /v1/edits                    {"requests": [EditRequest fields, ...]} -> {"edits": [...]}
-    GET  /v1/edits[?status=live]      the ledger
+    GET  /v1/edits[?status=live&after=ID&limit=N]   the ledger, by id
     GET  /v1/edits/{id}               one ledger row
     DELETE /v1/edits/{id}             roll the edit back (exact for D4S-family settings)
     GET  /v1/patch                    the live edits as a patch file (factedit.patch)
@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import anyio
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -495,12 +495,13 @@ def create_app(service: EditService, auth: Auth, max_body_bytes: int = 1 << 20) 
         return {"object": "list", "edits": edits, "generation": service.generation}
 
     @app.get("/v1/edits")
-    async def ledger(request: Request, status: Literal["live", "removed"] | None = None
+    async def ledger(request: Request, status: Literal["live", "removed"] | None = None,
+                     after: int = -1, limit: int = Query(1000, ge=1, le=10_000)
                      ) -> dict[str, Any]:
         caller(request, mutating=False)
-        rows = service.ledger.rows(status)
-        return {"object": "list", "data": [r.to_json() for r in rows],
-                "generation": service.generation}
+        rows = service.ledger.rows(status, after, limit + 1)
+        return {"object": "list", "data": [r.to_json() for r in rows[:limit]],
+                "has_more": len(rows) > limit, "generation": service.generation}
 
     @app.get("/v1/edits/{edit_id}")
     async def ledger_row(edit_id: int, request: Request) -> dict[str, Any]:

@@ -87,10 +87,14 @@ class Ledger:
             row = self._db.execute("SELECT value FROM meta WHERE key='generation'").fetchone()
         return int(row[0]) if row else 0
 
-    def rows(self, status: str | None = None) -> list[LedgerRow]:
-        query = "SELECT * FROM edits" + (" WHERE status=?" if status else "") + " ORDER BY id"
+    def rows(self, status: str | None = None, after: int = -1,
+             limit: int | None = None) -> list[LedgerRow]:
+        """Rows by id, those with id > `after`, at most `limit` (None: all)."""
+        query = ("SELECT * FROM edits WHERE id > ?" + (" AND status=?" if status else "")
+                 + " ORDER BY id" + (" LIMIT ?" if limit is not None else ""))
+        params = (after, *((status,) if status else ()), *(() if limit is None else (limit,)))
         with self._lock:
-            cursor = self._db.execute(query, (status,) if status else ())
+            cursor = self._db.execute(query, params)
             names = [d[0] for d in cursor.description]
             return [self._row(dict(zip(names, r))) for r in cursor.fetchall()]
 
