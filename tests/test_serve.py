@@ -372,3 +372,18 @@ def test_full_edit_queue_gets_429_and_queued_edits_commit(tiny_model, tmp_path, 
         assert "factedit_edits_total 2.0" in client.get("/metrics").text
     finally:
         service.close()
+
+
+def test_token_file_names_tokens_and_refuses_short_ones(tmp_path, monkeypatch):
+    from factedit.commands.serve import local_token, read_tokens
+
+    monkeypatch.setenv("FACTEDIT_API_TOKEN", "e" * 20)
+    path = tmp_path / "tokens"
+    path.write_text("# comment\nalice:" + "a" * 20 + "\n" + "b" * 20 + "\n")
+    assert read_tokens(str(path)) == {"e" * 20: "env", "a" * 20: "alice", "b" * 20: "token-file"}
+    path.write_text("bob:short\n")
+    with pytest.raises(ValueError, match="at least 16"):
+        read_tokens(str(path))
+    made = local_token(tmp_path / "state")
+    assert local_token(tmp_path / "state") == made  # made once, reused on restart
+    assert (tmp_path / "state" / "api-token").stat().st_mode & 0o077 == 0
