@@ -217,3 +217,50 @@ def test_chat_context_needs_a_chat_template(tiny_model):
             generate_continuations(tiny_model, ["Hi"], context="chat")
     finally:
         tiny_model.tokenizer.chat_template = template
+
+
+# -- the lab: experiment files, the store, the report -----------------------------------------
+
+
+def test_experiment_file_checks_generation_options():
+    from common import experiment_dict
+
+    from factedit.lab import Experiment, ExperimentError
+
+    data = experiment_dict("c.txt", "d.json", eval={"generation": {"context": "prose"}})
+    with pytest.raises(ExperimentError, match=r"eval\.generation\.context='prose': choose one"):
+        Experiment.from_dict(data)
+    data["eval"] = {"generation": "yes"}
+    with pytest.raises(ExperimentError, match=r"eval\.generation='yes': give true, false"):
+        Experiment.from_dict(data)
+    data["eval"] = {"generation": True}
+    assert Experiment.from_dict(data).eval.generation == GenerationOptions().to_dict()
+    data["eval"] = {}
+    assert Experiment.from_dict(data).eval.generation is None
+
+
+def test_lab_run_stores_and_reports_generation_beside_teacher_forced(lab_env, tokenizer):
+    from common import LAB_TINY, experiment_dict
+    from conftest import make_tiny_model
+
+    from factedit.lab import ResultsStore, run_experiment
+    from factedit.lab.store import MEAN
+    from factedit.report import format_tables, write_report
+
+    tmp, corpus, dataset = lab_env
+    config = experiment_dict(corpus, dataset, n_edits=[2],
+                             methods=[{"name": "memit", "config": dict(LAB_TINY)}],
+                             eval={"immediate": True,
+                                   "generation": {"max_new_tokens": 3, "fluency": False}})
+    out = run_experiment(config, tmp / "run", model=make_tiny_model(tokenizer), progress=False)
+    with ResultsStore(out / "results.sqlite") as store:
+        for view in ("unedited", "immediate", "checkpoint"):
+            rows = store.scores(view=view, metric="gen_efficacy", uid=MEAN)
+            assert rows and all(0.0 <= r["value"] <= 1.0 for r in rows), view
+        assert store.scores(view="checkpoint", metric="efficacy", uid=MEAN)  # TF still there
+    report = write_report(out)
+    assert sorted(report.generation) == [2]
+    row = report.generation[2][1]
+    assert row["method"] == "memit" and row["Eff"] is not None and row["Eff gen"] is not None
+    assert "<th>Eff gen</th>" in report.html.read_text()
+    assert "teacher-forced beside generated" in format_tables(report)

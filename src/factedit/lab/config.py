@@ -21,6 +21,10 @@
     eval:
       immediate: true             # score each request right after its own edit
       every: null                 # extra checkpoints every k edits
+      generation: false           # also judge greedy generations (gen_* metrics): true for
+                                  # the defaults, or options {context: bare|qa|chat,
+                                  # max_new_tokens: 50, stop: [".", "\n"], judge:
+                                  # contains|exact, inflection, fluency, batch_size}
     covariance:                   # shared by every method with covariance statistics
       corpus: null                # text file/folder; null: text sampled from the model
       tokens: null                # token positions; null: the method's default
@@ -107,6 +111,8 @@ class DatasetSpec:
 class EvalSpec:
     immediate: bool = True
     every: int | None = None
+    # GenerationOptions.to_dict() of the generation metrics, None when they are off.
+    generation: dict[str, Any] | None = None
 
 
 @dataclass
@@ -348,6 +354,24 @@ def _section(data: Any, path: str, cls: type) -> dict[str, Any]:
     return data
 
 
+def _generation(value: Any) -> dict[str, Any] | None:
+    """`eval.generation`: false/null off, true the default options, a mapping of options
+    (checked by GenerationOptions, errors named eval.generation.<option>)."""
+    from ..metrics import GenerationOptions, GenerationOptionsError
+
+    if value is None or value is False:
+        return None
+    if value is True:
+        return GenerationOptions().to_dict()
+    if not isinstance(value, dict):
+        raise ExperimentError(f"eval.generation={value!r}: give true, false or a mapping of "
+                              f"generation options (context, max_new_tokens, stop, judge, ...)")
+    try:
+        return GenerationOptions.from_dict(value, where="eval.generation").to_dict()
+    except GenerationOptionsError as err:
+        raise ExperimentError(str(err)) from None
+
+
 def _int(value: Any, path: str, minimum: int, optional: bool = False) -> int | None:
     if value is None and optional:
         return None
@@ -509,7 +533,8 @@ def _parse_experiment(data: Any, model: EditableModel | None) -> Experiment:
 
     ev = _section(data.get("eval") or {}, "eval", EvalSpec)
     evaluation = EvalSpec(immediate=_bool(ev.get("immediate", True), "eval.immediate"),
-                          every=_int(ev.get("every"), "eval.every", 1, optional=True))
+                          every=_int(ev.get("every"), "eval.every", 1, optional=True),
+                          generation=_generation(ev.get("generation")))
     cov = _section(data.get("covariance") or {}, "covariance", CovarianceSpec)
     covariance = CovarianceSpec(
         corpus=_str(cov.get("corpus"), "covariance.corpus", optional=True),

@@ -53,7 +53,13 @@ except ImportError:  # Windows: no flock; one process per run folder there
     fcntl = None  # type: ignore[assignment]
 
 from ..data.mqd import mqd_requests
-from ..metrics import Baseline, capture_baseline, evaluate, target_perplexity
+from ..metrics import (
+    Baseline,
+    aggregate_generation,
+    capture_baseline,
+    evaluate,
+    target_perplexity,
+)
 from ..models import EditableModel
 from ..models.loading import partial_path
 from ..patch import Patch, PatchError
@@ -187,9 +193,10 @@ def _run(store: ResultsStore, out: Path, experiment: Experiment, runs: list[Meth
     else:
         model = experiment.model
     requests = _requests(experiment, out)
-    # One pre-edit baseline for every method (locality compares against it); it is a
-    # pure function of the unedited model, so a resumed run captures it again.
-    baseline = capture_baseline(model, requests)
+    # One pre-edit baseline for every method (locality and gen_specificity compare against
+    # it); it is a pure function of the unedited model, so a resumed run captures it again.
+    baseline = capture_baseline(model, requests, generation=experiment.eval.generation,
+                                progress=progress)
     # A second process waits here rather than score the unedited model a second time.
     with _method_lock(out, UNEDITED, wait=True):
         _score_unedited(store, experiment, model, requests, baseline, progress)
@@ -440,7 +447,8 @@ def _dataset_requests(experiment: Experiment) -> list[EditRequest]:
 
 
 def _mean_row(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
-    """Per metric, the mean over rows where it is a number (as metrics.evaluate does)."""
+    """Per metric, the mean over rows where it is a number (as metrics.evaluate does;
+    gen_specificity pooled and gen_specificity_n summed, as there)."""
     values: dict[str, list[float]] = {}
     for row in rows:
         for metric, value in row.items():
@@ -448,7 +456,15 @@ def _mean_row(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
                 value = float(value)
             if isinstance(value, int | float) and metric != "case_id" and not math.isnan(value):
                 values.setdefault(metric, []).append(float(value))
-    return {k: sum(v) / len(v) for k, v in values.items()}
+    means = {k: sum(v) / len(v) for k, v in values.items()}
+    if "gen_specificity_n" in means:
+        pooled = aggregate_generation(rows)
+        for key in ("gen_specificity", "gen_specificity_n"):
+            if pooled[key] is None:
+                means.pop(key, None)
+            else:
+                means[key] = pooled[key]
+    return means
 
 
 def _score_unedited(store: ResultsStore, experiment: Experiment, model: EditableModel,
@@ -457,7 +473,8 @@ def _score_unedited(store: ResultsStore, experiment: Experiment, model: Editable
     if done and done["finished"]:
         return
     log.info("scoring the unedited model on %d requests", len(requests))
-    per_request = evaluate(model, requests, baseline, progress=progress)["per_request"]
+    per_request = evaluate(model, requests, baseline, progress=progress,
+                           generation=experiment.eval.generation)["per_request"]
     # The perplexity of each edit target under the unedited model (MQD's measure).
     for row, ppl in zip(per_request, target_perplexity(model, requests)):
         row["target_ppl"] = ppl
@@ -533,7 +550,7 @@ def _run_method(store: ResultsStore, out: Path, experiment: Experiment, run: Met
             eval_every=experiment.eval.every, eval_at=experiment.n_edits,
             immediate=experiment.eval.immediate, unedited=False, baseline=baseline,
             handle=handle, on_edit=recorder.on_edit, on_checkpoint=recorder.on_checkpoint,
-            progress=progress)
+            progress=progress, generation=experiment.eval.generation)
         _write_patch(out, key, handle, requests, recorder.final_scores)
     finally:
         handle.restore()  # W_0 again for the next method (or the next resume)

@@ -156,6 +156,21 @@ class ResultsStore:
                     "AVG(value) FROM scores WHERE method = ? AND view = 'immediate' "
                     "AND uid != ? AND n_edits <= ? GROUP BY metric",
                     (n, MEAN, method, MEAN, n))
+                # gen_specificity is pooled over the neighbour prompts the unedited model
+                # knew and gen_specificity_n is their number (metrics.generation), not means.
+                cur.execute(
+                    "INSERT OR REPLACE INTO scores SELECT s.method, ?, ?, 'immediate', "
+                    "'gen_specificity', SUM(s.value * k.value) / SUM(k.value) FROM scores s "
+                    "JOIN scores k ON k.method = s.method AND k.n_edits = s.n_edits AND "
+                    "k.uid = s.uid AND k.view = s.view AND k.metric = 'gen_specificity_n' "
+                    "WHERE s.method = ? AND s.view = 'immediate' AND s.uid != ? AND "
+                    "s.n_edits <= ? AND s.metric = 'gen_specificity' GROUP BY s.method "
+                    "HAVING SUM(k.value) > 0", (n, MEAN, method, MEAN, n))
+                cur.execute(
+                    "INSERT OR REPLACE INTO scores SELECT method, ?, ?, 'immediate', metric, "
+                    "SUM(value) FROM scores WHERE method = ? AND view = 'immediate' "
+                    "AND uid != ? AND n_edits <= ? AND metric = 'gen_specificity_n' "
+                    "GROUP BY metric", (n, MEAN, method, MEAN, n))
             if progress is not None:
                 method, n_done, state_dir, finished = progress
                 cur.execute("INSERT OR REPLACE INTO progress VALUES (?, ?, ?, ?)",

@@ -15,7 +15,9 @@ from .generation import (
     GEN_METRICS,
     GenerationOptions,
     GenerationOptionsError,
+    aggregate_generation,
     generate_continuations,
+    generation_options,
     matches_answer,
     normalize_answer,
 )
@@ -25,5 +27,5 @@ __all__ = [
     "CF_METRICS", "EASYEDIT_METRICS", "Baseline", "PairScore", "capture_baseline", "evaluate",
     "fluency", "ngram_entropy", "request_metrics", "score_pairs", "target_perplexity",
     "GEN_METRICS", "GenerationOptions", "GenerationOptionsError", "matches_answer",
-    "generate_continuations", "normalize_answer",
+    "generate_continuations", "normalize_answer", "aggregate_generation", "generation_options",
 ]

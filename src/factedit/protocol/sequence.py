@@ -7,7 +7,9 @@ Three views of the same edits:
 - immediate: each request scored right after the edit that wrote it;
 - checkpoints: every `eval_every` edits, all requests edited so far scored on the model then;
 - final: every request scored on the model after the whole sequence.
-forgetting = immediate - final (per metric, means over requests). Each checkpoint also
+forgetting = immediate - final (per metric, means over requests). With `generation=...`
+every view also carries the generation metrics (`metrics.generation`: gen_efficacy,
+gen_generalization, gen_specificity, ...) beside the teacher-forced ones. Each checkpoint also
 records, per edited weight, mean |W| and ||W - W_0||_F, and the condition numbers the method
 reported for its solves.
 """
@@ -21,13 +23,24 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..methods.base import MethodConfig
-from ..metrics import Baseline, capture_baseline, evaluate
+from ..metrics import (
+    Baseline,
+    GenerationOptions,
+    aggregate_generation,
+    capture_baseline,
+    evaluate,
+    generation_options,
+)
 from ..models import EditableModel
 from ..requests import EditRequest, as_requests
 from .handle import EditHandle, EditRecord, make_editor
 
 SUMMARY_METRICS = ("efficacy", "generalization", "specificity", "rewrite_acc", "rephrase_acc",
                    "locality", "portability_acc")
+# Added to the summary views of a run scored with generation (gen_specificity pooled over
+# the neighbour prompts the unedited model knew; gen_specificity_n their number).
+GEN_SUMMARY_METRICS = ("gen_efficacy", "gen_generalization", "gen_specificity",
+                       "gen_specificity_n", "gen_bleed", "gen_portability", "gen_fluency")
 
 
 @dataclass
@@ -54,6 +67,12 @@ class SequenceReport:
     # history: d4s); counted into seconds per request, pro rata at checkpoints.
     prepare_seconds: float = 0.0
     n_total: int = 0
+    generation: GenerationOptions | None = None  # scored with generation metrics too
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """The metrics of the summary views: teacher-forced, and generation when scored."""
+        return SUMMARY_METRICS + (GEN_SUMMARY_METRICS if self.generation else ())
 
     def edit_seconds(self, n_edits: int) -> float:
         share = self.prepare_seconds * n_edits / self.n_total if self.n_total else 0.0
@@ -62,13 +81,18 @@ class SequenceReport:
     @property
     def immediate(self) -> dict[str, float | None]:
         """Means over requests of the scores taken right after each request's edit."""
-        return {k: _mean(row.get(k) for row in self.immediate_rows) for k in SUMMARY_METRICS}
+        out = {k: _mean(row.get(k) for row in self.immediate_rows) for k in SUMMARY_METRICS}
+        if self.generation:
+            out.update(aggregate_generation(self.immediate_rows))
+        return {k: out.get(k) for k in self.metrics}
 
     @property
     def forgetting(self) -> dict[str, float | None]:
         """immediate - final per metric: what later edits took away from earlier ones."""
         out = {}
         for k, v in self.immediate.items():
+            if k == "gen_specificity_n":  # a count, not a score
+                continue
             f = self.final.get(k)
             out[k] = None if v is None or f is None else v - f
         return out
@@ -80,14 +104,14 @@ class SequenceReport:
         edit_seconds = self.edit_seconds(n)
         return {
             "method": self.method, "mode": self.mode, "n_requests": n,
-            "final": {k: self.final.get(k) for k in SUMMARY_METRICS},
+            "final": {k: self.final.get(k) for k in self.metrics},
             "immediate": self.immediate, "forgetting": self.forgetting,
-            "unedited": {k: self.unedited.get(k) for k in SUMMARY_METRICS},
+            "unedited": {k: self.unedited.get(k) for k in self.metrics},
             "seconds_per_request": edit_seconds / n if n else math.nan,
             "timings": self.handle.timings(), "prepare_seconds": self.prepare_seconds,
             "checkpoints": [
                 {"n_edits": c.n_edits, "seconds": c.seconds,
-                 "scores": {k: c.scores.get(k) for k in SUMMARY_METRICS},
+                 "scores": {k: c.scores.get(k) for k in self.metrics},
                  "weight_stats": c.weight_stats} for c in self.checkpoints],
         }
 
@@ -115,6 +139,7 @@ def run_sequence(
     baseline: Baseline | None = None,
     handle: EditHandle | None = None,
     on_edit: Callable[[SequenceReport, EditRecord], None] | None = None,
+    generation: bool | dict | GenerationOptions | None = None,
     **overrides: Any,
 ) -> SequenceReport:
     """Edit `requests` in order (mode "sequential" or "sequential-batch"), scoring on schedule.
@@ -129,6 +154,9 @@ def run_sequence(
     `on_edit(report, record)` is called after each edit, its immediate scores (the last rows
     of `report.immediate_rows`) and any checkpoint due at that count; the final checkpoint
     comes after the last call.
+    `generation`: score every view with the generation metrics too (True: default
+    `GenerationOptions`); gen_specificity needs a baseline captured with the same options
+    (the one captured here when `baseline` is None is).
 
     The model keeps the edits; `report.handle.restore()` undoes them.
     """
@@ -138,15 +166,17 @@ def run_sequence(
     if eval_every is not None and eval_every < 1:
         raise ValueError(f"eval_every must be >= 1 (or None), got {eval_every}")
     size = batch_size if mode == "sequential-batch" else 1
+    options = generation_options(generation)
     if baseline is None:
-        baseline = capture_baseline(model, requests)
+        baseline = capture_baseline(model, requests, generation=options, progress=progress)
     if handle is None:
         handle = EditHandle(model, make_editor(model, method, config, **overrides))
     else:
         _check_continuation(handle, requests, method, config, overrides)
-    report = SequenceReport(handle.method, mode, handle)
+    report = SequenceReport(handle.method, mode, handle, generation=options)
     if unedited:
-        report.unedited = evaluate(model, requests, baseline, progress=progress)
+        report.unedited = evaluate(model, requests, baseline, progress=progress,
+                                   generation=options)
     done = sum(len(r.request_ids) for r in handle.records)
     due = sorted(set(eval_at))
     if eval_every:
@@ -168,8 +198,9 @@ def run_sequence(
         record = handle.step(group)
         done += len(group)
         if immediate:
-            scores = evaluate(model, group, baseline, progress=False)  # inside the edit bar
-            record.metrics = {k: scores.get(k) for k in SUMMARY_METRICS}
+            scores = evaluate(model, group, baseline, progress=False,  # inside the edit bar
+                              generation=options)
+            record.metrics = {k: scores.get(k) for k in report.metrics}
             report.immediate_rows += scores["per_request"]
         if due and done >= due[0] and done < len(requests):
             _checkpoint(report, requests[:done], baseline, on_checkpoint, progress)
@@ -203,7 +234,8 @@ def _checkpoint(report: SequenceReport, edited: Sequence[EditRequest], baseline:
                 on_checkpoint: Callable | None, progress: bool = True) -> None:
     handle = report.handle
     checkpoint = Checkpoint(
-        n_edits=len(edited), scores=evaluate(handle.model, edited, baseline, progress=progress),
+        n_edits=len(edited), scores=evaluate(handle.model, edited, baseline, progress=progress,
+                                             generation=report.generation),
         weight_stats=handle.weight_stats(),
         seconds=report.edit_seconds(len(edited)))
     report.checkpoints.append(checkpoint)

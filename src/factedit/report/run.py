@@ -12,6 +12,9 @@ Written to RUN_DIR/report/:
                      position in the sequence (the edit-success bottleneck)
     report.html      the plots inlined (base64), the tables (Eff / Gen / Spe / Avg per method
                      at each N, best in bold) and the norm-score correlations; no external assets
+A run scored with generation metrics (`eval.generation`) gets a table of the teacher-forced
+scores beside the generated ones (gen_efficacy, ... of metrics.generation) at each N, and
+scores.png draws each generated score dotted in the panel of its teacher-forced one.
 Correlations: Pearson and Spearman between mean |W| (averaged over the edited layers) and each
 score, over every (method, checkpoint) of the run. A run still going (or stopped) can be
 reported: the page and the printed tables then start with which methods finished and how far
@@ -39,6 +42,17 @@ EASYEDIT_COLUMNS = (("rewrite_acc", "Rewrite"), ("rephrase_acc", "Rephrase"),
 # Added to the EasyEdit table where the dataset measures it (zsRE, KnowEdit, MQuAKE).
 PORTABILITY_COLUMN = ("portability_acc", "Portability")
 PLOT_METRICS = ("efficacy", "generalization", "specificity", "rewrite_acc", "locality")
+# Teacher-forced beside generated (metrics.generation); "Spe gen n" is the number of
+# neighbour prompts the unedited model answered in its generations (gen_specificity's
+# denominator), a count, not a percentage.
+GENERATION_COLUMNS = (("efficacy", "Eff"), ("gen_efficacy", "Eff gen"),
+                      ("generalization", "Gen"), ("gen_generalization", "Gen gen"),
+                      ("specificity", "Spe"), ("gen_specificity", "Spe gen"),
+                      ("gen_bleed", "Bleed gen"))
+GEN_COUNT_COLUMN = ("gen_specificity_n", "Spe gen n")
+# The generated counterpart drawn beside a teacher-forced score in scores.png.
+GENERATED_OF = {"efficacy": "gen_efficacy", "generalization": "gen_generalization",
+                "specificity": "gen_specificity"}
 CORRELATION_METRICS = ("efficacy", "generalization", "specificity", "rewrite_acc",
                        "rephrase_acc", "locality")
 
@@ -57,6 +71,9 @@ class Report:
     # the EasyEdit-convention tables (token accuracies), same layout; their headings
     easyedit: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
     easyedit_headings: list[str] = field(default_factory=list)
+    # teacher-forced beside generated scores (runs with eval.generation), same layout
+    generation: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    generation_headings: list[str] = field(default_factory=list)
     # rows of downstream_table: method, N and "task/metric" in %
     downstream: list[dict[str, Any]] = field(default_factory=list)
     # rows of run_status: method, n_done, n_total, finished (a report of a run in progress
@@ -153,6 +170,24 @@ def paper_tables(store: ResultsStore, methods: Sequence[str], counts: Sequence[i
     return tables
 
 
+def generation_tables(store: ResultsStore, methods: Sequence[str], counts: Sequence[int]
+                      ) -> dict[int, list[dict]]:
+    """paper_tables of GENERATION_COLUMNS plus the count column; {} for a run scored
+    without generation metrics."""
+    if not store.scores(view="unedited", metric="gen_efficacy", uid=MEAN):
+        return {}
+    tables = paper_tables(store, methods, counts, GENERATION_COLUMNS)
+    metric, heading = GEN_COUNT_COLUMN
+    counts_of = store.means("checkpoint", metric)
+    unedited = store.means("unedited", metric).get(UNEDITED, {})
+    for n, rows in tables.items():
+        for row in rows:
+            source = unedited if row["method"] == UNEDITED else counts_of.get(row["method"], {})
+            row.pop("Avg", None)  # an average of TF and generated scores says nothing
+            row[heading] = source.get(n)
+    return tables
+
+
 # -- plots -----------------------------------------------------------------------------------
 
 def _plot_scores(store: ResultsStore, methods: Sequence[str], path: Path) -> bool:
@@ -162,14 +197,21 @@ def _plot_scores(store: ResultsStore, methods: Sequence[str], path: Path) -> boo
     fig, axes = figure(len(metrics))
     for ax, metric in zip(axes, metrics):
         means = store.means("checkpoint", metric)
+        generated = store.means("checkpoint", GENERATED_OF[metric]) \
+            if metric in GENERATED_OF else {}
         for method in methods:
             points = sorted(means.get(method, {}).items())
             if points:
-                ax.plot(*zip(*points), marker="o", label=method)
+                (line,) = ax.plot(*zip(*points), marker="o", label=method)
+                gen_points = sorted(generated.get(method, {}).items())
+                if gen_points:
+                    ax.plot(*zip(*gen_points), marker="x", linestyle=":",
+                            color=line.get_color(), label=f"{method} generated")
         base = sorted(store.means("unedited", metric).get(UNEDITED, {}).items())
         if base:
             ax.plot(*zip(*base), linestyle="--", color="grey", label="unedited")
-        ax.set(title=metric, xlabel="edits N", ylabel="mean over the N edited requests")
+        title = metric + (" (dotted: generated)" if generated else "")
+        ax.set(title=title, xlabel="edits N", ylabel="mean over the N edited requests")
         ax.set_ylim(-0.02, 1.02)
     axes[0].legend(fontsize="small")
     fig.savefig(path, dpi=100)
@@ -336,7 +378,9 @@ def _html_page(run_dir: Path, config: dict[str, Any], tables: dict[int, list[dic
                easyedit: dict[int, list[dict]], easyedit_headings: Sequence[str],
                corr: dict[str, dict[str, Any]], plots: dict[str, Path],
                downstream: Sequence[dict[str, Any]] = (),
-               status: Sequence[dict[str, Any]] = ()) -> str:
+               status: Sequence[dict[str, Any]] = (),
+               generation: dict[int, list[dict]] | None = None) -> str:
+    generation = generation or {}
     title = f"factedit run: {config.get('name') or run_dir.name}"
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
              f"</title><style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>",
@@ -354,6 +398,13 @@ def _html_page(run_dir: Path, config: dict[str, Any], tables: dict[int, list[dic
         if n in easyedit and _has_values(easyedit[n], easyedit_headings):
             parts.append("<p>EasyEdit convention (token accuracy):</p>")
             parts.append(_table_html(easyedit[n], easyedit_headings))
+        if n in generation:
+            parts.append("<p>Teacher-forced beside generated (greedy text judged for the "
+                         "answer; Spe gen over the Spe gen n neighbour prompts the unedited "
+                         "model answered; Bleed gen: neighbours that now say target_new, "
+                         "lower is better):</p>")
+            parts.append(_table_html(generation[n], [h for _, h in GENERATION_COLUMNS]
+                                     + [GEN_COUNT_COLUMN[1]]))
     if downstream:
         metrics = sorted({k for r in downstream for k in r} - {"method", "N"})
         parts.append("<h2>Downstream tasks (lm_eval, %)</h2><table><thead><tr><th>method</th>"
@@ -420,9 +471,14 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Repo
         report.easyedit_headings = [h for _, h in columns]
         report.correlations = correlations(store, methods)
         report.downstream = downstream_table(store)
+        report.generation = generation_tables(store, methods, table_counts)
+        if report.generation:
+            report.generation_headings = ([h for _, h in GENERATION_COLUMNS]
+                                          + [GEN_COUNT_COLUMN[1]])
     report.html.write_text(_html_page(run_dir, config, report.tables, report.easyedit,
                                       report.easyedit_headings, report.correlations,
-                                      report.plots, report.downstream, report.status),
+                                      report.plots, report.downstream, report.status,
+                                      report.generation),
                            encoding="utf-8")
     return report
 
@@ -449,6 +505,16 @@ def format_tables(report: Report) -> str:
             for r in easyedit:
                 lines.append("  " + r["method"].ljust(width)
                              + "".join(f"{fmt(r[h]):>12}" for h in report.easyedit_headings))
+        generation = report.generation.get(n, [])
+        if generation:
+            lines.append("  teacher-forced beside generated (%; Spe gen n: neighbour prompts "
+                         "the unedited model answered):")
+            lines.append("  " + "method".ljust(width)
+                         + "".join(f"{h:>10}" for h in report.generation_headings))
+            for r in generation:
+                lines.append("  " + r["method"].ljust(width) + "".join(
+                    f"{fmt(r[h], 0 if h == GEN_COUNT_COLUMN[1] else 1):>10}"
+                    for h in report.generation_headings))
     if report.downstream:
         metrics = sorted({k for r in report.downstream for k in r} - {"method", "N"})
         lines.append("downstream (lm_eval, %)")
