@@ -158,6 +158,7 @@ def make_tiny_model(tokenizer=None, model_type: str = "llama", layers: int = 4, 
                     seed: int = 0, dtype=torch.float64):
     """A randomly initialised model of `model_type` over `tokenizer`'s vocabulary
     (default: a fresh tiny_tokenizer())."""
+    from helpers import tiny_config
     from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
     from factedit.models import resolve_arch
@@ -184,8 +185,9 @@ def make_tiny_model(tokenizer=None, model_type: str = "llama", layers: int = 4, 
                                   num_hidden_layers=layers, num_attention_heads=4,
                                   num_key_value_heads=2, head_dim=hidden // 4, sliding_window=4,
                                   max_position_embeddings=256)
-    else:
-        raise ValueError(model_type)
+    else:  # every other family of tests/helpers.py (phi3, olmo2, qwen3, gpt_neox, ...)
+        config = tiny_config(model_type, vocab, layers, hidden, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id)
     model = AutoModelForCausalLM.from_config(config).to(dtype)
     return EditableModel(model, tokenizer, resolve_arch(model.config), f"tiny-{model_type}-{layers}x{hidden}-s{seed}")
 
