@@ -9,6 +9,7 @@ FACTEDIT_TEST_NO_BUILTIN=1 (set by `make test-fast`) loading any built-in alias 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -55,13 +56,21 @@ if NO_BUILTIN:
 
 
 def pytest_collection_modifyitems(config, items):
-    """A test that uses the real model (directly or through another fixture) must be `slow`."""
+    """A test that uses the real model (directly or through another fixture) must be `slow`;
+    a test file imports shared helpers from conftest or common.py, never from another test
+    file (pytest would import that file twice, under two names)."""
     unmarked = [item.nodeid for item in items
                 if "builtin_model" in getattr(item, "fixturenames", ())
                 and item.get_closest_marker("slow") is None]
     if unmarked:
         raise pytest.UsageError("tests use builtin_model without @pytest.mark.slow: "
                                 + ", ".join(unmarked))
+    crossing = [f"{path.name}:{n}" for path in sorted(Path(__file__).parent.glob("test_*.py"))
+                for n, line in enumerate(path.read_text().splitlines(), 1)
+                if re.match(r"\s*(from|import)\s+(tests\.)?test_\w+", line)]
+    if crossing:
+        raise pytest.UsageError("test files import from other test files (move the shared "
+                                "names to tests/common.py): " + ", ".join(crossing))
 
 
 @pytest.fixture(scope="session")
@@ -190,6 +199,22 @@ def make_tiny_model(tokenizer=None, model_type: str = "llama", layers: int = 4, 
                              eos_token_id=tokenizer.eos_token_id)
     model = AutoModelForCausalLM.from_config(config).to(dtype)
     return EditableModel(model, tokenizer, resolve_arch(model.config), f"tiny-{model_type}-{layers}x{hidden}-s{seed}")
+
+
+@pytest.fixture
+def lab_env(tmp_path, monkeypatch):
+    """A tiny corpus and dataset (common.LAB_FACTS) in tmp_path; caches there too (nothing
+    shared is touched). Returns (tmp_path, corpus path, dataset path)."""
+    import json
+
+    from common import LAB_FACTS, LAB_TEXT
+
+    monkeypatch.setenv("FACTEDIT_CACHE", str(tmp_path / "cache"))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(LAB_TEXT * 12)
+    dataset = tmp_path / "facts.json"
+    dataset.write_text(json.dumps([f.to_dict() for f in LAB_FACTS]))
+    return tmp_path, corpus, dataset
 
 
 @pytest.fixture

@@ -4,40 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from common import EIFFEL, LOUVRE, greedy_first, logits, nll
 from conftest import make_tiny_model
 
-from factedit import EditRequest
 from factedit.methods import ConfigError, GraceConfig
 from factedit.methods.grace import Codebook
-from factedit.metrics.scoring import score_pairs
 from factedit.models import LayerIndexError
 from factedit.protocol import EditHandle, edit, make_editor
 from factedit.text import continuation_ids, encode
 
-EIFFEL = EditRequest(prompt="{} is located in the city of", subject="The Eiffel Tower",
-                     target_new="Rome", target_true="Paris")
-LOUVRE = EditRequest(prompt="{} was designed by", subject="The Louvre pyramid",
-                     target_new="Gustave Eiffel", target_true="I. M. Pei")
 FAR = "My favourite breakfast is"
 SETTINGS = dict(layer=1, eps=1e-3, steps=40, lr=0.5)
-
-
-def nll(model, request: EditRequest) -> float:
-    pair = (request.rewrite_prompt, request.target_new)
-    return score_pairs(model, [pair])[pair].mean_nll
-
-
-def greedy_first(model, request: EditRequest) -> bool:
-    """Is target_new's first token the greedy prediction after the prompt?"""
-    pair = (request.rewrite_prompt, request.target_new)
-    score = score_pairs(model, [pair])[pair]
-    return score.argmax[0] == score.target[0]
-
-
-def logits(model, text: str) -> torch.Tensor:
-    ids = torch.tensor([encode(model.tokenizer, text)])
-    with torch.no_grad():
-        return model.model(input_ids=ids).logits
 
 
 @pytest.mark.parametrize("replacement", ["from_key", "key"])

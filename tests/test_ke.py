@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from common import HYPERNET_REQUESTS as REQUESTS
 from conftest import make_tiny_model
-from test_mend import REQUESTS
 
 import factedit as fe
 from factedit.methods import ConfigError, KeConfig

@@ -6,6 +6,9 @@ import json
 import sqlite3
 
 import pytest
+from common import LAB_FACTS as FACTS
+from common import LAB_TINY as TINY
+from common import experiment_dict, fake_run
 from conftest import make_tiny_model
 
 import factedit as fe
@@ -18,57 +21,6 @@ from factedit.lab import (
     run_experiment,
 )
 from factedit.report import format_tables, pearson, ranks, spearman, write_report
-
-FACTS = [
-    fe.EditRequest(prompt="{} is located in the city of", subject="The Eiffel Tower",
-                   target_new="Rome", target_true="Paris", case_id="eiffel",
-                   paraphrases=["The Eiffel Tower stands in"],
-                   neighborhood=[("The Louvre is located in the city of", "Paris")]),
-    fe.EditRequest(prompt="{} plays the sport of", subject="Lionel Messi",
-                   target_new="tennis", target_true="football", case_id="messi",
-                   paraphrases=["Lionel Messi is a professional"],
-                   neighborhood=[("Cristiano Ronaldo plays the sport of", "football")]),
-    fe.EditRequest(prompt="{} was written in the language", subject="Don Quixote",
-                   target_new="German", target_true="Spanish", case_id="quixote",
-                   neighborhood=[("One Hundred Years of Solitude was written in", "Spanish")]),
-    fe.EditRequest(prompt="The capital of {} is", subject="Italy", target_new="Milan",
-                   target_true="Rome", case_id="italy",
-                   paraphrases=["{} has its capital in".format("Italy")]),
-    fe.EditRequest(prompt="{} is a product of", subject="The iPhone", target_new="Nokia",
-                   target_true="Apple", case_id="iphone",
-                   neighborhood=[("The Macintosh is a product of", "Apple")]),
-]
-TINY = dict(layers=[1, 2], v_steps=3, context_prefixes=0, covariance_seq_len=32)
-TEXT = ("The river runs past the old mill and the children walk to school along its bank. "
-        "In spring the fields turn green, farmers sow wheat and the market fills with people. "
-        "Scientists measured the temperature of the lake every morning for three years. ")
-
-
-@pytest.fixture
-def lab_env(tmp_path, monkeypatch):
-    """A tiny corpus and dataset in tmp_path; caches there too (nothing shared is touched)."""
-    monkeypatch.setenv("FACTEDIT_CACHE", str(tmp_path / "cache"))
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text(TEXT * 12)
-    dataset = tmp_path / "facts.json"
-    dataset.write_text(json.dumps([f.to_dict() for f in FACTS]))
-    return tmp_path, corpus, dataset
-
-
-def experiment_dict(corpus, dataset, **changes):
-    data = {
-        "name": "tiny",
-        "methods": [{"name": "d4s", "config": dict(TINY)},
-                    {"name": "memit", "config": dict(TINY)}],
-        "dataset": {"name": str(dataset)},
-        "n_edits": [2, 4, 5],
-        "eval": {"immediate": True},
-        "covariance": {"corpus": str(corpus), "tokens": 256},
-        "checkpoint_every": 2,
-        "seed": 0,
-    }
-    data.update(changes)
-    return data
 
 
 def table(path, name):
@@ -444,39 +396,6 @@ def test_downstream_tasks_run_through_lm_eval_at_their_checkpoints(lab_env, toke
 
 
 # -- comparison of runs ----------------------------------------------------------------------
-
-def fake_run(folder, name, question_type, efficacy, arc_after, ppl, batch_size=1, n=10,
-             order=(0, 1, 2), finished=True):
-    """A finished run folder written straight into a store: d4s after n edits of the
-    requests r0, r1, r2 (in `order` in requests.json); `finished=False`: d4s's resume point
-    says it stopped after n of 2n edits."""
-    from factedit.lab.store import score_rows
-
-    folder.mkdir(parents=True)
-    mode = "sequential" if batch_size == 1 else "sequential-batch"
-    config = {"name": name, "model": "tiny", "mode": mode, "batch_size": batch_size,
-              "dataset": {"name": "counterfact", "question_type": question_type},
-              "methods": [{"name": "d4s"}], "n_edits": [n] if finished else [n, 2 * n]}
-    (folder / "config.json").write_text(json.dumps(config))
-    (folder / "requests.json").write_text(json.dumps([
-        {"case_id": f"r{i}", "prompt": "{} is in", "subject": f"Place {i}", "target_new": "Rome"}
-        for i in order]))
-    with ResultsStore(folder / "results.sqlite") as store:
-        store.write(scores=[
-            *score_rows("unedited", n, "unedited", {"target_ppl": ppl, "efficacy": 0.4,
-                                                    "generalization": 0.3,
-                                                    "specificity": 0.8}, uid="*"),
-            # per request (n_edits 0): 100, 300 and 800 times ppl / 400
-            *[row for i, f in enumerate((0.25, 0.75, 2.0))
-              for row in score_rows("unedited", 0, "unedited", {"target_ppl": ppl * f},
-                                    uid=f"r{i}")],
-            *score_rows("unedited", 0, "downstream", {"arc_challenge/acc": 0.30}, uid="*"),
-            *score_rows("d4s", n, "checkpoint", {"efficacy": efficacy, "generalization": 0.5,
-                                                 "specificity": 0.7}, uid="*"),
-            *score_rows("d4s", n, "downstream", {"arc_challenge/acc": arc_after}, uid="*")],
-            progress=("d4s", n, None, finished))
-    return folder
-
 
 def test_median_target_perplexity_is_over_the_first_n_requests_in_run_order(tmp_path):
     """A run scored after 2 of its 3 requests: the median is over the first two of

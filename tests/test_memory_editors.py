@@ -4,37 +4,22 @@ from __future__ import annotations
 
 import pytest
 import torch
+from common import COLOSSEUM, UNRELATED, ids_of, logits
+from common import EIFFEL_WITH_CONTEXT as EIFFEL
 from conftest import make_tiny_model
 
 from factedit import EditRequest
 from factedit.methods import ConfigError, IkeConfig, MemPromptConfig
 from factedit.metrics.scoring import score_pairs
 from factedit.protocol import EditHandle, edit
-from factedit.text import encode
 
-EIFFEL = EditRequest(prompt="{} is located in the city of", subject="The Eiffel Tower",
-                     target_new="Rome", target_true="Paris",
-                     paraphrases=["The Eiffel Tower stands in"],
-                     neighborhood=[("The Louvre is located in the city of", "Paris")])
-COLOSSEUM = EditRequest(prompt="{} was built by", subject="The Colosseum",
-                        target_new="the Vikings", target_true="the Romans")
 BIGBEN = EditRequest(prompt="The bell {} rings in", subject="Big Ben", target_new="Berlin",
                      paraphrases=["Where can one hear Big Ben? In"],
                      neighborhood=[("Tower Bridge crosses the river", "Thames")])
-UNRELATED = "My favourite breakfast is"
 METHODS = ["memprompt", "ike"]
 # A random model's mean-pooled states are alike for any text: a strict threshold keeps
 # retrieval to the stored prompts themselves (and prompts that start with them).
 SETTINGS = dict(threshold=0.99999, retrieval_layer=1)
-
-
-def ids_of(model, text: str) -> torch.Tensor:
-    return torch.tensor([encode(model.tokenizer, text)])
-
-
-def logits(model, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model.model(input_ids=ids).logits
 
 
 def edited(tokenizer, method: str, requests=(EIFFEL, COLOSSEUM), **overrides):

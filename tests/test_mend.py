@@ -6,26 +6,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from common import HYPERNET_REQUESTS as REQUESTS
 from conftest import make_tiny_model
 
 import factedit as fe
-from factedit import EditRequest
 from factedit.methods import ConfigError, MendConfig
 from factedit.methods.hypernet import EditedForward
 from factedit.methods.hypernet.mend import MendEditor, train_mend
 from factedit.models.scoring import token_rows
 from factedit.protocol import edit_success
 
-FACTS = [
-    ("{} is located in the city of", "The Eiffel Tower", "Rome", "Paris"),
-    ("{} plays the sport of", "Serena Williams", "cricket", "tennis"),
-    ("The mother tongue of {} is", "Vladimir Putin", "French", "Russian"),
-    ("{} was developed by", "Windows XP", "Apple", "Microsoft"),
-]
-REQUESTS = [EditRequest(prompt=p, subject=s, target_new=n, target_true=t,
-                        paraphrases=[f"In short, {p.format(s)}"],
-                        neighborhood=[("The capital of Japan is", "Tokyo")])
-            for p, s, n, t in FACTS]
 TRAIN = {"steps": 6, "batch_size": 2, "lr": 1e-3, "checkpoint_every": 3, "validate_every": 6}
 
 

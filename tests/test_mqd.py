@@ -68,7 +68,9 @@ def test_target_perplexity_is_exp_mean_nll(tokenizer):
 
 def test_lab_runs_a_question_type_and_stores_target_perplexity(tmp_path, tokenizer,
                                                                monkeypatch):
-    from test_lab import FACTS, TEXT, TINY
+    from common import LAB_FACTS as FACTS
+    from common import LAB_TEXT as TEXT
+    from common import LAB_TINY as TINY
 
     monkeypatch.setenv("FACTEDIT_CACHE", str(tmp_path / "cache"))
     (tmp_path / "corpus.txt").write_text(TEXT * 12)

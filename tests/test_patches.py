@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from common import EIFFEL, LOUVRE, greedy_first, logits, nll
 from conftest import make_tiny_model
-from test_grace import EIFFEL, LOUVRE, greedy_first, logits, nll
 
 from factedit.methods import CaliNetConfig, ConfigError, TPatcherConfig
 from factedit.methods.patches import MEMORY_PROMPTS

@@ -8,8 +8,8 @@ import shutil
 import subprocess
 
 import pytest
+from common import experiment_dict, fake_run
 from conftest import make_tiny_model
-from test_lab import experiment_dict, fake_run, lab_env  # noqa: F401  (fixture)
 
 from factedit.lab import run_experiment
 from factedit.report import compare_runs, write_report

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from common import COLOSSEUM, UNRELATED, ids_of, logits
+from common import EIFFEL_WITH_CONTEXT as EIFFEL
 from conftest import make_tiny_model
-from test_memory_editors import COLOSSEUM, EIFFEL, UNRELATED, ids_of, logits
 
 from factedit import EditRequest
 from factedit.methods import ConfigError, SeracConfig
