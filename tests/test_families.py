@@ -148,3 +148,14 @@ def test_family_outside_the_table_is_refused_and_the_override_edits_it(tokenizer
     assert target_nll(model) < before - MARGIN
     handle.restore()
     assert target_nll(model) == before
+
+
+def test_a_head_named_by_another_transformers_version_is_found(tokenizer):
+    """GPT-NeoX's head was `embed_out` before transformers 5: a table that names it still
+    resolves, to the module the loaded model returns from get_output_embeddings()."""
+    import factedit as fe
+
+    model = make_family_model(tokenizer, "gpt_neox")
+    old_table = fe.models.resolve_arch(model.model.config, {"lm_head": "embed_out"})
+    assert old_table.lm_head == "embed_out"
+    assert fe.EditableModel(model.model, tokenizer, old_table, "tiny").arch.lm_head == "lm_head"
