@@ -7,8 +7,8 @@ Slow tests, end to end: the real server (uvicorn in a subprocess on a free loopb
 built-in SmolLM2-135M, D4S with fast settings), spoken to through the official `openai`
 client (completions) and plain HTTP (edits). One server history runs through them in order,
 each test building on the last: start -> bad requests -> edit (with generations running) ->
-restart -> patch -> exact rollback -> kill -9 between the state write and the ledger commit
--> restart reconciles.
+patch -> kill -9 between the state write and the ledger commit of a second edit -> restart
+(ledger and model keep the first edit, nothing of the second) -> exact rollback.
 """
 
 from __future__ import annotations
@@ -113,19 +113,17 @@ class Server:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, shared_data):
-    """The state folder, the corpus and the running server (replaced by restarts)."""
+    """The state folder, the corpus and the running server (replaced by the restart).
+
+    The first server SIGKILLs itself in its second edit job, after the new state is on disk
+    and before the ledger commit: the worst place for a crash (FACTEDIT_SERVE_CRASH_AT).
+    """
     root = tmp_path_factory.mktemp("serve")
     corpus = shared_data / "corpus" / "wikitext-2-raw"
     ctx = {"state": root / "state", "corpus": corpus, "log": root / "server.log"}
-    ctx["server"] = Server(ctx["state"], corpus, ctx["log"])
+    ctx["server"] = Server(ctx["state"], corpus, ctx["log"], crash_at="after-state:2")
     yield ctx
     ctx["server"].stop(signal.SIGKILL)
-
-
-def restart(world, crash_at: str | None = None) -> Server:
-    world["server"].stop()
-    world["server"] = Server(world["state"], world["corpus"], world["log"], crash_at)
-    return world["server"]
 
 
 @pytest.mark.slow
@@ -146,6 +144,7 @@ def test_generation_and_bad_requests(world):
     body = {"requests": [EIFFEL]}
     assert s.http("POST", "/v1/edits", token=None, json=body).status_code == 401
     assert s.http("POST", "/v1/edits", token="wrong-token-000000000", json=body).status_code == 401
+    assert s.http("GET", "/v1/edits", token="wrong-token-000000000").status_code == 401
     assert s.http("GET", "/v1/patch", token=None).status_code == 401
     assert s.http("DELETE", "/v1/edits/0", token=None).status_code == 401
     bad = s.http("POST", "/v1/edits", json={"requests": [{**EIFFEL, "subject": "Big Ben",
@@ -194,17 +193,6 @@ def test_edit_changes_answer_while_generations_see_before_or_after(world):
 
 
 @pytest.mark.slow
-def test_restart_keeps_ledger_and_model(world):
-    ledger = world["server"].http("GET", "/v1/edits").json()["data"]
-    # This server kills itself (SIGKILL) in its next *edit* between the state write and the
-    # ledger commit (the kill test below); removals and generation are not affected.
-    s = restart(world, crash_at="after-state")
-    assert s.http("GET", "/v1/edits").json()["data"] == ledger
-    assert s.answer(EIFFEL_PROMPT) == world["after"]
-    assert s.http("GET", "/health").json()["live_edits"] == 1
-
-
-@pytest.mark.slow
 def test_patch_export_holds_the_live_edit(world):
     r = world["server"].http("GET", "/v1/patch")
     try:
@@ -217,7 +205,28 @@ def test_patch_export_holds_the_live_edit(world):
 
 
 @pytest.mark.slow
-def test_rollback_restores_exact_pre_edit_logprobs(world):
+def test_kill_9_mid_edit_then_restart_keeps_ledger_and_model_without_the_edit(world):
+    s = world["server"]
+    ledger = s.http("GET", "/v1/edits").json()["data"]
+    gate_before = s.answer(GATE_PROMPT)
+    with pytest.raises(httpx.HTTPError):  # the second edit job: SIGKILL after the state write
+        s.http("POST", "/v1/edits", json={"requests": [GATE]})
+    assert s.proc.wait(60) == -signal.SIGKILL
+    states = sorted(p.name for p in (world["state"] / "state").iterdir())
+    assert states == ["gen-00000001", "gen-00000002"]  # committed, and written but uncommitted
+    s.stop()
+    s = world["server"] = Server(world["state"], world["corpus"], world["log"])
+    assert "never committed" in world["log"].read_text()
+    assert sorted(p.name for p in (world["state"] / "state").iterdir()) == ["gen-00000001"]
+    health = s.http("GET", "/health").json()
+    assert health["generation"] == 1 and health["live_edits"] == 1, health
+    assert s.http("GET", "/v1/edits").json()["data"] == ledger  # the Eiffel edit, no other
+    assert s.answer(EIFFEL_PROMPT) == world["after"]  # the model kept it
+    assert s.answer(GATE_PROMPT) == gate_before  # and has nothing of the killed edit
+
+
+@pytest.mark.slow
+def test_rollback_after_restart_restores_exact_pre_edit_logprobs(world):
     s = world["server"]
     r = s.http("DELETE", "/v1/edits/0")
     assert r.status_code == 200 and r.json()["status"] == "removed", r.text
@@ -230,28 +239,7 @@ def test_rollback_restores_exact_pre_edit_logprobs(world):
                                                               abs=1e-5)
     assert s.http("DELETE", "/v1/edits/0").status_code == 409
     assert s.http("GET", "/v1/edits/0").json()["status"] == "removed"
-
-
-@pytest.mark.slow
-def test_kill_9_between_state_and_ledger_leaves_the_edit_in_neither(world):
-    # The server SIGKILLs itself after the new state is on disk, before the ledger commit:
-    # the worst place for a crash (FACTEDIT_SERVE_CRASH_AT, set at the restart above).
-    s = world["server"]
-    gate_before = s.answer(GATE_PROMPT)
-    with pytest.raises(httpx.HTTPError):
-        s.http("POST", "/v1/edits", json={"requests": [GATE]})
-    assert s.proc.wait(60) == -signal.SIGKILL
-    states = sorted(p.name for p in (world["state"] / "state").iterdir())
-    assert len(states) == 2, states  # the committed generation and the uncommitted one
-    s = restart(world)
-    health = s.http("GET", "/health").json()
-    assert health["generation"] == 2 and health["live_edits"] == 0, health
-    ledger = s.http("GET", "/v1/edits").json()["data"]
-    assert [(e["id"], e["status"]) for e in ledger] == [(0, "removed")]
-    assert s.answer(GATE_PROMPT) == gate_before
-    assert s.answer(EIFFEL_PROMPT) == world["before"]
-    assert sorted(p.name for p in (world["state"] / "state").iterdir()) == ["gen-00000002"]
-    assert "never committed" in world["log"].read_text()
+    assert s.http("GET", "/health").json()["live_edits"] == 0
 
 
 def test_non_loopback_without_token_is_refused(tmp_path, monkeypatch, capsys):

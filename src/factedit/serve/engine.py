@@ -40,7 +40,8 @@ from .store import StateMismatchError, StateStore
 log = logging.getLogger(__name__)
 
 # A testing aid: the worker kills its own process (SIGKILL, as `kill -9`) at this point of
-# the commit order, so tests can crash it exactly between two steps.
+# the commit order ("after-state", or "after-state:N" for the N-th edit job of the process,
+# default the first), so tests can crash it exactly between two steps.
 CRASH_ENV = "FACTEDIT_SERVE_CRASH_AT"
 CRASH_POINTS = ("before-state", "after-state", "after-ledger")
 
@@ -205,6 +206,7 @@ class EditService:
         self._admit_lock = threading.Lock()
         self.busy_since: float | None = None  # when the worker started its current job
         self._jobs, self._job_seconds = 0, 0.0  # for Retry-After
+        self._edit_jobs = 0  # edit jobs this process has started (FACTEDIT_SERVE_CRASH_AT)
         self.warming, self.warm_seconds = True, 0.0
         self.started = time.time()
         self._update_gauges()
@@ -309,11 +311,13 @@ class EditService:
                 self.busy_since = None
 
     def _crash_point(self, point: str) -> None:
-        if os.environ.get(CRASH_ENV) == point:
+        where, _, nth = os.environ.get(CRASH_ENV, "").partition(":")
+        if where == point and self._edit_jobs == int(nth or 1):
             log.error("%s=%s: killing the server process (a testing aid)", CRASH_ENV, point)
             os.kill(os.getpid(), signal.SIGKILL)
 
     def _run_edit(self, job: _Job) -> list[dict[str, Any]]:
+        self._edit_jobs += 1
         started = time.perf_counter()
         waited = started - job.enqueued
         generation = self.generation + 1
