@@ -264,3 +264,56 @@ def test_lab_run_stores_and_reports_generation_beside_teacher_forced(lab_env, to
     assert row["method"] == "memit" and row["Eff"] is not None and row["Eff gen"] is not None
     assert "<th>Eff gen</th>" in report.html.read_text()
     assert "teacher-forced beside generated" in format_tables(report)
+
+
+# -- factedit edit ----------------------------------------------------------------------------
+
+
+def test_cli_edit_json_has_generation_metrics_unless_switched_off(tmp_path, tokenizer, capsys):
+    import json
+
+    from conftest import make_tiny_model
+
+    from factedit.cli import main
+
+    folder = tmp_path / "tiny-model"
+    make_tiny_model(tokenizer).save_pretrained(folder)
+    flags = ["edit", "--model", str(folder), "--method", "ft-l", "--prompt",
+             "{} is located in the city of", "--subject", "The Eiffel Tower", "--target-new",
+             "Rome", "--neighbor", "The Louvre is located in the city of=Paris", "--json",
+             "--set", "steps=2"]
+    assert main(flags) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["metrics"]["gen_efficacy"] in (0.0, 1.0)
+    assert out["metrics"]["gen_specificity_n"] in (0, 1)
+    assert isinstance(out["per_request"][0]["gen_text"], str)
+    assert "efficacy" in out["metrics"]  # the teacher-forced ones beside them
+    assert main(flags + ["--no-generation"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert "gen_efficacy" not in out["metrics"]
+
+
+# -- the real model (behaviour) ----------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_rome_flips_the_generated_answer_and_keeps_a_known_neighbour(builtin_model,
+                                                                       shared_data):
+    model = builtin_model
+    request = EditRequest(prompt="{} is located in the city of", subject="The Eiffel Tower",
+                          target_new="Rome", target_true="Paris",
+                          neighborhood=[("The Louvre is located in the city of", "Paris")])
+    baseline = fe.capture_baseline(model, [request], generation=True)
+    before = fe.evaluate(model, [request], baseline, generation=True)
+    assert before["gen_efficacy"] == 0.0 and before["gen_specificity_n"] == 1
+    handle = fe.edit(model, [request], method="rome",
+                     covariance_corpus=str(shared_data / "corpus" / "wikitext-2-raw"),
+                     covariance_tokens=20_000)
+    try:
+        after = fe.evaluate(model, [request], baseline, generation=True)
+    finally:
+        handle.restore()
+    assert after["gen_efficacy"] == 1.0, after["per_request"][0]["gen_text"]
+    assert after["per_request"][0]["gen_text"].split()[0].startswith("Rome")
+    assert after["gen_specificity"] == 1.0 and after["gen_bleed"] == 0.0
+    assert after["efficacy"] == 1.0  # teacher-forced agrees here

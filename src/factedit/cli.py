@@ -34,6 +34,9 @@ from factedit.commands import serve as serve_command
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 METRIC_COLUMNS = ("efficacy", "generalization", "specificity", "rewrite_acc", "locality")
+# Shown after them when `factedit edit` scores generations (on unless --no-generation).
+GEN_METRIC_COLUMNS = ("gen_efficacy", "gen_generalization", "gen_specificity",
+                      "gen_specificity_n", "gen_bleed")
 
 
 def _fmt(value: Any) -> str:
@@ -141,7 +144,11 @@ def cmd_edit(args: argparse.Namespace) -> int:
     before = model.generate(prompts, max_new_tokens=args.max_new_tokens)
     if n > 1:
         say(f"scoring the unedited model on {n} requests ...")
-    baseline = fe.capture_baseline(model, requests)
+    # Generation metrics on by default: a CLI edit is a few requests, their generations
+    # take seconds, and the generated answer is what the user checks (metrics.generation).
+    generation = {"context": args.generation_context} if args.generation else None
+    baseline = fe.capture_baseline(model, requests, generation=generation,
+                                   progress=not args.json)
     handle = EditHandle(model, make_editor(model, plan.config))
     say(f"editing {n} request{'s' if n > 1 else ''} with {handle.method} ...")
     try:
@@ -158,7 +165,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
     after = model.generate(prompts, max_new_tokens=args.max_new_tokens)
     if n > 1:
         say(f"scoring the edited model on {n} requests ...")
-    scores = fe.evaluate(model, requests, baseline)
+    scores = fe.evaluate(model, requests, baseline, generation=generation,
+                         progress=not args.json)
     if args.save:
         say(f"saving to {args.save} ...")
         model.save_pretrained(args.save, overwrite=args.force)
@@ -185,7 +193,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
         print(f"(before/after text for the first {len(shown)} of {n} requests; the scores "
               f"cover all)")
     print()
-    print(_table([[k, scores.get(k)] for k in METRIC_COLUMNS], ["metric", "value"]))
+    columns = METRIC_COLUMNS + (GEN_METRIC_COLUMNS if generation else ())
+    print(_table([[k, scores.get(k)] for k in columns], ["metric", "value"]))
     print(f"\nedit took {sum(handle.timings().values()):.1f} s "
           f"({', '.join(f'{k} {v:.1f}' for k, v in handle.timings().items())})")
     if args.save:
@@ -455,7 +464,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", help="JSON list of edit requests instead of the flags")
     p.add_argument("--mode", choices=["single", "batch", "sequential", "sequential-batch"])
     p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--max-new-tokens", type=int, default=12)
+    p.add_argument("--max-new-tokens", type=int, default=12,
+                   help="tokens generated for the before/after text")
+    p.add_argument("--generation", action=argparse.BooleanOptionalAction, default=True,
+                   help="also judge greedy generations (gen_efficacy, gen_specificity, ...: "
+                   "up to 50 tokens cut at '.' or newline; on by default, --no-generation "
+                   "skips them)")
+    p.add_argument("--generation-context", choices=["bare", "qa", "chat"], default="bare",
+                   help="how prompts are put to the model for the gen_* metrics")
     p.add_argument("--save", help="write the edited model here as a HF folder (safetensors)")
     p.add_argument("--patch", help="write the edit as a patch file here (.safetensors; "
                    "docs/patches.md)")
