@@ -399,6 +399,10 @@ def create_app(service: EditService, auth: Auth, max_body_bytes: int = 1 << 20) 
             prompts = list(body.prompt)
         if not prompts or len(prompts) * body.n > 16:
             raise ApiError(422, "prompt: give 1 to 16 prompts (times n)", param="prompt")
+        vocab = len(service.serving_model.tokenizer)
+        for p in prompts:
+            if not isinstance(p, str) and any(not 0 <= t < vocab for t in p):
+                raise ApiError(422, f"prompt: token ids must be in [0, {vocab})", param="prompt")
         choices, gens = [], []
         for p in prompts:
             text = p if isinstance(p, str) else service.serving_model.tokenizer.decode(p)

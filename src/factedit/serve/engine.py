@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 import queue
 import signal
@@ -335,7 +336,8 @@ class EditService:
                     rows.append(LedgerRow(
                         id=record.edit_id, request=request.to_dict(), created=time.time(),
                         who=job.who, method=method, generation=generation,
-                        scores={k: v for k, v in scores.items() if k != "n"}, timings=timings))
+                        scores=_finite({k: v for k, v in scores.items() if k != "n"}),
+                        timings=timings))
                 self._crash_point("before-state")
                 t0 = time.perf_counter()
                 self.store.write(self.handle, generation)
@@ -540,6 +542,12 @@ class EditService:
                         "(it is committed entirely or not at all)", timeout)
             return
         self.ledger.close()
+
+
+def _finite(scores: dict[str, Any]) -> dict[str, Any]:
+    """Scores as strict JSON takes them: NaN and infinities become None."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v
+            for k, v in scores.items()}
 
 
 def _copy_model(model: EditableModel) -> EditableModel:
