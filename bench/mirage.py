@@ -30,9 +30,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # (teacher-forced, generated) pairs shown side by side.
 PAIRS = (("efficacy", "gen_efficacy"), ("generalization", "gen_generalization"),
          ("specificity", "gen_specificity"), ("rewrite_acc", "gen_bleed"))
-COLUMNS = ("efficacy", "gen_efficacy", "generalization", "gen_generalization", "specificity",
-           "gen_specificity", "gen_specificity_n", "locality", "gen_neighborhood_acc",
-           "gen_bleed", "gen_portability", "gen_fluency")
+COLUMNS = ("efficacy", "gen_efficacy", "gen_efficacy_exact", "generalization",
+           "gen_generalization", "specificity", "gen_specificity", "gen_specificity_n",
+           "locality", "gen_neighborhood_acc", "gen_bleed", "gen_words", "gen_fluency")
 DEFAULT_METHODS = "rome,memit,alphaedit,d4s,ft-m,grace"
 # Methods that need an artefact trained beforehand, and the config field that names it.
 TRAINED = {"mend": "checkpoint", "ke": "checkpoint", "serac": "classifier"}
@@ -56,6 +56,21 @@ def append_row(path: Path, row: dict) -> None:
         f.write(json.dumps(row, default=float) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def add_text_columns(rows: list[dict], targets: dict[str, str]) -> None:
+    """From each row's gen_text (the edit prompt's continuation): gen_efficacy_exact, WILD's
+    exact match (the whole continuation is the target), and gen_words, its length in words
+    (a continuation that repeats the target passes the default judge but not this one)."""
+    from factedit.metrics.generation import matches_answer
+
+    for r in rows:
+        text = r["scores"].get("gen_text")
+        if text is None or r["case_id"] not in targets:
+            continue
+        r["scores"]["gen_efficacy_exact"] = float(matches_answer(text, [targets[r["case_id"]]],
+                                                                 exact=True))
+        r["scores"]["gen_words"] = float(len(text.split()))
 
 
 def summarise(rows: list[dict], methods: list[str]) -> dict[str, dict]:
@@ -90,8 +105,8 @@ def _fmt(v, width=6):
 
 
 def print_table(summary: dict[str, dict]) -> None:
-    heads = ("eff", "g_eff", "gen", "g_gen", "spec", "g_spec", "g_n", "loc", "g_nacc",
-             "g_bleed", "g_port", "g_flu")
+    heads = ("eff", "g_eff", "g_exct", "gen", "g_gen", "spec", "g_spec", "g_n", "loc",
+             "g_nacc", "g_bleed", "g_wrds", "g_flu")
     print(f"{'method':12s} {'n':>3s} " + " ".join(h.rjust(6) for h in heads) + "  s/edit")
     for method, means in summary.items():
         print(f"{method:12s} {means['n']:3d} " + " ".join(_fmt(means[k]) for k in COLUMNS)
@@ -133,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                for m in methods if m in TRAINED and m not in artefacts}
     methods = [m for m in methods if m not in skipped]
     options = GenerationOptions.from_dict(json.loads(args.generation), where="--generation")
+    requests = load_dataset(args.dataset, limit=args.n, data_dir=args.data)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows_path = out / "rows.jsonl"
@@ -144,7 +160,6 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.report_only:
         model = fe.load_model(args.model)
-        requests = load_dataset(args.dataset, limit=args.n, data_dir=args.data)
         done = {(r["method"], r["case_id"]) for r in rows}
         t0 = time.perf_counter()
         baseline = fe.capture_baseline(model, requests, generation=options, progress=False)
@@ -196,15 +211,21 @@ def main(argv: list[str] | None = None) -> int:
                       f"({edit_seconds:.1f} s edit, {seconds[0]:.1f} s eval)", flush=True)
         rows = read_rows(rows_path)
 
+    add_text_columns(rows, {r.uid: r.target_new for r in requests})
     present = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "unedited"))
-    summary = summarise([r for r in rows if "error" not in r], present)
+    # Like for like: every method (and the unedited model) over the records all have done.
+    common = set.intersection(*({r["case_id"] for r in rows if r["method"] == m}
+                                for m in present)) if present else set()
+    summary = summarise([r for r in rows if "error" not in r and r["case_id"] in common],
+                        present)
     errors = {}
     for r in rows:
         if "error" in r:
             errors.setdefault(r["method"], []).append(f"{r['case_id']}: {r['error']}")
     result = {"command": "python bench/mirage.py " + " ".join(argv or sys.argv[1:]),
               "date": time.strftime("%Y-%m-%d", time.gmtime()), **tag,
-              "skipped": skipped, "errors": errors, "summary": summary}
+              "skipped": skipped, "errors": errors, "records": sorted(common, key=str),
+              "summary": summary}
     tmp = out / "summary.json.tmp"
     tmp.write_text(json.dumps(result, indent=1, default=float))
     tmp.replace(out / "summary.json")
