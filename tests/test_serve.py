@@ -133,6 +133,9 @@ def test_generation_and_bad_requests(world):
     assert world["before"].strip().startswith("Paris")
     world["before_logprobs"] = s.logprobs(EIFFEL_PROMPT)
     assert [m.id for m in s.client.models.list().data] == [MODEL]
+    stream = s.client.completions.create(model=MODEL, prompt=EIFFEL_PROMPT, max_tokens=3,
+                                         temperature=0, stream=True)
+    assert "".join(chunk.choices[0].text for chunk in stream) == world["before"]
     chat = s.client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "Say hello."}], max_tokens=5,
         temperature=0)

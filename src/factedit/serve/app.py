@@ -226,9 +226,8 @@ def _stream_pieces(gen: Generation, text: str) -> list[str]:
 
 
 def _sse(chunks: list[dict[str, Any]]) -> StreamingResponse:
-    """Server-sent events as OpenAI streams them (the completion is generated first, then sent
-    in one chunk per token: clients that require streaming work, time to first token does not
-    improve)."""
+    """Server-sent events of completions generated first (several prompts or choices, echo,
+    logprobs): one chunk per token, sent once all are done."""
     async def events():
         for chunk in chunks:
             yield f"data: {json.dumps(chunk)}\n\n"
@@ -329,19 +328,79 @@ def create_app(service: EditService, auth: Auth, max_body_bytes: int = 1 << 20) 
             raise ApiError(404, f"The model `{name}` does not exist: this server serves "
                                 f"`{settings.name}`", param="model", code="model_not_found")
 
-    async def run_generation(**kwargs: Any) -> Generation:
+    def check_context(kwargs: dict[str, Any]) -> None:
         limit = service.context_length
         if limit and len(kwargs["input_ids"]) + kwargs["max_tokens"] > limit:
             raise ApiError(422, f"the prompt ({len(kwargs['input_ids'])} tokens) plus "
                                 f"max_tokens ({kwargs['max_tokens']}) exceed the model's "
                                 f"context of {limit} tokens: shorten one", param="max_tokens",
                            code="context_length_exceeded")
+
+    def overloaded() -> ApiError:
+        return ApiError(503, f"{settings.generation_queue} generation requests pending; retry "
+                             f"shortly", type="server_error", code="overloaded",
+                        headers={"Retry-After": "1"})
+
+    async def run_generation(**kwargs: Any) -> Generation:
+        check_context(kwargs)
         with service.admitted() as ok:
             if not ok:
-                raise ApiError(503, f"{settings.generation_queue} generation requests pending; "
-                                    f"retry shortly", type="server_error",
-                               code="overloaded", headers={"Retry-After": "1"})
+                raise overloaded()
             return await anyio.to_thread.run_sync(lambda: service.generate(**kwargs))
+
+    def stream_generation(kwargs: dict[str, Any], piece: Callable[[str], dict],
+                          final: Callable[[Generation], dict], first: dict | None = None
+                          ) -> StreamingResponse:
+        """Server-sent events as the tokens come. Text that could still turn out to be the
+        start of a stop string is held back until it cannot."""
+        check_context(kwargs)
+        admission = service.admitted()
+        if not admission.__enter__():
+            admission.__exit__(None, None, None)
+            raise overloaded()
+        loop = asyncio.get_running_loop()
+        tokens: asyncio.Queue[int] = asyncio.Queue()
+        kwargs["on_token"] = lambda t: loop.call_soon_threadsafe(tokens.put_nowait, t)
+        task = asyncio.ensure_future(anyio.to_thread.run_sync(
+            lambda: service.generate(**kwargs)))
+        stops = kwargs.get("stop") or []
+        hold = max((len(x) for x in stops), default=1) - 1
+
+        async def events():
+            try:
+                if first is not None:
+                    yield f"data: {json.dumps(first)}\n\n"
+                ids: list[int] = []
+                sent = 0
+                while True:
+                    getter = asyncio.ensure_future(tokens.get())
+                    await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                    if not getter.done():
+                        getter.cancel()
+                        break
+                    ids.append(getter.result())
+                    text = service.decode(ids)
+                    cuts = [text.index(x) for x in stops if x in text]
+                    upto = min(cuts) if cuts else len(text) - hold
+                    if text[:upto].endswith("\ufffd"):  # a character split across tokens
+                        upto -= 1
+                    if upto > sent:
+                        yield f"data: {json.dumps(piece(text[sent:upto]))}\n\n"
+                        sent = upto
+                gen = await task
+                if len(gen.text) > sent:
+                    yield f"data: {json.dumps(piece(gen.text[sent:]))}\n\n"
+                yield f"data: {json.dumps(final(gen))}\n\n"
+            except Exception as err:  # noqa: BLE001 - the status line is sent already
+                error_id = uuid.uuid4().hex[:12]
+                log.error("error %s in a stream", error_id, exc_info=err)
+                yield "data: " + json.dumps({"error": {
+                    "message": f"internal error {error_id}: the server log has the details",
+                    "type": "server_error", "param": None, "code": "internal_error"}}) + "\n\n"
+            finally:
+                admission.__exit__(None, None, None)
+            yield "data: [DONE]\n\n"
+        return StreamingResponse(events(), media_type="text/event-stream")
 
     def max_tokens(value: int | None, default: int) -> int:
         value = default if value is None else value
@@ -403,6 +462,20 @@ def create_app(service: EditService, auth: Auth, max_body_bytes: int = 1 << 20) 
         for p in prompts:
             if not isinstance(p, str) and any(not 0 <= t < vocab for t in p):
                 raise ApiError(422, f"prompt: token ids must be in [0, {vocab})", param="prompt")
+        ident, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        if body.stream and len(prompts) == 1 and body.n == 1 and not body.echo:
+            ids = service.encode(prompts[0]) if isinstance(prompts[0], str) else prompts[0]
+            if not ids:
+                raise ApiError(422, "prompt is empty", param="prompt")
+            base = {"id": ident, "object": "text_completion", "created": created,
+                    "model": settings.name}
+            return stream_generation(
+                dict(input_ids=ids, max_tokens=limit, temperature=body.temperature,
+                     top_p=body.top_p, stop=stops, logprobs=None),
+                lambda text: {**base, "choices": [{"index": 0, "text": text,
+                                                   "finish_reason": None, "logprobs": None}]},
+                lambda gen: {**base, "choices": [{"index": 0, "text": "", "logprobs": None,
+                                                  "finish_reason": gen.finish_reason}]})
         choices, gens = [], []
         for p in prompts:
             text = p if isinstance(p, str) else service.serving_model.tokenizer.decode(p)
@@ -419,7 +492,6 @@ def create_app(service: EditService, auth: Auth, max_body_bytes: int = 1 << 20) 
                                 "finish_reason": gen.finish_reason,
                                 "logprobs": _openai_logprobs(gen, len(prefix))
                                 if body.logprobs is not None else None})
-        ident, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.stream:
             chunks = []
             for c, g in zip(choices, gens):
@@ -450,6 +522,19 @@ def create_app(service: EditService, auth: Auth, max_body_bytes: int = 1 << 20) 
         except ValueError as err:
             raise ApiError(422, str(err), param="messages") from None
         top = body.top_logprobs or 0
+        ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        base = {"id": ident, "object": "chat.completion.chunk", "created": created,
+                "model": settings.name}
+        if body.stream and body.n == 1 and not body.logprobs:
+            return stream_generation(
+                dict(input_ids=ids, max_tokens=limit, temperature=body.temperature,
+                     top_p=body.top_p, stop=stops, logprobs=None, chat=True),
+                lambda text: {**base, "choices": [{"index": 0, "delta": {"content": text},
+                                                   "finish_reason": None}]},
+                lambda gen: {**base, "choices": [{"index": 0, "delta": {},
+                                                  "finish_reason": gen.finish_reason}]},
+                first={**base, "choices": [{"index": 0, "delta": {
+                    "role": "assistant", "content": ""}, "finish_reason": None}]})
         choices, gens = [], []
         for _ in range(body.n):
             gen = await run_generation(input_ids=ids, max_tokens=limit,
@@ -461,12 +546,9 @@ def create_app(service: EditService, auth: Auth, max_body_bytes: int = 1 << 20) 
                             "message": {"role": "assistant", "content": gen.text},
                             "finish_reason": gen.finish_reason,
                             "logprobs": _chat_logprobs(gen, top) if body.logprobs else None})
-        ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.stream:
             gen_of, chunks = dict(enumerate(gens)), []
             for c in choices:
-                base = {"id": ident, "object": "chat.completion.chunk", "created": created,
-                        "model": settings.name}
                 chunks.append({**base, "choices": [{"index": c["index"], "delta": {
                     "role": "assistant", "content": ""}, "finish_reason": None}]})
                 for piece in _stream_pieces(gen_of[c["index"]], c["message"]["content"]):

@@ -176,6 +176,24 @@ class StopOnStrings:
         return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
 
+class TokenStreamer:
+    """A `generate` streamer that hands each new token id to `on_token` (the prompt, which
+    `generate` puts first, is skipped)."""
+
+    def __init__(self, on_token: Callable[[int], None]) -> None:
+        self.on_token, self.prompt_seen = on_token, False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        for token in value.reshape(-1).tolist():
+            self.on_token(int(token))
+
+    def end(self) -> None:
+        pass
+
+
 class EditService:
     """The model, its handle, the ledger, the state on disk and the editor worker."""
 
@@ -464,6 +482,10 @@ class EditService:
             ids = ids["input_ids"]
         return list(ids)
 
+    def decode(self, ids: list[int]) -> str:
+        with self._tokenizer_lock:
+            return self.serving_model.tokenizer.decode(ids, skip_special_tokens=True)
+
     def stop_token_ids(self, chat: bool) -> list[int]:
         tokenizer = self.serving_model.tokenizer
         ids = {tokenizer.eos_token_id}
@@ -482,7 +504,8 @@ class EditService:
 
     def generate(self, input_ids: list[int], *, max_tokens: int, temperature: float = 0.0,
                  top_p: float = 1.0, stop: Sequence[str] = (), logprobs: int | None = None,
-                 chat: bool = False) -> Generation:
+                 chat: bool = False, on_token: Callable[[int], None] | None = None
+                 ) -> Generation:
         """Greedy (temperature 0) or sampled continuation of `input_ids` on the serving copy."""
         model, tokenizer = self.serving_model, self.serving_model.tokenizer
         ids = torch.tensor([input_ids], device=model.device)
@@ -496,6 +519,8 @@ class EditService:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if stop:
             kwargs["stopping_criteria"] = [StopOnStrings(tokenizer, len(input_ids), stop)]
+        if on_token is not None:
+            kwargs["streamer"] = TokenStreamer(on_token)
         with self._generation_slots, self.lock.read(), torch.inference_mode():
             out = model.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                        **kwargs)
