@@ -159,3 +159,39 @@ def test_a_head_named_by_another_transformers_version_is_found(tokenizer):
     old_table = fe.models.resolve_arch(model.model.config, {"lm_head": "embed_out"})
     assert old_table.lm_head == "embed_out"
     assert fe.EditableModel(model.model, tokenizer, old_table, "tiny").arch.lm_head == "lm_head"
+
+
+# The other registered methods (hypernetworks, which need a trained network, aside) on the
+# three layouts the other test files never build: Phi-3's fused MLP input, GPT-J's parallel
+# block, OLMo-2's post-norms. Each must run and restore bit for bit.
+OTHER_SETTINGS = {
+    "memit": dict(LOCATE, layers=[0, 1]), "pmet": dict(LOCATE, layers=[0, 1]),
+    "alphaedit": dict(LOCATE, layers=[0, 1], nullspace_threshold=0.5),
+    "d4s-alphaedit": dict(LOCATE, layers=[0, 1], nullspace_threshold=0.5),
+    "ft-m": dict(layers=[1], steps=3, lr=1e-2), "kn": dict(ig_steps=3, update_scale=20.0),
+    "calinet": dict(layers=[1], steps=5, lr=0.1),
+    "memprompt": dict(threshold=0.99999, retrieval_layer=1),
+    "mello": dict(max_hops=1, max_new_tokens=4),
+}
+
+
+@pytest.mark.parametrize("family", ["phi3", "gptj", "olmo2"])
+def test_other_methods_run_and_restore(tokenizer, corpus, family):
+    from factedit.methods import list_methods
+
+    others = [m for m in OTHER_SETTINGS if m in list_methods()]
+    assert len(others) == len(OTHER_SETTINGS), sorted(set(OTHER_SETTINGS) - set(others))
+    requests = [REQUEST, EditRequest(prompt="The sport of {}", subject="Serena Williams",
+                                     target_new="golf", target_true="tennis")]
+    for method in others:
+        model = make_family_model(tokenizer, family)
+        unedited, unedited_logits = parameters(model), prompt_logits(model)
+        options = dict(OTHER_SETTINGS[method])
+        if "covariance_tokens" in options:
+            options["covariance_corpus"] = corpus
+        handle = edit(model, requests, method=method, mode="sequential", progress=False,
+                      **options)
+        assert torch.isfinite(prompt_logits(model)).all(), method
+        handle.restore()
+        assert_equal_parameters(model, unedited)
+        assert torch.equal(prompt_logits(model), unedited_logits), method
