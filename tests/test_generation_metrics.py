@@ -182,6 +182,8 @@ def test_evaluate_adds_generation_keys_and_keeps_the_others(tiny_model):
     assert edited["gen_bleed"] == 1.0 and edited["gen_portability"] == 0.0
     assert edited["gen_specificity"] == 0.0 and edited["gen_specificity_n"] == 1
     assert edited["per_request"][0]["gen_text"] == " Rome Rome Rome Rome"
+    assert set(edited["per_request"][0]["gen_texts"].values()) == {" Rome Rome Rome Rome"}
+    assert len(edited["per_request"][0]["gen_texts"]) == 6  # prompt, 2 + 2 + 1 others
 
 
 def test_a_callable_judge_and_aliases(tiny_model):

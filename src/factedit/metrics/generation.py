@@ -17,6 +17,7 @@ Mirage of Model Editing" (Yang et al., 2025) does, and judge the text:
     gen_fluency         ROME's n-gram entropy of free generations from the request's
                         `metadata["generation_prompts"]` (CounterFact's ROME-format records)
     gen_text            the edit prompt's continuation itself (per request, for reading)
+    gen_texts           every prompt's continuation {prompt: text} (per request)
 
 Generation (`GenerationOptions`): greedy, `max_new_tokens` (default 50), the continuation
 cut at the first stop string ("." and newline by default, WILD's choice: a fact is one
@@ -475,6 +476,7 @@ def generation_rows(model: EditableModel, requests: Sequence[EditRequest],
         fluency_prompts = _fluency_prompts(r) if options.fluency else []
         row["gen_fluency"] = _mean(ngram_entropy(p + free[p]) for p in fluency_prompts)
         row["gen_text"] = texts[r.rewrite_prompt]
+        row["gen_texts"] = {p: texts[p] for p in _prompts_of(r)}
         rows.append(row)
     return rows
 
