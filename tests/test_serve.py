@@ -341,6 +341,9 @@ def test_full_edit_queue_gets_429_and_queued_edits_commit(tiny_model, tmp_path, 
                      covariance_corpus=str(shared_data / "corpus" / "wikitext-2-raw"))
     service = EditService(ServeSettings(method="d4s", overrides=overrides,
                                         state_dir=tmp_path, edit_queue=1), model=tiny_model)
+    with pytest.raises(StateMismatchError, match="served already"):  # one server per folder
+        EditService(ServeSettings(method="d4s", overrides=overrides, state_dir=tmp_path),
+                    model=tiny_model)
     client = TestClient(create_app(service, Auth({TOKEN: "tester"})))
     headers = {"Authorization": f"Bearer {TOKEN}"}
     colosseum = {"prompt": "{} was built by", "subject": "The Colosseum",

@@ -204,6 +204,7 @@ class EditService:
         self.lock = RWLock()
         root = Path(settings.state_dir)
         root.mkdir(parents=True, exist_ok=True)
+        self._dir_lock = _lock_state_dir(root)
         # The method and its settings are checked before the model load: a typo costs no load.
         get_method(settings.method).config_cls(**settings.overrides)
         self.ledger = Ledger(root / "ledger.sqlite")
@@ -567,6 +568,30 @@ class EditService:
                         "(it is committed entirely or not at all)", timeout)
             return
         self.ledger.close()
+        self._dir_lock.close()  # releases the flock
+
+
+def _lock_state_dir(root: Path) -> Any:
+    """An exclusive OS lock on DIR/serve.lock for the life of the process: a second server on
+    the same state folder would interleave generations and ledger rows, so it is refused."""
+    handle = open(root / "serve.lock", "a+")  # noqa: SIM115 - held until close()
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; one server per folder is then the user's care
+        return handle
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "another process"
+        handle.close()
+        raise StateMismatchError(f"{root} is served already (by {owner}): stop that server "
+                                 f"or give another --state directory") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}\n")
+    handle.flush()
+    return handle
 
 
 def _finite(scores: dict[str, Any]) -> dict[str, Any]:
