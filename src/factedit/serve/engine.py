@@ -407,8 +407,8 @@ class EditService:
         self.metrics.removals.inc()
         data = self.ledger.get(job.edit_id).to_json()
         data["removal_timings"] = {"queue": round(started - job.enqueued, 4),
-                           "persist": round(persist, 4),
-                           "total": round(time.perf_counter() - job.enqueued, 4)}
+                                   "persist": round(persist, 4),
+                                   "total": round(time.perf_counter() - job.enqueued, 4)}
         return data
 
     def _committed(self, generation: int) -> None:
