@@ -57,6 +57,7 @@ from .memory import (
     SeracEditor,
 )
 from .patches import CaliNetConfig, CaliNetEditor, TPatcherConfig, TPatcherEditor
+from .ultraedit import UltraEditConfig, UltraEditEditor
 
 __all__ = [
     "AlphaEditConfig", "AlphaEditEditor", "CaliNetConfig", "CaliNetEditor", "ConfigError",
@@ -67,6 +68,6 @@ __all__ = [
     "MemPromptConfig", "MemPromptEditor", "MemitConfig", "MemitEditor", "MemoryConfig",
     "MemoryEditor", "MendConfig", "MendEditor", "MethodConfig", "MethodSpec", "PmetConfig",
     "PmetEditor", "RomeConfig", "RomeEditor", "SeracConfig", "SeracEditor", "StateSize",
-    "TPatcherConfig", "TPatcherEditor", "Trainer", "get_method", "list_methods", "options_for",
-    "register_method", "trainable_methods",
+    "TPatcherConfig", "TPatcherEditor", "Trainer", "UltraEditConfig", "UltraEditEditor",
+    "get_method", "list_methods", "options_for", "register_method", "trainable_methods",
 ]
