@@ -80,14 +80,15 @@ EXEMPT: dict[tuple[str, str], str] = {
 }
 # (method, check) -> a bug the matrix found, run as a strict xfail so that the fix shows.
 BUGS: dict[tuple[str, str], str] = {
-    # EditHandle.remove promises the model edited without that edit; the patch editors'
-    # later edits were trained with the removed edit's neurons live and its prompts in the
-    # memory loss (and CaliNET seeds each edit's slots by its edit id), so their neurons
-    # stay what they became beside it (methods/patches/base.py says "exactly what it would
-    # be without that edit").
-    ("t-patcher", "remove"): "later edits' neurons were trained beside the removed edit",
-    ("calinet", "remove"): "later edits' slots were trained beside the removed edit and "
-                           "seeded by their edit id",
+    # EditHandle.remove promises the model edited without that edit (and
+    # methods/patches/base.py "exactly what it would be without that edit"). T-Patcher's later
+    # edits were trained to stay silent on the removed edit's prompts (memory_history): with
+    # memory_history=0 its remove is exact. CaliNET differs even then: each edit's slots are
+    # seeded by its edit id, so a later edit starts elsewhere than it would without the
+    # removed one.
+    ("t-patcher", "remove"): "later edits were trained silent on the removed edit's prompts",
+    ("calinet", "remove"): "later edits' slots are seeded by edit id and trained silent on "
+                           "the removed edit's prompts",
 }
 
 
