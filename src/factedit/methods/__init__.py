@@ -58,6 +58,7 @@ from .memory import (
 )
 from .patches import CaliNetConfig, CaliNetEditor, TPatcherConfig, TPatcherEditor
 from .ultraedit import UltraEditConfig, UltraEditEditor
+from .wise import WiseConfig, WiseEditor
 
 __all__ = [
     "AlphaEditConfig", "AlphaEditEditor", "CaliNetConfig", "CaliNetEditor", "ConfigError",
@@ -69,5 +70,6 @@ __all__ = [
     "MemoryEditor", "MendConfig", "MendEditor", "MethodConfig", "MethodSpec", "PmetConfig",
     "PmetEditor", "RomeConfig", "RomeEditor", "SeracConfig", "SeracEditor", "StateSize",
     "TPatcherConfig", "TPatcherEditor", "Trainer", "UltraEditConfig", "UltraEditEditor",
-    "get_method", "list_methods", "options_for", "register_method", "trainable_methods",
+    "WiseConfig", "WiseEditor", "get_method", "list_methods", "options_for", "register_method",
+    "trainable_methods",
 ]

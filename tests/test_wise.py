@@ -1,0 +1,113 @@
+"""WISE: routing keeps unrelated prompts on the main memory (their logits equal the unedited
+model's exactly) while edited prompts route to the side memory; weights never change; save
+and resume give the same router and outputs; restore is exact; a real flip on the built-in
+model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from common import HYPERNET_REQUESTS, UNRELATED, logits
+from conftest import make_tiny_model, tiny_tokenizer
+
+import factedit as fe
+from factedit.methods import ConfigError, get_method
+from factedit.methods.wise import WiseConfig
+from factedit.protocol import make_editor
+
+R0, R1 = HYPERNET_REQUESTS[:2]
+# A tiny random model's activation scores are a few units: margins on its scale.
+TINY = dict(layer=1, steps=30, lr=0.5, alpha=0.2, beta=2.0, gamma=1.0, norm_constraint=1.0,
+            mask_ratio=0.5)
+
+
+@pytest.fixture(scope="module")
+def edited():
+    """A tiny model, its unedited logits on an unrelated prompt, and two sequential edits."""
+    model = make_tiny_model(tiny_tokenizer(), layers=2)
+    before = {"unrelated": logits(model, UNRELATED),
+              "edit": logits(model, R0.rewrite_prompt),
+              "weights": {n: p.detach().clone() for n, p in model.model.named_parameters()}}
+    handle = fe.edit(model, [R0, R1], "wise", mode="sequential", progress=False, **TINY)
+    return model, handle, before
+
+
+def test_registered_sequential_only_and_config_errors():
+    spec = get_method("wise")
+    assert not spec.supports_batch and not spec.supports_remove
+    for bad, field in ((dict(mask_ratio=0.0), "mask_ratio"), (dict(steps=0), "steps"),
+                       (dict(alpha=-1.0), "alpha"), (dict(layer=-2), "layer")):
+        with pytest.raises(ConfigError, match=field):
+            WiseConfig(**bad)
+
+
+def test_unrelated_prompt_stays_on_main_memory_exactly(edited):
+    model, handle, before = edited
+    editor = handle.editor
+    assert not editor.routes_to_side(UNRELATED)
+    assert torch.equal(logits(model, UNRELATED), before["unrelated"])
+    # Weights untouched: the edit lives in the side memory only.
+    for name, p in model.model.named_parameters():
+        assert torch.equal(p, before["weights"][name])
+
+
+def test_edited_prompt_routes_to_side_memory(edited):
+    model, handle, before = edited
+    editor = handle.editor
+    for request in (R0, R1):
+        assert editor.routes_to_side(request.rewrite_prompt)
+    after = logits(model, R0.rewrite_prompt)
+    assert not torch.equal(after, before["edit"])
+    target = model.tokenizer(" " + R0.target_new)["input_ids"][0]
+    assert after[0, -1].argmax() == target
+
+
+def test_save_resume_gives_the_same_router_and_outputs(edited):
+    """A fresh editor loading the saved side memory and router gives the same logits."""
+    model, handle, _ = edited
+    texts = (R0.rewrite_prompt, R1.rewrite_prompt, UNRELATED)
+    expected = [logits(model, text) for text in texts]
+    tensors, manifest = handle.editor.state_dict()
+    resumed = make_editor(model, "wise", **TINY)
+    resumed.load_state_dict(tensors, manifest)
+    assert resumed.edit_scores == handle.editor.edit_scores
+    assert torch.equal(resumed.delta, handle.editor.delta)
+    with handle.disabled():
+        attachment = resumed.attachment()
+        attachment.install()
+        try:
+            for text, out in zip(texts, expected):
+                assert torch.equal(logits(model, text), out)
+        finally:
+            attachment.remove()
+    with pytest.raises(ValueError, match="layer"):
+        make_editor(model, "wise", **dict(TINY, layer=0)).load_state_dict(tensors, manifest)
+
+
+def test_restore_is_exact(edited):
+    model, handle, before = edited
+    edited_logits = logits(model, R0.rewrite_prompt)
+    handle.restore()
+    assert torch.equal(logits(model, R0.rewrite_prompt), before["edit"])
+    assert not torch.equal(edited_logits, before["edit"])
+
+
+@pytest.mark.slow
+def test_builtin_model_flip_and_unrelated_untouched(builtin_model):
+    model = builtin_model
+    request = fe.EditRequest(prompt="{} plays the sport of", subject="Serena Williams",
+                             target_new="cricket", target_true="tennis")
+    unrelated = "The capital of France is"
+    before = logits(model, unrelated)
+
+    def greedy() -> str:
+        return model.tokenizer.decode(logits(model, request.rewrite_prompt)[0, -1].argmax())
+
+    assert greedy().strip() != "cricket"
+    handle = fe.edit(model, request, "wise", steps=40, progress=False)
+    try:
+        assert greedy().strip() == "cricket"
+        assert handle.editor.routes_to_side(request.rewrite_prompt)
+        assert torch.equal(logits(model, unrelated), before)
+    finally:
+        handle.restore()
