@@ -1,4 +1,6 @@
-"""The headline on the real model: 50 sequential D4S edits of CounterFact, model intact."""
+"""The headline on the real model: sequential D4S edits of CounterFact, model intact."""
+
+import dataclasses
 
 import pytest
 
@@ -6,26 +8,39 @@ import factedit as fe
 
 pytestmark = pytest.mark.slow
 
+N_EDITS = 16  # one value batch (value_batch_size 16): the values cost one optimisation
 
-def test_fifty_sequential_d4s_edits_keep_efficacy(builtin_model, shared_data):
+
+def test_sixteen_sequential_d4s_edits_keep_efficacy(builtin_model, shared_data):
+    """16 CounterFact facts edited one after another with D4S on SmolLM2-135M: after the
+    whole sequence at least 15 of 16 still flip (efficacy > 0.9; 1.0 measured), and each
+    edited layer's mean |W| (the paper's L1) stays within 2.5% of W_0 (0.10% to 1.31%
+    measured, layers 4 to 8; the bound was 5% at 50 edits). Sequential MEMIT/ROME grow
+    instead.
+
+    This replaced a 50-edit run (171 s on two idle cores, the suite's slowest test): values
+    on W_0 come from one batch of 16 instead of four, and the final scoring reads only what
+    is asserted (efficacy), so paraphrases and neighbours are dropped from the requests
+    before editing (D4S edits from the rewrite prompt alone, so the edits are the same).
+    bench/sequential.py measures sequences of 100 to 3,000 edits.
+    """
     from factedit.data import load_dataset
 
-    requests = load_dataset("counterfact-rome", limit=50, data_dir=shared_data)
+    requests = [dataclasses.replace(r, paraphrases=[], neighborhood=[])
+                for r in load_dataset("counterfact-rome", limit=N_EDITS, data_dir=shared_data)]
     # Target values on the bare prompt only (no context prefixes) cut the optimisation to a
-    # third so 50 edits fit CI's budget on two cores; bench/sequential.py runs the defaults.
+    # third; bench/sequential.py runs the defaults.
     report = fe.run_sequence(
         builtin_model, requests, "d4s", immediate=False, unedited=False, progress=False,
         covariance_corpus=str(shared_data / "corpus" / "wikitext-2-raw"),
-        covariance_tokens=20_000, context_prefixes=0, condition_every=25)
+        covariance_tokens=20_000, context_prefixes=0, condition_every=N_EDITS)
     try:
         final = report.final
         assert final["efficacy"] > 0.9, final
-        # The edited layers stay bounded: mean |W| (the paper's L1) moves by a few percent
-        # at most (1.4% measured at 50 edits with two prefixes); sequential MEMIT/ROME grow.
         for name, original in report.handle.originals.items():
             before = float(original.double().abs().mean())
             after = report.checkpoints[-1].weight_stats[name]["mean_abs"]
-            assert abs(after - before) / before < 0.05, (name, before, after)
-        assert len(report.handle.records) == 50
+            assert abs(after - before) / before < 0.025, (name, before, after)
+        assert len(report.handle.records) == N_EDITS
     finally:
         report.handle.restore()
