@@ -62,6 +62,20 @@ def test_edited_prompt_routes_to_side_memory(edited):
     assert after[0, -1].argmax() == target
 
 
+def test_later_edits_train_against_the_main_memory():
+    """The router stands aside while an edit trains: edits through the protocol (the
+    attachment installed after the first; R0 again routes to the side memory) equal the same
+    edits computed with no hook at all."""
+    model = make_tiny_model(tiny_tokenizer(), layers=2)
+    handle = fe.edit(model, [R0, R1, R0], "wise", mode="sequential", progress=False, **TINY)
+    with handle.disabled():
+        bare = make_editor(model, "wise", **TINY)
+        for request in (R0, R1, R0):
+            bare.compute([request])
+    assert torch.equal(bare.delta, handle.editor.delta)
+    assert bare.edit_scores == handle.editor.edit_scores
+
+
 def test_save_resume_gives_the_same_router_and_outputs(edited):
     """A fresh editor loading the saved side memory and router gives the same logits."""
     model, handle, _ = edited

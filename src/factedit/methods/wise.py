@@ -36,7 +36,8 @@ Departures from the reference (EasyEdit's easyeditor/models/wise/WISE.py):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -141,6 +142,15 @@ class WiseEditor(Editor):
             return None  # the main memory's output, untouched
         return torch.where(to_side[:, None, None], side, output)
 
+    @contextmanager
+    def router_off(self) -> Iterator[None]:
+        """The projection gives the main memory's output inside the block (hooks stay)."""
+        self._bypass = True
+        try:
+            yield
+        finally:
+            self._bypass = False
+
     def attachment(self) -> Attachment:
         return Attachment(self.model.model, needs_full_sequence=True).add_forward_hook(
             self.model.module(self.module_name), self._route)
@@ -148,13 +158,10 @@ class WiseEditor(Editor):
     def routes_to_side(self, text: str) -> bool:
         """Whether the router sends `text` (one row) to the side memory."""
         ids = torch.tensor([self.model.tokenizer(text)["input_ids"]], device=self.model.device)
-        self._bypass = True
-        try:
-            with torch.no_grad(), Trace(self.model.model, self.module_name, retain_input=True,
-                                        retain_output=True, stop=True) as proj:
-                self.model.model.base_model(input_ids=ids, use_cache=False)
-        finally:
-            self._bypass = False
+        with self.router_off(), torch.no_grad(), Trace(
+                self.model.model, self.module_name, retain_input=True, retain_output=True,
+                stop=True) as proj:
+            self.model.model.base_model(input_ids=ids, use_cache=False)
         side = self.side_output(proj.input, proj.output)
         return bool(self.edit_scores) and bool(self.scores(proj.output, side)[0] >= self.threshold())
 
@@ -198,7 +205,10 @@ class WiseEditor(Editor):
             return x
 
         nll, margin, step = float("inf"), float("inf"), 0
-        with result.timed("train"), torch.enable_grad(), frozen(model.model):
+        # The router stands aside while D trains: the projection's output reaching `put_side`
+        # must be the main memory's, not the side memory of the edits before.
+        with self.router_off(), result.timed("train"), torch.enable_grad(), \
+                frozen(model.model):
             for step in range(c.steps + 1):
                 with start_at_layer(model.layers, self.layer, hidden_in,
                                     model.block_returns_tuple), \
