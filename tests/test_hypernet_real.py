@@ -1,6 +1,10 @@
-"""KE and MEND on the real built-in SmolLM2-135M: each network, trained for 60 steps (~30 s
-each on two cores) on the CounterFact train split with its method's defaults, flips the
-Eiffel Tower to Rome, alone and in a sequence of two facts, and restores it."""
+"""KE and MEND on the real built-in SmolLM2-135M: each network, trained for 30 steps (~14 s
+of CPU each) on the CounterFact train split with its method's defaults, flips the Eiffel
+Tower to Rome, alone and in a sequence of two facts (efficacy 1.0), and restores it.
+
+30 steps, not the 60 this test first trained, halve the set-up with the same assertions:
+measured on 2026-12-07, both networks flip the fact alone and keep both sequential edits
+after 30 steps as after 60 (and after 15, the margin below this setting)."""
 
 from pathlib import Path
 
@@ -17,6 +21,7 @@ pytestmark = pytest.mark.slow
 
 EIFFEL = builtin_facts()[0]
 TRAINERS = {"ke": (KeConfig, train_ke), "mend": (MendConfig, train_mend)}
+TRAIN_STEPS = 30
 
 
 @pytest.fixture(scope="module", params=sorted(TRAINERS))
@@ -25,7 +30,7 @@ def trained_net(request, builtin_model, shared_data, tmp_path_factory) -> tuple[
     config_cls, train = TRAINERS[kind]
     examples = load_dataset("counterfact-train", limit=200, data_dir=shared_data)
     out = tmp_path_factory.mktemp(kind)
-    config = config_cls(train={"steps": 60, "batch_size": 1, "validate_every": 1000,
+    config = config_cls(train={"steps": TRAIN_STEPS, "batch_size": 1, "validate_every": 1000,
                                "keep_best": False})
     train(builtin_model, examples, [], out, config, progress=False)
     return kind, out
