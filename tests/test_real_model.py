@@ -88,7 +88,7 @@ def test_cli_reports_bad_input_clearly():
                            "{} is in", "--subject", "X", "--target-new", " "],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
-    assert "target_new is empty" in proc.stderr
+    assert "--target-new is empty" in proc.stderr
 
 
 def test_demo_shows_the_eiffel_flip_and_a_kept_neighbour(capsys, cov):

@@ -522,7 +522,7 @@ def _run_method(store: ResultsStore, out: Path, experiment: Experiment, run: Met
     key = run.key
     point = store.progress(key)
     if point and point["finished"]:
-        log.info("%s: finished in an earlier session, skipped", key)
+        log.info("%s: finished by an earlier run, skipped", key)
         return
     state_dir = point["state_dir"] if point else None
     _remove_stale_states(out, key, keep=state_dir)

@@ -218,6 +218,10 @@ class Editor:
 
     config_cls: ClassVar[type[MethodConfig]] = MethodConfig
     supports_batch: ClassVar[bool] = True
+    # Whether `remove(i)` leaves exactly the model edited without edit i. Editors whose later
+    # edits are trained beside the earlier ones (T-Patcher, CaliNET keep them silent on the
+    # earlier edits' prompts) take out only edit i's own parts, and say so here.
+    remove_exact: ClassVar[bool] = True
 
     def __init__(self, model: EditableModel, config: MethodConfig) -> None:
         self.model = model
@@ -338,6 +342,8 @@ class MethodSpec:
 
     supports_batch: the editor takes several requests in one edit (`Editor.supports_batch`).
     supports_remove: the editor can take one edit out again (it overrides `Editor.remove`).
+    remove_exact: `remove(i)` gives exactly the model edited without edit i (else it takes out
+        only edit i's own parts; `Editor.remove_exact`).
     trainer: how `factedit train NAME` trains what the method needs (None: nothing to train).
     state_size: `state_size(model, config)` estimates the editor's own memory (`factedit
         info --method NAME`); None where the method keeps no sizeable state of its own.
@@ -349,6 +355,7 @@ class MethodSpec:
     description: str = ""
     supports_batch: bool = True
     supports_remove: bool = False
+    remove_exact: bool = False
     trainer: Trainer | None = None
     state_size: Callable[[EditableModel, MethodConfig], StateSize] | None = None
 
@@ -368,7 +375,9 @@ def register_method(name: str, config_cls: type[MethodConfig], editor_cls: type[
     config_cls.method = name
     METHODS[name] = MethodSpec(
         name, config_cls, editor_cls, description, supports_batch=editor_cls.supports_batch,
-        supports_remove=editor_cls.remove is not Editor.remove, trainer=trainer,
+        supports_remove=editor_cls.remove is not Editor.remove,
+        remove_exact=editor_cls.remove is not Editor.remove and editor_cls.remove_exact,
+        trainer=trainer,
         state_size=state_size)
 
 

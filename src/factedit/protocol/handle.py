@@ -237,7 +237,9 @@ class EditHandle:
     def remove(self, edit_id: int) -> EditRecord:
         """Take edit `edit_id` out of the model (methods that keep their history: d4s, ...).
 
-        Afterwards the model equals, to float tolerance, the model edited without it.
+        Afterwards the model equals, to float tolerance, the model edited without it, for
+        methods whose `MethodSpec.remove_exact` is true (the D4S family, GRACE, the memory
+        editors); T-Patcher and CaliNET take out only the edit's own neurons.
         """
         if not 0 <= edit_id < len(self.records) or self.records[edit_id].removed:
             live = [r.edit_id for r in self.records if not r.removed]

@@ -151,6 +151,10 @@ def removal_refusal(editor: Editor) -> str | None:
     if type(editor).remove is Editor.remove:
         return (f"method {editor.config.method!r} keeps no edit history, so an edit cannot be "
                 f"removed; serve a D4S-family method (d4s, d4s-alphaedit) for rollback")
+    if not type(editor).remove_exact:
+        return (f"method {editor.config.method!r} removes only an edit's own parts: its later "
+                f"edits were made beside it, so the result is not the model edited without it; "
+                f"serve a D4S-family method (d4s, d4s-alphaedit) for exact rollback")
     config = editor.config
     if getattr(config, "fit", "history") != "history":
         return (f"{config.method} with fit={config.fit!r} re-reads each edit on the edited "

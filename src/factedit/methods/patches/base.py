@@ -143,6 +143,10 @@ class PatchEditor(Editor):
     edit's starting neurons per layer) and optionally `extra_losses`."""
 
     config: PatchConfig
+    # remove(i) drops edit i's neurons, but the later edits were trained with them present
+    # (silent on the earlier edits' prompts, `memory_history`; CaliNET also seeds slots by
+    # edit id), so the result is not the model edited without edit i.
+    remove_exact = False
 
     def __init__(self, model: EditableModel, config: PatchConfig) -> None:
         super().__init__(model, config)
