@@ -432,6 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "cuda, cuda:N, or auto (a CUDA GPU if torch sees one)")
 
     def common(p: argparse.ArgumentParser) -> None:
+        """Flags every editing command shares: model, device, method, layers, covariance, --set."""
         p.add_argument("--model", default="smollm2-135m",
                        help="built-in alias, HF folder, hub id or .gguf file")
         device(p)

@@ -96,6 +96,7 @@ def model_config_json(name: str) -> dict[str, Any] | None:
 
 
 def layer_count(config_json: dict[str, Any] | None) -> int | None:
+    """The model's number of layers read from its config.json without loading it (None when unknown)."""
     if not config_json:
         return None
     text = config_json.get("text_config") or {}

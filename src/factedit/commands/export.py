@@ -54,6 +54,7 @@ def _base_name(args: argparse.Namespace) -> str:
 
 
 def cmd_export_gguf(args: argparse.Namespace) -> int:
+    """`factedit export gguf`: write a model folder, or a base model with patches applied, as one GGUF file of the chosen type."""
     import factedit as fe
     from factedit.patch import Patch, PatchError
     from factedit.patch.gguf import GGUF_TYPES, GGUFExportError, export_gguf, gguf_source

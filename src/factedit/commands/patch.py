@@ -99,6 +99,7 @@ def _entry(patch: Any, path: str) -> dict[str, Any]:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
+    """`factedit patch apply`: the base model with the patches applied in order, written as a plain HF folder."""
     import factedit as fe
     from factedit.models.atomic import check_destination
 
@@ -127,6 +128,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 
 def cmd_revert(args: argparse.Namespace) -> int:
+    """`factedit patch revert`: an edited folder with the patch taken out again, checked against the patch's fingerprint."""
     import factedit as fe
     from factedit.models.atomic import check_destination
 
@@ -145,6 +147,7 @@ def cmd_revert(args: argparse.Namespace) -> int:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
+    """`factedit patch diff`: the patch that turns one model folder into another."""
     import factedit as fe
     from factedit.patch import Patch, PatchError
 
@@ -161,6 +164,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    """`factedit patch inspect`: what a patch changes, for which base, which facts, and its sizes."""
     from factedit.patch import Patch
 
     described = Patch.load(args.patch).describe()

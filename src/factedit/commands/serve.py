@@ -128,6 +128,7 @@ def local_token(state: Path) -> dict[str, str]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    """`factedit serve`: check the flags and the token before the model loads, then run the server."""
     loopback = is_loopback(args.host)
     try:
         overrides = _assignments(args.set)

@@ -600,6 +600,7 @@ class _Recorder:
         self.checkpoint_due = False
 
     def on_edit(self, report: SequenceReport, record: EditRecord) -> None:
+        """Collect one edit's rows (its right-after scores) and flush them to the store every few edits."""
         handle = report.handle
         done = sum(len(r.request_ids) for r in handle.records)
         first = done - len(record.request_ids) + 1
@@ -622,6 +623,7 @@ class _Recorder:
         self.budget.spend()
 
     def on_checkpoint(self, report: SequenceReport, checkpoint: Checkpoint) -> None:
+        """Score, store and checkpoint the run at an evaluation point of the schedule."""
         n = checkpoint.n_edits
         for row in checkpoint.scores["per_request"]:
             self.scores += score_rows(self.key, n, "checkpoint", row)

@@ -207,6 +207,7 @@ class UltraEditEditor(Editor):
         return tensors, manifest
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], manifest: dict[str, Any]) -> None:
+        """Continue from `state_dict()`: the running normalisation statistics of every layer."""
         if not manifest.get("ultraedit") or manifest.get("layers") != self.layers:
             raise ValueError(f"UltraEditEditor: the saved state is not UltraEdit statistics of "
                              f"layers {self.layers} (saved layers: {manifest.get('layers')!r}); "

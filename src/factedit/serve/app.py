@@ -97,6 +97,7 @@ class _Body(BaseModel):
 
 
 class CompletionBody(_Body):
+    """The body of `POST /v1/completions` (OpenAI's fields that this server honours)."""
     model: str
     prompt: str | list[str] | list[int]
     max_tokens: int | None = Field(16, ge=1)
@@ -125,6 +126,7 @@ class ChatMessage(BaseModel):
 
 
 class ChatBody(_Body):
+    """The body of `POST /v1/chat/completions` (OpenAI's fields that this server honours)."""
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
@@ -367,6 +369,7 @@ def create_app(service: EditService, auth: Auth, max_body_bytes: int = 1 << 20) 
         hold = max((len(x) for x in stops), default=1) - 1
 
         async def events():
+            """Server-sent events of a streamed completion, one chunk per decoded piece of text."""
             try:
                 if first is not None:
                     yield f"data: {json.dumps(first)}\n\n"
@@ -443,6 +446,7 @@ def create_app(service: EditService, auth: Auth, max_body_bytes: int = 1 << 20) 
     # -- generation -----------------------------------------------------------------------------
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request) -> Any:
+        """OpenAI-compatible text completion on the served (possibly edited) model."""
         caller(request, mutating=False)
         check_model(body.model)
         if body.echo and body.logprobs is not None:
@@ -511,6 +515,7 @@ def create_app(service: EditService, auth: Auth, max_body_bytes: int = 1 << 20) 
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody, request: Request) -> Any:
+        """OpenAI-compatible chat completion through the model's chat template."""
         caller(request, mutating=False)
         check_model(body.model)
         stops = _stops(body.stop)
@@ -570,6 +575,7 @@ def create_app(service: EditService, auth: Auth, max_body_bytes: int = 1 << 20) 
 
     @app.post("/v1/edits")
     async def post_edits(body: EditsBody, request: Request) -> dict[str, Any]:
+        """Queue edit requests (token required); answer once they are committed to weights and ledger."""
         who = caller(request, mutating=True)
         requests = _edit_requests(body.requests, settings.max_requests_per_job)
         try:
@@ -599,6 +605,7 @@ def create_app(service: EditService, auth: Auth, max_body_bytes: int = 1 << 20) 
 
     @app.delete("/v1/edits/{edit_id}")
     async def remove_edit(edit_id: int, request: Request) -> dict[str, Any]:
+        """Roll one edit back exactly (token required), or refuse with the reason (409)."""
         who = caller(request, mutating=True)
         try:
             future = service.submit_removal(edit_id, who)
@@ -614,6 +621,7 @@ def create_app(service: EditService, auth: Auth, max_body_bytes: int = 1 << 20) 
 
     @app.get("/v1/patch")
     async def patch(request: Request) -> Response:
+        """The live edits as one patch file (token required)."""
         caller(request, mutating=True)
         try:
             from ..patch import Patch, PatchError

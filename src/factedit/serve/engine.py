@@ -95,6 +95,7 @@ class RWLock:
 
     @contextmanager
     def read(self) -> Iterator[None]:
+        """Hold the read side while a generation runs: it sees the model before or after an edit."""
         with self._cond:
             while self._writer or self._writers_waiting:
                 self._cond.wait()
@@ -109,6 +110,7 @@ class RWLock:
 
     @contextmanager
     def write(self) -> Iterator[None]:
+        """Hold the write side while an edit's weights are copied in; new readers wait."""
         with self._cond:
             self._writers_waiting += 1
             while self._writer or self._readers:
@@ -476,6 +478,7 @@ class EditService:
             return self.serving_model.tokenizer(text, add_special_tokens=True)["input_ids"]
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of a chat through the model's chat template, ready for generation."""
         tokenizer = self.serving_model.tokenizer
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError(f"model {self.settings.name!r} has no chat template: use "

@@ -238,6 +238,7 @@ class D4SEditor(MemitEditor):
         corrected: dict[int, torch.Tensor] = {}
 
         def solve(j: int, layer: int, K: torch.Tensor, R: torch.Tensor):
+            """Add this edit's keys and residuals to layer j's history sums and solve for its new weight."""
             if sequential:  # R' = R + (W_{n-1} - W_0) K: layer j is not written yet
                 M = self.weight64(layer) - self.original_weight(layer)
                 R = corrected[layer] = R.to(torch.float64) + M @ K.to(torch.float64)

@@ -88,6 +88,7 @@ class D4SAlphaEditEditor(D4SEditor):
             self._reduced[layer] = (S_KK, U.T @ S_KK @ U, [])
 
         def system() -> torch.Tensor:
+            """The null-space-projected system of one layer, built from the history sums."""
             S, G, pending = self._reduced[layer]
             if S is not S_KK:
                 raise RuntimeError("d4s-alphaedit: a step's system was asked for after the next")
