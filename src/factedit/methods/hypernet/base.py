@@ -41,7 +41,7 @@ from torch import nn
 from ...models import EditableModel, Trace, frozen, start_at_layer
 from ...models.scoring import TokenRows, mean_nll_per_row, token_rows
 from ...requests import EditRequest
-from ..base import ConfigError, Editor, EditResult, MethodConfig
+from ..base import ConfigError, Editor, EditResult, MethodConfig, Trainer
 from ..config import check_layer_list, check_positive
 
 log = logging.getLogger(__name__)
@@ -502,3 +502,21 @@ def train_editor(editor_cls: type[HypernetEditor], model: EditableModel,
         return train_hypernetwork(net, lambda batch: editor.step_loss(batch, train_config),
                                   train, out_dir, train_config, manifest,
                                   validate if validation else None, resume, progress)
+
+
+def hypernet_trainer(editor_cls: type[HypernetEditor], config_cls: type[HypernetConfig],
+                     what: str) -> Trainer:
+    """The registry's Trainer of a hypernetwork editor: `train_editor` with the method's
+    config (its defaults where none is given), writing the `checkpoint` folder."""
+
+    def run(model: EditableModel, train: Sequence[EditRequest],
+            validation: Sequence[EditRequest], out_dir: str | Path,
+            config: HypernetConfig | None = None, resume: bool = True,
+            progress: bool = True, edit_success: EditSuccess | None = None) -> dict[str, Any]:
+        return train_editor(editor_cls, model, train, validation, out_dir,
+                            config or config_cls(), resume, progress, edit_success)
+
+    run.__doc__ = (f"Train {editor_cls.kind.upper()} for `model` on `train`; writes "
+                   f"out_dir/hypernet.* (see methods/hypernet/base.py).")
+    return Trainer(run, config_cls, output_field="checkpoint", what=what,
+                   summary=training_summary)

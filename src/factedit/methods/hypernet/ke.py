@@ -39,7 +39,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -48,17 +47,15 @@ from torch import nn
 
 from ...models import EditableModel
 from ...requests import EditRequest
-from ..base import Trainer, register_method
+from ..base import register_method
 from ..config import check_positive
 from .base import (
-    EditSuccess,
     HypernetConfig,
     HypernetEditor,
     TokenRows,
     TrainConfig,
     edited_shape,
-    train_editor,
-    training_summary,
+    hypernet_trainer,
 )
 
 
@@ -182,19 +179,10 @@ class KeEditor(HypernetEditor):
                 "lagrange": lagrange.detach()}
 
 
-def train_ke(model: EditableModel, train: Sequence[EditRequest],
-             validation: Sequence[EditRequest], out_dir: str | Path,
-             config: KeConfig | None = None, resume: bool = True,
-             progress: bool = True, edit_success: EditSuccess | None = None
-             ) -> dict[str, Any]:
-    """Train KE for `model` on `train`; writes out_dir/hypernet.* (see hypernet/base.py)."""
-    return train_editor(KeEditor, model, train, validation, out_dir, config or KeConfig(),
-                        resume, progress, edit_success)
-
+_trainer = hypernet_trainer(KeEditor, KeConfig, "the constrained hypernetwork")
+train_ke = _trainer.run
 
 register_method("ke", KeConfig, KeEditor,
                 "KnowledgeEditor, constrained hypernetwork (De Cao et al. 2021); needs "
                 "`factedit train ke`",
-                trainer=Trainer(train_ke, KeConfig, output_field="checkpoint",
-                                what="the constrained hypernetwork",
-                                summary=training_summary))
+                trainer=_trainer)

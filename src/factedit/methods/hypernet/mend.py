@@ -33,7 +33,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,17 +40,15 @@ from torch import nn
 
 from ...models import EditableModel
 from ...requests import EditRequest
-from ..base import Trainer, register_method
+from ..base import register_method
 from ..config import check_positive
 from .base import (
-    EditSuccess,
     HypernetConfig,
     HypernetEditor,
     TokenRows,
     TrainConfig,
     edited_shape,
-    train_editor,
-    training_summary,
+    hypernet_trainer,
 )
 
 
@@ -160,19 +157,10 @@ class MendEditor(HypernetEditor):
         return {"loss": loss, "edit_nll": edit_loss.detach(), "locality_kl": locality.detach()}
 
 
-def train_mend(model: EditableModel, train: Sequence[EditRequest],
-               validation: Sequence[EditRequest], out_dir: str | Path,
-               config: MendConfig | None = None, resume: bool = True,
-               progress: bool = True, edit_success: EditSuccess | None = None
-               ) -> dict[str, Any]:
-    """Train MEND for `model` on `train`; writes out_dir/hypernet.* (see hypernet/base.py)."""
-    return train_editor(MendEditor, model, train, validation, out_dir, config or MendConfig(),
-                        resume, progress, edit_success)
-
+_trainer = hypernet_trainer(MendEditor, MendConfig, "the gradient-transform hypernetwork")
+train_mend = _trainer.run
 
 register_method("mend", MendConfig, MendEditor,
                 "gradient-decomposition hypernetwork (Mitchell et al. 2022); needs "
                 "`factedit train mend`",
-                trainer=Trainer(train_mend, MendConfig, output_field="checkpoint",
-                                what="the gradient-transform hypernetwork",
-                                summary=training_summary))
+                trainer=_trainer)
