@@ -303,6 +303,35 @@ def test_report_writes_plots_and_html(lab_env, tokenizer):
     assert "efficacy" in report.correlations and report.correlations["efficacy"]["n"] == 10
 
 
+def test_report_that_fails_midway_leaves_the_earlier_report_whole(lab_env, tokenizer,
+                                                                   monkeypatch):
+    """A report drawn again over an earlier one either replaces its files or, when drawing
+    fails halfway, leaves every earlier file byte for byte, other files in the folder alone
+    and no staging folder behind."""
+    import factedit.report.run as report_run
+
+    tmp, corpus, dataset = lab_env
+    out = run_experiment(experiment_dict(corpus, dataset), tmp / "run",
+                         model=make_tiny_model(tokenizer), progress=False)
+    report = write_report(out)
+    notes = report.folder / "README.md"
+    notes.write_text("a page of the user's")
+    before = {f.name: f.read_bytes() for f in report.folder.iterdir()}
+
+    def broken(*_args, **_kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(report_run, "_plot_weights", broken)
+    with pytest.raises(OSError, match="No space"):
+        write_report(out)
+    assert {f.name: f.read_bytes() for f in report.folder.iterdir()} == before
+    assert not list(report.folder.parent.glob(f".{report.folder.name}.*"))
+    monkeypatch.undo()
+    again = write_report(out)
+    assert again.html.is_file() and notes.read_text() == "a page of the user's"
+    assert all(path.parent == report.folder for path in again.plots.values())
+
+
 def test_report_of_a_stopped_run_says_what_it_holds(lab_env, tokenizer):
     """A report of a run in progress names the finished methods and how far the others got,
     and a finished run's report says nothing of the kind."""

@@ -27,6 +27,9 @@ import base64
 import html
 import json
 import math
+import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -446,6 +449,23 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Repo
     folder = Path(out_dir) if out_dir else run_dir / "report"
     folder.mkdir(parents=True, exist_ok=True)
     config = json.loads((run_dir / CONFIG_FILE).read_text())
+    # Everything is drawn in a staging folder beside `folder` and then moved in file by file
+    # (os.replace), so a failure or a kill leaves the earlier report's files whole, never a
+    # half-written plot or page; other files in `folder` are left alone.
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial",
+                                    dir=folder.parent))
+    try:
+        report = _draw_report(run_dir, config, folder, staging)
+        for file in list(staging.iterdir()):
+            os.replace(file, folder / file.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    report.plots = {name: folder / path.name for name, path in report.plots.items()}
+    return report
+
+
+def _draw_report(run_dir: Path, config: dict[str, Any], folder: Path, staging: Path) -> Report:
+    """The report of `run_dir` for `folder`, its files written into `staging`."""
     with ResultsStore(run_dir / STORE_FILE) as store:
         methods = run_methods(run_dir, store)
         counts = sorted({r["n_edits"] for r in store.scores(view="checkpoint", uid=MEAN)})
@@ -461,8 +481,8 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Repo
                    "downstream tasks": ("downstream.png",
                                         lambda p: _plot_downstream(store, methods, p))}
         for name, (filename, draw) in drawers.items():
-            if draw(folder / filename):
-                report.plots[name] = folder / filename
+            if draw(staging / filename):
+                report.plots[name] = staging / filename
         report.tables = paper_tables(store, methods, table_counts)
         columns = list(EASYEDIT_COLUMNS)
         if store.scores(view="unedited", metric=PORTABILITY_COLUMN[0], uid=MEAN):
@@ -475,11 +495,10 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Repo
         if report.generation:
             report.generation_headings = ([h for _, h in GENERATION_COLUMNS]
                                           + [GEN_COUNT_COLUMN[1]])
-    report.html.write_text(_html_page(run_dir, config, report.tables, report.easyedit,
-                                      report.easyedit_headings, report.correlations,
-                                      report.plots, report.downstream, report.status,
-                                      report.generation),
-                           encoding="utf-8")
+    page = _html_page(run_dir, config, report.tables, report.easyedit,
+                      report.easyedit_headings, report.correlations, report.plots,
+                      report.downstream, report.status, report.generation)
+    (staging / report.html.name).write_text(page, encoding="utf-8")
     return report
 
 
