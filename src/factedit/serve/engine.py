@@ -31,6 +31,7 @@ import torch
 
 from ..methods import Editor, get_method
 from ..metrics import evaluate
+from ..metrics.generation import cut_at_stop
 from ..models import EditableModel, load_model, read_param, write_param
 from ..protocol import EditHandle, make_editor
 from ..requests import EditRequest
@@ -150,10 +151,11 @@ class _Job:
 
 def removal_refusal(editor: Editor) -> str | None:
     """Why edits of this editor cannot be removed exactly, or None when they can."""
-    if type(editor).remove is Editor.remove:
+    spec = get_method(editor.config.method)
+    if not spec.supports_remove:
         return (f"method {editor.config.method!r} keeps no edit history, so an edit cannot be "
                 f"removed; serve a D4S-family method (d4s, d4s-alphaedit) for rollback")
-    if not type(editor).remove_exact:
+    if not spec.remove_exact:
         return (f"method {editor.config.method!r} removes only an edit's own parts: its later "
                 f"edits were made beside it, so the result is not the model edited without it; "
                 f"serve a D4S-family method (d4s, d4s-alphaedit) for exact rollback")
@@ -539,9 +541,9 @@ class EditService:
         with self._tokenizer_lock:
             text = tokenizer.decode(new, skip_special_tokens=True)
             pieces = [tokenizer.decode([t]) for t in new]
-        for s in stop:
-            if s and s in text:
-                text, finish = text[:text.index(s)], "stop"
+        cut = cut_at_stop(text, [s for s in stop if s])
+        if len(cut) < len(text):
+            text, finish = cut, "stop"
         result = Generation(len(input_ids), new, text, finish, pieces)
         if logprobs is not None:
             result.logprobs = []
