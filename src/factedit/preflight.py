@@ -123,11 +123,12 @@ def check_layers(config: MethodConfig, n_layers: int | None, flag: str = "--set"
                                  f"shows the defaults)")
 
 
-def check_mode(method: str, mode: str | None, batch_size: int, n_requests: int) -> None:
+def check_mode(method: str, mode: str | None, batch_size: int) -> None:
+    """--batch-size at least 1, and a batch mode only for methods the registry says batch."""
     spec = get_method(method)
     if batch_size < 1:
         raise PreflightError(f"--batch-size {batch_size}: give 1 or more")
-    if mode in ("batch", "sequential-batch") and not spec.editor_cls.supports_batch:
+    if mode in ("batch", "sequential-batch") and not spec.supports_batch:
         raise PreflightError(f"--mode {mode}: method {spec.name!r} edits one request at a "
                              f"time; use --mode sequential or single")
 
@@ -160,7 +161,7 @@ class EditPlan:
 def check_edit(args: Any, overrides: dict[str, Any], requests: list[EditRequest]) -> EditPlan:
     """Every check of `factedit edit` that needs no model; raises with the flag named."""
     config = method_config(args.method, overrides)
-    check_mode(args.method, args.mode, args.batch_size, len(requests))
+    check_mode(args.method, args.mode, args.batch_size)
     check_paths(config)
     if getattr(args, "max_new_tokens", 1) < 0:
         raise PreflightError(f"--max-new-tokens {args.max_new_tokens}: give 0 or more")
