@@ -41,6 +41,7 @@ from .generation import (
     generation_options,
     generation_rows,
 )
+from .means import mean_defined
 from .ngrams import ngram_entropy
 from .scoring import PairScore, score_pairs
 
@@ -90,10 +91,6 @@ def capture_baseline(model: EditableModel, requests: Sequence[EditRequest] | Edi
     return baseline
 
 
-def _mean(values: Iterable[float | None]) -> float | None:
-    kept = [v for v in values if v is not None and not math.isnan(v)]
-    return sum(kept) / len(kept) if kept else None
-
 
 def _prob(score: PairScore) -> float:
     return math.exp(-score.mean_nll)
@@ -123,18 +120,18 @@ def request_metrics(req: EditRequest, scores: dict[tuple[str, str], PairScore],
         row["efficacy"] = float(rewrite.mean_nll < true.mean_nll)
         row["efficacy_magnitude"] = _prob(rewrite) - _prob(true)
         para = [(scores[(p, new)], scores[(p, req.target_true)]) for p in req.paraphrases]
-        row["generalization"] = _mean(float(n.mean_nll < t.mean_nll) for n, t in para)
-        row["generalization_magnitude"] = _mean(_prob(n) - _prob(t) for n, t in para)
+        row["generalization"] = mean_defined(float(n.mean_nll < t.mean_nll) for n, t in para)
+        row["generalization_magnitude"] = mean_defined(_prob(n) - _prob(t) for n, t in para)
     else:  # nothing to compare with (some zsRE records have no ground truth)
         row["efficacy"] = row["generalization"] = None
         row["efficacy_magnitude"] = row["generalization_magnitude"] = None
     neigh = [(scores[(p, e)], scores[(p, new)]) for p, e in req.neighborhood if e != new]
-    row["specificity"] = _mean(float(e.mean_nll < n.mean_nll) for e, n in neigh)
-    row["specificity_magnitude"] = _mean(_prob(e) - _prob(n) for e, n in neigh)
+    row["specificity"] = mean_defined(float(e.mean_nll < n.mean_nll) for e, n in neigh)
+    row["specificity_magnitude"] = mean_defined(_prob(e) - _prob(n) for e, n in neigh)
     row["rewrite_acc"] = rewrite.token_accuracy
-    row["rephrase_acc"] = _mean(scores[(p, new)].token_accuracy for p in req.paraphrases)
-    row["portability_acc"] = _mean(scores[pair].token_accuracy for pair in req.portability)
-    row["neighborhood_acc"] = _mean(scores[pair].token_accuracy for pair in req.neighborhood)
+    row["rephrase_acc"] = mean_defined(scores[(p, new)].token_accuracy for p in req.paraphrases)
+    row["portability_acc"] = mean_defined(scores[pair].token_accuracy for pair in req.portability)
+    row["neighborhood_acc"] = mean_defined(scores[pair].token_accuracy for pair in req.neighborhood)
     if baseline is not None and req.neighborhood:
         same = total = 0
         for pair in req.neighborhood:
@@ -180,7 +177,7 @@ def evaluate(model: EditableModel, requests: Sequence[EditRequest] | EditRequest
                          progress)
     rows = [request_metrics(r, scores, baseline) for r in requests]
     keys = list(dict.fromkeys(k for row in rows for k in row if k != "case_id"))
-    out: dict[str, Any] = {k: _mean(row.get(k) for row in rows) for k in keys}
+    out: dict[str, Any] = {k: mean_defined(row.get(k) for row in rows) for k in keys}
     if options is not None:
         gen_rows = generation_rows(model, requests, options, before, progress)
         out.update(aggregate_generation(gen_rows))

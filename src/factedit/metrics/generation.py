@@ -69,6 +69,7 @@ import torch
 from ..models import EditableModel
 from ..requests import EditRequest
 from ..text import encode
+from .means import mean_defined
 from .ngrams import ngram_entropy
 
 CONTEXTS = ("bare", "qa", "chat")
@@ -426,10 +427,6 @@ def _fluency_prompts(request: EditRequest) -> list[str]:
     return list(dict.fromkeys(p for p in prompts if isinstance(p, str) and p.strip()))
 
 
-def _mean(values: Iterable[float | None]) -> float | None:
-    kept = [v for v in values if v is not None]
-    return sum(kept) / len(kept) if kept else None
-
 
 def generation_rows(model: EditableModel, requests: Sequence[EditRequest],
                     options: GenerationOptions, before: Mapping[str, str] | None = None,
@@ -453,7 +450,7 @@ def generation_rows(model: EditableModel, requests: Sequence[EditRequest],
         new = new_targets(r)
         row: dict[str, Any] = {"case_id": r.uid}
         row["gen_efficacy"] = float(judge(texts[r.rewrite_prompt], new, r))
-        row["gen_generalization"] = _mean(float(judge(texts[p], new, r)) for p in r.paraphrases)
+        row["gen_generalization"] = mean_defined(float(judge(texts[p], new, r)) for p in r.paraphrases)
         kept = known = 0
         now_right, bleed = [], []
         for i, (prompt, expected) in enumerate(r.neighborhood):
@@ -468,13 +465,13 @@ def generation_rows(model: EditableModel, requests: Sequence[EditRequest],
                 kept += right
         row["gen_specificity"] = kept / known if known else None
         row["gen_specificity_n"] = known if before is not None else None
-        row["gen_neighborhood_acc"] = _mean(now_right)
-        row["gen_bleed"] = _mean(bleed)
-        row["gen_portability"] = _mean(
+        row["gen_neighborhood_acc"] = mean_defined(now_right)
+        row["gen_bleed"] = mean_defined(bleed)
+        row["gen_portability"] = mean_defined(
             float(judge(texts[p], _targets(a, _aliases(r, "portability_answers", i)), r))
             for i, (p, a) in enumerate(r.portability))
         fluency_prompts = _fluency_prompts(r) if options.fluency else []
-        row["gen_fluency"] = _mean(ngram_entropy(p + free[p]) for p in fluency_prompts)
+        row["gen_fluency"] = mean_defined(ngram_entropy(p + free[p]) for p in fluency_prompts)
         row["gen_text"] = texts[r.rewrite_prompt]
         row["gen_texts"] = {p: texts[p] for p in _prompts_of(r)}
         rows.append(row)
@@ -484,7 +481,7 @@ def generation_rows(model: EditableModel, requests: Sequence[EditRequest],
 def aggregate_generation(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Means over requests of the generation rows; gen_specificity pooled over the
     neighbourhood prompts the unedited model knew, gen_specificity_n their number."""
-    out: dict[str, Any] = {k: _mean(row.get(k) for row in rows)
+    out: dict[str, Any] = {k: mean_defined(row.get(k) for row in rows)
                            for k in GEN_KEYS if k not in ("gen_specificity", "gen_specificity_n")}
     counts = [row.get("gen_specificity_n") for row in rows]
     if all(c is None for c in counts):

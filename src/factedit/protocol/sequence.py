@@ -31,6 +31,7 @@ from ..metrics import (
     evaluate,
     generation_options,
 )
+from ..metrics.means import mean_defined
 from ..models import EditableModel
 from ..requests import EditRequest, as_requests
 from .handle import EditHandle, EditRecord, make_editor
@@ -81,7 +82,7 @@ class SequenceReport:
     @property
     def immediate(self) -> dict[str, float | None]:
         """Means over requests of the scores taken right after each request's edit."""
-        out = {k: _mean(row.get(k) for row in self.immediate_rows) for k in SUMMARY_METRICS}
+        out = {k: mean_defined(row.get(k) for row in self.immediate_rows) for k in SUMMARY_METRICS}
         if self.generation:
             out.update(aggregate_generation(self.immediate_rows))
         return {k: out.get(k) for k in self.metrics}
@@ -115,10 +116,6 @@ class SequenceReport:
                  "weight_stats": c.weight_stats} for c in self.checkpoints],
         }
 
-
-def _mean(values) -> float | None:
-    kept = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    return sum(kept) / len(kept) if kept else None
 
 
 def run_sequence(
