@@ -1,7 +1,7 @@
 """WISE: routing keeps unrelated prompts on the main memory (their logits equal the unedited
 model's exactly) while edited prompts route to the side memory; weights never change; save
 and resume give the same router and outputs; restore is exact; a real flip on the built-in
-model."""
+model; TIES merging and knowledge shards (exact identities on the tiny model)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from common import HYPERNET_REQUESTS, UNRELATED, logits
 from conftest import make_tiny_model, tiny_tokenizer
 
 import factedit as fe
+from factedit.linalg.merge import ties_merge
 from factedit.methods import ConfigError, get_method
 from factedit.methods.wise import WiseConfig
 from factedit.protocol import make_editor
@@ -36,7 +37,11 @@ def test_registered_sequential_only_and_config_errors():
     spec = get_method("wise")
     assert not spec.supports_batch and not spec.supports_remove
     for bad, field in ((dict(mask_ratio=0.0), "mask_ratio"), (dict(steps=0), "steps"),
-                       (dict(alpha=-1.0), "alpha"), (dict(layer=-2), "layer")):
+                       (dict(alpha=-1.0), "alpha"), (dict(layer=-2), "layer"),
+                       (dict(shard_size=2, merge_every=3), "merge_every"),
+                       (dict(shard_size=0), "shard_size"), (dict(merge_density=0.0),
+                                                             "merge_density"),
+                       (dict(merged_share=1.5), "merged_share")):
         with pytest.raises(ConfigError, match=field):
             WiseConfig(**bad)
 
@@ -104,6 +109,60 @@ def test_restore_is_exact(edited):
     handle.restore()
     assert torch.equal(logits(model, R0.rewrite_prompt), before["edit"])
     assert not torch.equal(edited_logits, before["edit"])
+
+
+def test_ties_merge_by_hand():
+    """Trim to the 2 largest of 4, elect the sign of the sum, mean of the agreeing entries."""
+    d1 = torch.tensor([3.0, -1.0, 0.5, 2.0], dtype=torch.float64)
+    d2 = torch.tensor([-2.0, -2.0, 1.0, 0.1], dtype=torch.float64)
+    merged = ties_merge([d1, d2], [0.5, 0.5], density=0.5)
+    assert torch.equal(merged, torch.tensor([3.0, -2.0, 0.0, 2.0], dtype=torch.float64))
+    # Unequal weights: a weighted mean over the agreeing entries.
+    merged = ties_merge([d1, d2], [0.25, 0.75], density=1.0)
+    expected = torch.tensor([-2.0, (-0.25 - 1.5) / 1.0, (0.125 + 0.75) / 1.0,
+                             (0.5 + 0.075) / 1.0], dtype=torch.float64)
+    assert torch.allclose(merged, expected, rtol=0, atol=1e-15)
+    with pytest.raises(ValueError, match="weight"):
+        ties_merge([d1], [0.5, 0.5], density=0.5)
+
+
+def test_shards_put_aside_then_merged_by_ties():
+    """shard_size=2: after 4 edits two shards (fresh zero start each) are put aside; with
+    merge_every=4 they are TIES-merged, and the merged memory equals ties_merge of the shards
+    the same edits give without merging; the router then chooses among every side memory,
+    unrelated prompts stay on the main memory bit for bit, and save/resume keeps it all."""
+    requests = [R0, R1, R0, R1, R0]
+    model = make_tiny_model(tiny_tokenizer(), layers=2)
+    unrelated = logits(model, UNRELATED)
+    apart = make_editor(model, "wise", **TINY, shard_size=2, merge_every=None)
+    for request in requests[:4]:
+        apart.compute([request])
+    assert len(apart.shards) == 2 and apart.merged is None and not apart.delta.any()
+    assert not torch.equal(apart.shards[0], apart.shards[1])  # shard 1 has its own mask
+    handle = fe.edit(model, requests, "wise", mode="sequential", progress=False, **TINY,
+                     shard_size=2, merge_every=4, merge_density=0.5)
+    editor = handle.editor
+    assert editor.edit_count == 5 and editor.shards == []
+    expected = ties_merge([s.double() for s in apart.shards], [0.5, 0.5], 0.5)
+    assert torch.equal(editor.merged, expected.to(editor.merged.dtype))
+    assert len(editor.side_memories()) == 2       # the merged memory and the current shard
+    assert torch.equal(logits(model, UNRELATED), unrelated)
+    texts = (R0.rewrite_prompt, R1.rewrite_prompt, UNRELATED)
+    expected_logits = [logits(model, text) for text in texts]
+    tensors, manifest = editor.state_dict()
+    resumed = make_editor(model, "wise", **TINY, shard_size=2, merge_every=4,
+                          merge_density=0.5)
+    resumed.load_state_dict(tensors, manifest)
+    assert resumed.edit_count == 5 and torch.equal(resumed.merged, editor.merged)
+    with handle.disabled():
+        attachment = resumed.attachment()
+        attachment.install()
+        try:
+            for text, out in zip(texts, expected_logits):
+                assert torch.equal(logits(model, text), out)
+        finally:
+            attachment.remove()
+    handle.restore()
 
 
 @pytest.mark.slow

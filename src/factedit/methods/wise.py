@@ -24,9 +24,19 @@ keeps unrelated ones below alpha. Only a random fraction `mask_ratio` of D's ent
 (a fixed seeded mask: the reference's random subspace), and every entry of D is clamped to
 [-norm_constraint, norm_constraint] after each step.
 
+Knowledge shards (the paper's section 3.2): every `shard_size` edits the side memory D is put
+aside as a shard and a fresh D, with a fresh random mask, takes the next edits; every
+`merge_every` edits the shards put aside are merged by TIES (`linalg.merge.ties_merge`, trim
+to `merge_density`) into one merged memory M (with the M of earlier merges weighted
+`merged_share`, the new shards sharing the rest, as the reference's 0.6 / 0.4). The router
+then chooses, per row, among the main memory and every side memory there is (M, the shards
+awaiting a merge, the current D): the one whose score is largest, if it reaches the threshold.
+
 Departures from the reference (EasyEdit's easyeditor/models/wise/WISE.py):
-- one side memory: knowledge shards (`save_freq`) and their merging (`merge_freq`,
-  TIES/DARE/...) and the retrieval among several memories are not implemented;
+- shards awaiting a merge answer through the router (as in the reference's retrieval
+  variant); the reference instead merges them, with the current D, at the first forward pass
+  after editing, which changes the memory on read. Only TIES merging (the reference's
+  default `merge_alg`), not DARE, linear or slerp;
 - routing is per row of the batch (the reference takes `.item()` of the batch's mean, so
   a batch shares one decision); the score is the mean over the row's positions (padding
   included), where the reference switches to the largest position above 100 tokens;
@@ -44,6 +54,7 @@ from typing import Any
 import torch
 from transformers.activations import ACT2FN
 
+from ..linalg.merge import ties_merge
 from ..models import EditableModel, Trace, frozen, start_at_layer
 from ..models.attach import Attachment
 from ..requests import EditRequest
@@ -80,7 +91,20 @@ class WiseConfig(MethodConfig):
     early_stop_nll: float = field(default=0.05, metadata={
         "help": "an edit's training stops once its target NLL is below this and the edited row's "
                 "score is above beta and gamma above the unrelated rows'"})
-    seed: int = field(default=0, metadata={"help": "seed of the trained-entries mask"})
+    seed: int = field(default=0, metadata={
+        "help": "seed of the trained-entries mask (shard k uses seed + k)"})
+    shard_size: int | None = field(default=500, metadata={
+        "help": "edits per knowledge shard: after this many the side memory is put aside and a "
+                "fresh one (fresh mask) takes the next edits (None: one shard; the reference's "
+                "save_freq)"})
+    merge_every: int | None = field(default=1000, metadata={
+        "help": "every this many edits the shards put aside are TIES-merged into one memory "
+                "(a multiple of shard_size; None: never merge; the reference's merge_freq)"})
+    merge_density: float = field(default=0.53, metadata={
+        "help": "fraction of each shard's largest entries kept by the TIES merge (densities)"})
+    merged_share: float = field(default=0.6, metadata={
+        "help": "weight of the memory merged before when new shards merge into it (the new "
+                "shards share the rest)"})
 
     def __post_init__(self) -> None:
         if self.layer is not None and self.layer < 0:
@@ -93,6 +117,17 @@ class WiseConfig(MethodConfig):
         for name in ("alpha", "beta", "gamma", "early_stop_nll"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"WiseConfig.{name}={getattr(self, name)!r}: must be >= 0")
+        check_positive(self, "shard_size", "merge_every", optional=True)
+        if self.merge_every is not None and (
+                self.shard_size is None or self.merge_every % self.shard_size):
+            raise ConfigError(f"WiseConfig.merge_every={self.merge_every!r}: give a multiple of "
+                              f"shard_size={self.shard_size!r} (or merge_every=None)")
+        if not 0 < self.merge_density <= 1:
+            raise ConfigError(f"WiseConfig.merge_density={self.merge_density!r}: give a "
+                              f"fraction in (0, 1]")
+        if not 0 <= self.merged_share <= 1:
+            raise ConfigError(f"WiseConfig.merged_share={self.merged_share!r}: give a "
+                              f"fraction in [0, 1]")
 
 
 class WiseEditor(Editor):
@@ -108,15 +143,37 @@ class WiseEditor(Editor):
         layer = round(0.8 * (model.num_layers - 1)) if config.layer is None else config.layer
         self.layer = model.check_layer(layer, "WiseConfig.layer")
         self.module_name = model.arch.mlp_out_at(self.layer)
-        d_out, d_in = model.weight_shape(self.layer)
-        self.delta = torch.zeros(d_out, d_in, dtype=model.dtype, device=model.device)
-        gen = torch.Generator().manual_seed(config.seed)
-        self.mask = (torch.rand(d_out, d_in, generator=gen) < config.mask_ratio).to(model.device)
+        self.delta = self.empty_memory()          # the current shard's side memory D
+        self.mask = self.shard_mask(0)
+        self.shards: list[torch.Tensor] = []      # shards put aside, awaiting a merge
+        self.merged: torch.Tensor | None = None   # the merged memory M, after the first merge
+        self.edit_count = 0
         self.edit_scores: list[float] = []  # each edit's own score when its training ended
         self._bypass = False  # set while `routes_to_side` reads the main memory's output
         act = getattr(model.model.config, "hidden_act", None) or getattr(
             model.model.config, "activation_function", "gelu_new")
         self.act = ACT2FN[act]
+
+    def empty_memory(self) -> torch.Tensor:
+        d_out, d_in = self.model.weight_shape(self.layer)
+        return torch.zeros(d_out, d_in, dtype=self.model.dtype, device=self.model.device)
+
+    def shard_mask(self, shard: int) -> torch.Tensor:
+        """The trained entries of shard `shard` (seeded: seed + shard)."""
+        d_out, d_in = self.model.weight_shape(self.layer)
+        gen = torch.Generator().manual_seed(self.config.seed + shard)
+        return (torch.rand(d_out, d_in, generator=gen) < self.config.mask_ratio).to(
+            self.model.device)
+
+    def side_memories(self) -> list[torch.Tensor]:
+        """Every side memory the router may choose: M, the shards awaiting a merge, and the
+        current D once it holds an edit."""
+        memories = ([] if self.merged is None else [self.merged]) + list(self.shards)
+        shard_size = self.config.shard_size
+        edits_in_current = self.edit_count % shard_size if shard_size else self.edit_count
+        if edits_in_current:
+            memories.append(self.delta)
+        return memories
 
     # -- the router -----------------------------------------------------------------------------
     def side_output(self, x: torch.Tensor, output: torch.Tensor,
@@ -132,12 +189,21 @@ class WiseEditor(Editor):
     def threshold(self) -> float:
         return self.config.act_ratio * min(self.edit_scores)
 
+    def best_side(self, x: torch.Tensor, output: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row, the side memory with the largest score: (its output (B, T, d), its
+        score (B,))."""
+        sides = torch.stack([self.side_output(x, output, d) for d in self.side_memories()])
+        scores = torch.stack([self.scores(output, side) for side in sides])   # (K, B)
+        best_score, best = scores.max(0)
+        return sides[best, torch.arange(sides.shape[1], device=sides.device)], best_score
+
     def _route(self, _module: Any, args: tuple, kwargs: dict, output: torch.Tensor) -> Any:
         if not self.edit_scores or self._bypass:
             return None
         x = args[0] if args else kwargs["input"]
-        side = self.side_output(x, output)
-        to_side = self.scores(output, side) >= self.threshold()     # (B,)
+        side, score = self.best_side(x, output)
+        to_side = score >= self.threshold()     # (B,)
         if not bool(to_side.any()):
             return None  # the main memory's output, untouched
         return torch.where(to_side[:, None, None], side, output)
@@ -162,8 +228,10 @@ class WiseEditor(Editor):
                 self.model.model, self.module_name, retain_input=True, retain_output=True,
                 stop=True) as proj:
             self.model.model.base_model(input_ids=ids, use_cache=False)
-        side = self.side_output(proj.input, proj.output)
-        return bool(self.edit_scores) and bool(self.scores(proj.output, side)[0] >= self.threshold())
+        if not self.edit_scores:
+            return False
+        _, score = self.best_side(proj.input, proj.output)
+        return bool(score[0] >= self.threshold())
 
     # -- one edit -------------------------------------------------------------------------------
     def compute(self, requests: Sequence[EditRequest]) -> EditResult:
@@ -240,13 +308,39 @@ class WiseEditor(Editor):
                            edit_score=self.edit_scores[-1],
                            unrelated_score=float(scores["rows"][1:].max().detach()),
                            threshold=self.threshold())
+        self.edit_count += 1
+        if c.shard_size and self.edit_count % c.shard_size == 0:
+            self.shards.append(self.delta)
+            self.delta = self.empty_memory()
+            self.mask = self.shard_mask(self.edit_count // c.shard_size)
+            result.info.update(shard_closed=True)
+            if c.merge_every and self.edit_count % c.merge_every == 0:
+                self.merge_shards()
+                result.info.update(merged=True)
         return result
+
+    def merge_shards(self) -> None:
+        """TIES-merge the shards put aside (and the memory merged before, weighted
+        `merged_share`) into M; computed in float64."""
+        c = self.config
+        deltas = [s.double() for s in self.shards]
+        weights = [1.0 / len(deltas)] * len(deltas)
+        if self.merged is not None:
+            weights = [(1.0 - c.merged_share) / len(deltas)] * len(deltas) + [c.merged_share]
+            deltas.append(self.merged.double())
+        self.merged = ties_merge(deltas, weights, c.merge_density).to(self.model.dtype)
+        self.shards = []
 
     # -- save / resume ------------------------------------------------------------------------
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         manifest = {"wise": True, "layer": self.layer, "edit_scores": list(self.edit_scores),
-                    "config": self.config.to_dict()}
-        return {"delta": self.delta.cpu(), "mask": self.mask.cpu()}, manifest
+                    "edit_count": self.edit_count, "shards": len(self.shards),
+                    "merged": self.merged is not None, "config": self.config.to_dict()}
+        tensors = {"delta": self.delta.cpu(), "mask": self.mask.cpu()}
+        tensors.update({f"shard_{i}": s.cpu() for i, s in enumerate(self.shards)})
+        if self.merged is not None:
+            tensors["merged"] = self.merged.cpu()
+        return tensors, manifest
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], manifest: dict[str, Any]) -> None:
         if not manifest.get("wise") or manifest.get("layer") != self.layer:
@@ -256,16 +350,32 @@ class WiseEditor(Editor):
         self.delta = tensors["delta"].to(dtype=self.model.dtype, device=self.model.device).clone()
         self.mask = tensors["mask"].to(self.model.device).bool().clone()
         self.edit_scores = [float(s) for s in manifest["edit_scores"]]
+        self.edit_count = int(manifest.get("edit_count", len(self.edit_scores)))
+
+        def memory(name: str) -> torch.Tensor:
+            return tensors[name].to(dtype=self.model.dtype, device=self.model.device).clone()
+
+        self.shards = [memory(f"shard_{i}") for i in range(int(manifest.get("shards", 0)))]
+        self.merged = memory("merged") if manifest.get("merged") else None
 
 
 def wise_state_size(model: EditableModel, config: MethodConfig) -> StateSize:
-    """One side copy of the projection's change and its trained-entries mask."""
+    """The side memories at their most (the merged one, the shards awaiting a merge and the
+    current one) and the current shard's trained-entries mask."""
     assert isinstance(config, WiseConfig)
     layer = round(0.8 * (model.num_layers - 1)) if config.layer is None else config.layer
     d_out, d_in = model.weight_shape(layer)
     itemsize = torch.empty(0, dtype=model.dtype).element_size()
-    return StateSize(per_layer=d_out * d_in * (itemsize + 1), layers=1,
-                     parts="side memory change D and its trained-entries mask")
+    if config.shard_size is None:
+        memories, growth = 1, "independent of the number of edits"
+    elif config.merge_every is None:
+        memories, growth = 1, f"one more side memory every {config.shard_size} edits"
+    else:
+        memories, growth = config.merge_every // config.shard_size + 1, \
+            "independent of the number of edits (shards merge)"
+    return StateSize(per_layer=d_out * d_in * (memories * itemsize + 1), layers=1,
+                     parts=f"up to {memories} side memories (merged, shards, current) and "
+                           f"the current shard's trained-entries mask", growth=growth)
 
 
 register_method("wise", WiseConfig, WiseEditor,
