@@ -9,6 +9,12 @@ For request i, delta_i is found by Adam on
     loss_i = mean_rows NLL(target_new | template(prompt) with delta_i at the subject token)
              + kl_factor * KL(p_0 || p_delta) on "{subject} is a" at the subject token
              + weight_decay * ||delta_i|| / ||h_i||^2
+             + true_factor * mean_rows -log(1 - p(target_true's first token | ...))
+
+The last term (off by default: true_factor=0) is an unlikelihood term on the old answer:
+teacher-forced scores only ask p(target_new) > p(target_true), greedy text asks target_new
+to be the argmax, so it also pushes the old answer's first token down (skipped where the two
+answers start with the same token).
 
 with ||delta_i|| <= clamp_factor * ||h_i|| (h_i: the site's value on the bare prompt).
 `optimise_joint_target_values` optimises one delta per site at once (PMET: attention and MLP
@@ -112,6 +118,16 @@ def _build_rows(model: EditableModel, requests: Sequence[EditRequest],
     return rows
 
 
+def _true_first_token(model: EditableModel, request: EditRequest) -> int:
+    """target_true's first continuation token, or -1 where there is none or it is also
+    target_new's first token (pushing it down would push the new answer down too)."""
+    if not request.target_true:
+        return -1
+    tok = model.tokenizer
+    old = continuation_ids(tok, request.rewrite_prompt, request.target_true)[0]
+    return -1 if old == continuation_ids(tok, request.rewrite_prompt, request.target_new)[0] else old
+
+
 SITES = ("mlp_out", "attn_out", "residual")
 
 
@@ -156,6 +172,7 @@ def optimise_joint_target_values(
     clamp_factor: float = 4.0,
     kl_factor: float = 0.0625,
     early_stop_nll: float = 0.05,
+    true_factor: float = 0.0,
 ) -> dict[str, TargetValues]:
     """One delta per site and request, optimised together: site -> TargetValues."""
     model.check_layer(layer)
@@ -178,6 +195,11 @@ def optimise_joint_target_values(
     t_pos = torch.tensor([p for r in range(n_rows) for p in rows.target_pos[r]], device=device)
     t_tok = torch.tensor([t for r in range(n_rows) for t in rows.target_ids[r]], device=device)
     row_counts = torch.tensor([max(1, len(p)) for p in rows.target_pos], device=device)
+    # The old answer's first token at each row's first target position (-1: no term there).
+    true_first = [_true_first_token(model, r) for r in requests]
+    t_true = torch.tensor([true_first[rows.request[r]] if j == 0 else -1
+                           for r in range(n_rows) for j in range(len(rows.target_pos[r]))],
+                          dtype=torch.long, device=device)
     kl_rows = torch.tensor([r for r in range(n_rows) if rows.is_kl[r]], device=device)
     nll_rows_per_req = torch.bincount(row_req[~torch.tensor(rows.is_kl, device=device)],
                                       minlength=n_req).float()
@@ -226,6 +248,7 @@ def optimise_joint_target_values(
                     hidden=hidden_in[keep, :width], subj=subj[keep], row_req=row_req[keep],
                     arange=torch.arange(len(keep), device=device),
                     t_row=renumber[t_row[t_keep]], t_pos=t_pos[t_keep], t_tok=t_tok[t_keep],
+                    t_true=t_true[t_keep],
                     row_tokens=row_counts[keep].float(),
                     kl_rows=renumber[kl_rows[kl_keep]], kl_req=kl_req[kl_keep])
 
@@ -264,13 +287,24 @@ def optimise_joint_target_values(
                                            reduction="none").sum(-1))
             req_wd = sum(weight_decay * d.norm(dim=1) / i.norm(dim=1).clamp_min(1e-8) ** 2
                          for d, i in zip(deltas, inits))
+            if true_factor:
+                first = act["t_true"] >= 0
+                p_true = torch.softmax(logits[first], dim=-1).gather(
+                    1, act["t_true"][first].unsqueeze(1)).squeeze(1)
+                row_ul = torch.zeros(len(act["arange"]), device=device).index_add(
+                    0, act["t_row"][first], -torch.log1p(-p_true.clamp(max=1 - 1e-6)))
+                req_true = torch.zeros(n_req, device=device).index_add(
+                    0, act["row_req"], row_ul) / nll_rows_per_req
+            else:
+                req_true = torch.zeros(n_req, device=device)
             last_nll = torch.where(converged, last_nll, req_nll.detach())
             newly_done = (last_nll < early_stop_nll) & ~converged
             for i in torch.nonzero(newly_done).flatten().tolist():
                 steps_taken[i] = step
             if bool((converged | newly_done).all()) or step == steps - 1:
                 break
-            loss = (req_nll + kl_factor * req_kl + req_wd)[~(converged | newly_done)].sum()
+            loss = (req_nll + kl_factor * req_kl + req_wd
+                    + true_factor * req_true)[~(converged | newly_done)].sum()
             converged |= newly_done
             loss.backward()
             before = [d.detach().clone() for d in deltas]
