@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from common import LAB_FACTS, LAB_TINY, experiment_dict
+from common import LAB_FACTS, LAB_TINY, experiment_dict, fake_run
 from conftest import make_tiny_model
 
 import factedit as fe
@@ -243,6 +243,8 @@ def _files(tmp: Path) -> None:
     (tmp / "full").mkdir()
     (tmp / "full" / "keep.txt").write_text("keep")
     (tmp / "a-file").write_text("keep")
+    (tmp / "no-text").mkdir()
+    (tmp / "no-text" / "data.bin").write_bytes(b"\0")
     (tmp / "damaged-run").mkdir()
     (tmp / "damaged-run" / "config.json").write_text("{}")
     (tmp / "damaged-run" / "results.sqlite").write_text("not a database")
@@ -259,6 +261,9 @@ CLI_CASES = [
     (["--layers", "six"], "--layers 'six': give comma-separated layer numbers"),
     (["--layers", "1,-2"], "--layers '1,-2'"),
     (["--layers", "9"], "layers=[9]: this model has layers 0..3"),
+    (["--layers", ""], "--layers '': give comma-separated layer numbers"),
+    (["--corpus", ""], "--corpus '': the path is empty"),
+    (["--corpus", "{tmp}/no-text"], "has no ['.raw', '.text', '.tokens', '.txt'] files"),
     (["--method", "romee"], "Did you mean rome"),
     (["--method", "memit", "--set", "layers=[3,1]"], "ascending"),
     (["--mode", "batch"], "--mode batch: method 'rome' edits one request at a time"),
@@ -363,8 +368,10 @@ def test_cli_process_exits_2_with_one_line(tiny_folder):
     (dict(n_edits=[0]), "n_edits"),
     (dict(mode="bulk"), "mode"),
     (dict(batch_sizes=4), "batch_sizes"),
+    (dict(covariance={"corpus": "/no/corpus", "tokens": 10}), "covariance.corpus: corpus "
+                                                              "/no/corpus does not exist"),
 ], ids=["exp-method", "exp-field", "exp-type", "exp-layers", "exp-n-edits", "exp-mode",
-        "exp-unknown-key"])
+        "exp-unknown-key", "exp-corpus"])
 def test_experiment_file_errors_name_the_field(lab_env, changes, words):
     tmp, corpus, dataset = lab_env
     path = tmp / "bad.json"
@@ -372,6 +379,16 @@ def test_experiment_file_errors_name_the_field(lab_env, changes, words):
     with pytest.raises((ExperimentError, ConfigError)) as err:
         run_experiment(load_experiment(path), tmp / "run")
     assert words in str(err.value)
+    assert not (tmp / "run").exists()
+
+
+def test_layers_beyond_the_model_create_no_run_folder(lab_env, tokenizer):
+    tmp, corpus, dataset = lab_env
+    config = experiment_dict(corpus, dataset, methods=[
+        {"name": "memit", "config": {**LAB_TINY, "layers": [2, 99]}}])
+    with pytest.raises(ExperimentError) as err:
+        run_experiment(config, tmp / "run", model=make_tiny_model(tokenizer), progress=False)
+    assert "methods[0].config layers=[2, 99]: this model has layers 0..3" in str(err.value)
     assert not (tmp / "run").exists()
 
 
@@ -468,6 +485,22 @@ def test_old_model_cache_manifest_gains_file_checksums(tmp_path):
     (folder / "config.json").write_text(json.dumps({"num_hidden_layers": 3}))
     with pytest.warns(UserWarning):
         assert not loading._verify_cache(folder)
+
+
+def test_preflight_reads_only_a_verified_cached_config(tmp_path, monkeypatch):
+    """The layer check before loading reads a GGUF model's cached config.json only where it
+    matches the cache's checksum: a changed one (30 -> 3 layers) is not believed (the load
+    then rebuilds the cache with a warning)."""
+    from factedit.preflight import model_config_json
+
+    monkeypatch.setenv("FACTEDIT_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 64)
+    _fake_model_cache(tmp_path / "cache" / "models" / f"model-{loading.file_digest(gguf)[:16]}")
+    assert model_config_json(str(gguf)) == {"num_hidden_layers": 30}
+    (next((tmp_path / "cache" / "models").iterdir()) / "config.json").write_text(
+        json.dumps({"num_hidden_layers": 3}))
+    assert model_config_json(str(gguf)) is None
 
 
 @pytest.mark.parametrize("content", [
@@ -694,3 +727,34 @@ def test_requests_file_written_atomically(tmp_path, monkeypatch):
     monkeypatch.setattr(json, "dump", real_dump)
     assert path.read_bytes() == before and load_requests(str(path))[0].target_new == "Rome"
     assert [p.name for p in tmp_path.iterdir()] == ["edits.json"]
+
+
+@pytest.mark.parametrize("kind", ["compare", "report"])
+def test_report_failing_midway_leaves_the_destination_as_it_was(tmp_path, monkeypatch, kind):
+    """A comparison page or a run report whose drawing fails (a full disk at the last plot)
+    after some files were written: the earlier output is byte for byte as it was, a new
+    destination is not created, and no staging folder is left beside it."""
+    from factedit.report import compare, compare_runs, run, write_report
+
+    runs = [fake_run(tmp_path / "a", "a", "true_false", 1.0, 0.3, 400.0),
+            fake_run(tmp_path / "b", "b", "generated", 0.5, 0.2, 300.0)]
+
+    def draw(out):
+        return compare_runs(runs, out) if kind == "compare" else write_report(runs[0], out)
+
+    draw(tmp_path / "out")
+    (tmp_path / "out" / "mine.txt").write_text("the user's own file")
+    before = snapshot(tmp_path / "out")
+    module = compare if kind == "compare" else run
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(module, "_html_page", full)
+    for out in (tmp_path / "out", tmp_path / "new"):
+        with pytest.raises(OSError, match="No space left"):
+            draw(out)
+    assert snapshot(tmp_path / "out") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "out"]
+    with pytest.raises(FileExistsError, match="is an existing file"):
+        draw(tmp_path / "out" / "mine.txt")

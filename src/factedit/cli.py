@@ -64,11 +64,11 @@ def _parse_pair(text: str) -> tuple[str, str]:
 
 def _method_overrides(args: argparse.Namespace) -> dict[str, Any]:
     overrides: dict[str, Any] = {}
-    if getattr(args, "layers", None):
+    if getattr(args, "layers", None) is not None:  # "" too: refused, not ignored
         from factedit.preflight import parse_layers
 
         overrides["layers"] = parse_layers(args.layers)
-    if getattr(args, "corpus", None):
+    if getattr(args, "corpus", None) is not None:
         overrides["covariance_corpus"] = args.corpus
     if getattr(args, "covariance_tokens", None) is not None:
         overrides["covariance_tokens"] = args.covariance_tokens

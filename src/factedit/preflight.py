@@ -22,10 +22,17 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from .linalg.covariance import corpus_files
 from .methods import ConfigError, MethodConfig, get_method
 from .models import EditableModel
 from .models.atomic import DestinationError, check_destination
-from .models.loading import cache_root, file_digest, resolve_device, resolve_source
+from .models.loading import (
+    cache_root,
+    file_digest,
+    resolve_device,
+    resolve_source,
+    verified_cache_file,
+)
 from .requests import EditRequest, InvalidRequestError
 
 log = logging.getLogger(__name__)
@@ -75,8 +82,12 @@ def model_config_json(name: str) -> dict[str, Any] | None:
     if kind == "folder" and path is not None:
         candidates.append(path / "config.json")
     elif kind == "gguf" and path is not None:
+        # Only a config.json that matches the cache's checksum: a changed one (fewer layers)
+        # would make valid layers look out of range; the load rebuilds it with a warning.
         digest = file_digest(path)[:16]
-        candidates.append(cache_root() / "models" / f"{path.stem}-{digest}" / "config.json")
+        verified = verified_cache_file(cache_root() / "models" / f"{path.stem}-{digest}",
+                                       "config.json")
+        candidates += [verified] if verified is not None else []
     else:
         try:
             from huggingface_hub import try_to_load_from_cache
@@ -138,14 +149,25 @@ PATH_FIELDS = {"covariance_corpus": "--corpus", "checkpoint": "--set checkpoint"
                "classifier": "--set classifier"}
 
 
-def check_paths(config: MethodConfig) -> None:
-    """Each path field of `config` that is set names something that exists."""
+def check_paths(config: MethodConfig, prefix: str | None = None) -> None:
+    """Each path field of `config` that is set names something that exists. `prefix`: name
+    the fields as `prefix.field` (an experiment file's methods[i].config) instead of by flag."""
     names = {f.name for f in fields(config)}
     for name, flag in PATH_FIELDS.items():
+        flag = f"{prefix}.{name}" if prefix else flag
         value = getattr(config, name, None) if name in names else None
+        if isinstance(value, str) and not value.strip():
+            raise PreflightError(f"{flag} '': the path is empty; give a file or folder "
+                                 f"({name} of {type(config).__name__})")
         if isinstance(value, str) and not Path(value).expanduser().exists():
             raise PreflightError(f"{flag} {value}: no such file or folder ({name} of "
                                  f"{type(config).__name__})")
+        if name == "covariance_corpus" and isinstance(value, str):
+            try:
+                corpus_files(value)
+            except FileNotFoundError as err:
+                raise PreflightError(f"{flag} {value}: {err}; give a text file or a folder "
+                                     f"of them") from None
 
 
 @dataclass

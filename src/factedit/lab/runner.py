@@ -133,6 +133,7 @@ def run_experiment(
             from ..models.loading import resolve_source
 
             resolve_source(experiment.model)
+        _check_methods(experiment)
         requests = _dataset_requests(experiment)
         _clear_restartable(out)
         out.mkdir(parents=True, exist_ok=True)
@@ -146,6 +147,32 @@ def run_experiment(
     finally:
         store.close()
     return out
+
+
+def _check_methods(experiment: Experiment) -> None:
+    """What the methods read, before the run folder exists: the covariance corpus and other
+    paths, and every method's layers within the model's depth (read from its config.json
+    without loading it; skipped where that is not at hand: the load then says what is
+    wrong)."""
+    from ..linalg.covariance import corpus_files
+    from ..preflight import check_layers, check_paths, layer_count, model_config_json
+
+    if experiment.covariance.corpus is not None:
+        try:
+            corpus_files(experiment.covariance.corpus)
+        except FileNotFoundError as err:
+            raise ExperimentError(f"covariance.corpus: {err}") from None
+    if isinstance(experiment.model, str):
+        n_layers = layer_count(model_config_json(experiment.model))
+    else:
+        n_layers = experiment.model.num_layers
+    for i, run in enumerate(experiment.methods):
+        config = experiment.method_config(run)
+        try:
+            check_paths(config, prefix=f"methods[{i}].config")
+            check_layers(config, n_layers, flag=f"methods[{i}].config")
+        except ValueError as err:
+            raise ExperimentError(str(err)) from None
 
 
 @contextmanager

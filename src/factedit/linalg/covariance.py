@@ -45,17 +45,27 @@ def corpus_text(model: EditableModel, corpus: str | Path | None, n_tokens: int,
     if corpus is None:
         return _model_samples(model, n_tokens, seed)
     path = Path(corpus).expanduser()
+    files = corpus_files(corpus)
+    text = "\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
+    digest = hashlib.blake2b(text.encode()).hexdigest()[:12]
+    return text, f"{path.name}-{digest}"
+
+
+def corpus_files(corpus: str | Path) -> list[Path]:
+    """The text files a covariance corpus reads: the file itself, or a folder's files with a
+    text suffix (.txt, .raw, .tokens, .text), sorted. FileNotFoundError naming the path when
+    there are none (an empty name, a missing path, a folder without text files)."""
+    if not str(corpus).strip():
+        raise FileNotFoundError("corpus '' is empty: give a text file or folder")
+    path = Path(corpus).expanduser()
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in _TEXT_SUFFIXES)
         if not files:
             raise FileNotFoundError(f"corpus folder {path} has no {sorted(_TEXT_SUFFIXES)} files")
-    elif path.is_file():
-        files = [path]
-    else:
-        raise FileNotFoundError(f"corpus {path} does not exist (give a text file or folder)")
-    text = "\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
-    digest = hashlib.blake2b(text.encode()).hexdigest()[:12]
-    return text, f"{path.name}-{digest}"
+        return files
+    if path.is_file():
+        return [path]
+    raise FileNotFoundError(f"corpus {path} does not exist (give a text file or folder)")
 
 
 def _model_samples(model: EditableModel, n_tokens: int, seed: int) -> tuple[str, str]:

@@ -164,6 +164,18 @@ def _cache_files(folder: Path, weights_file: str = "model.safetensors") -> list[
                   if p.is_file() and p.name not in (_MANIFEST, weights_file))
 
 
+def verified_cache_file(folder: Path, name: str) -> Path | None:
+    """`folder/name` of a model cache where it matches its manifest's checksum, else None
+    (no manifest, no digest for it, or changed: the next load warns and rebuilds the cache).
+    For reading one small file (config.json) without loading or checking the weights."""
+    path = folder / name
+    try:
+        expected = json.loads((folder / _MANIFEST).read_text())["files"][name]
+        return path if file_digest(path) == expected else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _verify_cache(folder: Path) -> bool:
     """Whether every file of the cache (weights, config.json, tokenizer files) matches the
     digest in its manifest. A manifest from before config and tokenizer files had digests

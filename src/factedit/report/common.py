@@ -5,12 +5,39 @@ page style."""
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from ..lab.runner import CONFIG_FILE
 from ..lab.store import MEAN, ResultsStore
+
+
+@contextmanager
+def staged_files(folder: Path, what: str = "out_dir") -> Iterator[Path]:
+    """A staging folder beside `folder` to write a report's files into; when the body
+    finishes they move into `folder` one by one (os.replace, atomic each). A failure or a kill
+    before that leaves `folder` as it was (not even created when it did not exist): never a
+    half-written plot or page. Other files in `folder` are left alone."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"{what} {folder} is an existing file: give a folder for the "
+                              f"report's files")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial",
+                                    dir=folder.parent))
+    try:
+        yield staging
+        folder.mkdir(exist_ok=True)
+        for file in sorted(staging.iterdir()):
+            os.replace(file, folder / file.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
 
 PAPER_COLUMNS = (("efficacy", "Eff"), ("generalization", "Gen"), ("specificity", "Spe"))
 

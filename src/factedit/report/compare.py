@@ -37,7 +37,16 @@ from typing import Any
 from ..lab.runner import CONFIG_FILE, REQUESTS_FILE, STORE_FILE
 from ..lab.store import MEAN, UNEDITED, ResultsStore
 from ..requests import EditRequest
-from .common import CSS, PAPER_COLUMNS, figure, fmt, run_methods, run_status, status_line
+from .common import (
+    CSS,
+    PAPER_COLUMNS,
+    figure,
+    fmt,
+    run_methods,
+    run_status,
+    staged_files,
+    status_line,
+)
 
 # Settings that tell the runs of a study apart: (path in config.json, column heading).
 SETTINGS = (("dataset.question_type", "question type"), ("batch_size", "batch size"),
@@ -138,9 +147,19 @@ def compare_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Compari
     differing = [(path, heading) for path, heading in SETTINGS
                  if len({json.dumps(v) for v in values[path]}) > 1]
     folder = Path(out_dir)
-    folder.mkdir(parents=True, exist_ok=True)
     comparison = Comparison(folder=folder, html=folder / "comparison.html",
                             settings=[heading for _, heading in differing])
+    # Drawn in a staging folder and moved in file by file (common.staged_files): a failure
+    # or a kill leaves `folder` as it was, never a half-written plot or page.
+    with staged_files(folder) as staging:
+        _draw_comparison(comparison, dirs, configs, differing, staging)
+    comparison.plots = {name: folder / path.name for name, path in comparison.plots.items()}
+    return comparison
+
+
+def _draw_comparison(comparison: Comparison, dirs: list[Path], configs: list[dict[str, Any]],
+                     differing: list[tuple[str, str]], staging: Path) -> None:
+    """Fill `comparison`'s rows and write its plots, JSON and page into `staging`."""
     for d, config in zip(dirs, configs):
         settings = {heading: _setting(config, path) for path, heading in differing}
         rows, line = _run_rows(d, config, settings)
@@ -151,13 +170,12 @@ def compare_runs(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Compari
     for name, filename, draw in (("scores after N edits", "compare.png", _plot_scores),
                                  ("downstream change", "downstream.png", _plot_downstream),
                                  ("target perplexity", "perplexity.png", _plot_perplexity)):
-        if draw(comparison, folder / filename):
-            comparison.plots[name] = folder / filename
-    (folder / "comparison.json").write_text(json.dumps(
+        if draw(comparison, staging / filename):
+            comparison.plots[name] = staging / filename
+    (staging / "comparison.json").write_text(json.dumps(
         {"runs": [str(d) for d in dirs], "settings": comparison.settings,
          "rows": comparison.rows}, indent=1))
-    comparison.html.write_text(_html_page(comparison), encoding="utf-8")
-    return comparison
+    (staging / comparison.html.name).write_text(_html_page(comparison), encoding="utf-8")
 
 
 # -- plots -----------------------------------------------------------------------------------

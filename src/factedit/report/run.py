@@ -27,9 +27,6 @@ import base64
 import html
 import json
 import math
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +34,16 @@ from typing import Any
 
 from ..lab.runner import CONFIG_FILE, STORE_FILE
 from ..lab.store import MEAN, UNEDITED, ResultsStore
-from .common import CSS, PAPER_COLUMNS, figure, fmt, run_methods, run_status, status_line
+from .common import (
+    CSS,
+    PAPER_COLUMNS,
+    figure,
+    fmt,
+    run_methods,
+    run_status,
+    staged_files,
+    status_line,
+)
 
 # Paper-style table columns: (metric in the store, heading). Avg is their mean.
 EASYEDIT_COLUMNS = (("rewrite_acc", "Rewrite"), ("rephrase_acc", "Rephrase"),
@@ -447,19 +453,11 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Repo
         raise FileNotFoundError(f"{run_dir} holds no run ({CONFIG_FILE} + {STORE_FILE}); "
                                 f"make one with `factedit run CONFIG --out {run_dir}`")
     folder = Path(out_dir) if out_dir else run_dir / "report"
-    folder.mkdir(parents=True, exist_ok=True)
     config = json.loads((run_dir / CONFIG_FILE).read_text())
-    # Everything is drawn in a staging folder beside `folder` and then moved in file by file
-    # (os.replace), so a failure or a kill leaves the earlier report's files whole, never a
-    # half-written plot or page; other files in `folder` are left alone.
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".partial",
-                                    dir=folder.parent))
-    try:
+    # Everything is drawn in a staging folder beside `folder` and then moved in file by file,
+    # so a failure or a kill leaves the earlier report's files whole (common.staged_files).
+    with staged_files(folder) as staging:
         report = _draw_report(run_dir, config, folder, staging)
-        for file in list(staging.iterdir()):
-            os.replace(file, folder / file.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     report.plots = {name: folder / path.name for name, path in report.plots.items()}
     return report
 
