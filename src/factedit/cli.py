@@ -30,6 +30,7 @@ from typing import Any
 from factedit.commands import export as export_command
 from factedit.commands import patch as patch_command
 from factedit.commands import serve as serve_command
+from factedit.commands import tune as tune_command
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -62,8 +63,26 @@ def _parse_pair(text: str) -> tuple[str, str]:
     return prompt.strip(), answer.strip()
 
 
+def _resolve_method(args: argparse.Namespace) -> None:
+    """--method from a --config file written by `factedit tune` when not given (else rome);
+    the file's settings become `args.tuned`, under --layers/--corpus/--set."""
+    from factedit.lab.tune import read_tuned
+
+    tuned = read_tuned(args.tuned_config) if getattr(args, "tuned_config", None) else None
+    if args.method is None:
+        args.method = tuned.method if tuned else "rome"
+    elif tuned is not None and tuned.method != args.method.lower():
+        raise ValueError(f"--config {args.tuned_config} holds {tuned.method} settings, not "
+                         f"{args.method}: drop --method, or pass --method {tuned.method}")
+    if tuned is not None and tuned.model != args.model:
+        print(f"factedit {args.command}: note: --config {args.tuned_config} was tuned on "
+              f"{tuned.model}, not {args.model}", file=sys.stderr)
+    args.tuned = tuned
+
+
 def _method_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    overrides: dict[str, Any] = {}
+    tuned = getattr(args, "tuned", None)
+    overrides: dict[str, Any] = dict(tuned.config) if tuned is not None else {}
     if getattr(args, "layers", None) is not None:  # "" too: refused, not ignored
         from factedit.preflight import parse_layers
 
@@ -105,6 +124,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     from factedit.protocol import EditHandle, make_editor
     from factedit.requests import InvalidRequestError, load_requests
 
+    _resolve_method(args)
     if args.requests:
         requests = load_requests(args.requests)
     else:
@@ -210,6 +230,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import factedit as fe
     from factedit.data import builtin_facts
 
+    _resolve_method(args)
     if args.n < 1:
         raise ValueError(f"--n {args.n}: give the number of facts to edit, 1 or more")
     facts = builtin_facts()[: args.n]
@@ -237,8 +258,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     rows = []
     for i, fact in enumerate(facts):
         for j, kind in enumerate([f"edit -> {fact.target_new}", "  its neighbour"]):
-            rows.append([kind, probes[i][j], before[2 * i + j].strip()[:28],
-                         after[2 * i + j].strip()[:28]])
+            rows.append([kind, probes[i][j], _first_line(model, before[2 * i + j])[:28],
+                         _first_line(model, after[2 * i + j])[:28]])
     print()
     print(_table(rows, ["", "prompt", "before", "after the edit"]))
     print()
@@ -251,6 +272,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"\n{per_edit:.1f} s per edit; once: covariance statistics {t.get('covariance', 0):.1f} s,"
           f" context prefixes {t.get('context', 0):.1f} s (cached for the next run)")
     return 0
+
+
+def _first_line(model: Any, text: str) -> str:
+    """A continuation as one table cell: its first line, cut before any control token the
+    tokenizer adds without marking it special (Gemma's "<start_of_image>" decodes as text)."""
+    from factedit.metrics.generation import cut_at_stop
+
+    control = [t for t in model.tokenizer.get_added_vocab() if t.startswith("<") and t.endswith(">")]
+    return cut_at_stop(text.lstrip(), ["\n", *control]).strip()
 
 
 def _mean_of(values) -> float | None:
@@ -436,7 +466,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", default="smollm2-135m",
                        help="built-in alias, HF folder, hub id or .gguf file")
         device(p)
-        p.add_argument("--method", default="rome", help="editing method (factedit methods)")
+        p.add_argument("--method", default=None, help="editing method (factedit methods; "
+                       "default: the --config file's, else rome)")
+        p.add_argument("--config", dest="tuned_config", metavar="FILE",
+                       help="method settings from `factedit tune --out FILE` (--layers, "
+                            "--corpus, --set override them)")
         p.add_argument("--layers", help="comma-separated layers to edit (default: per model)")
         p.add_argument("--corpus", help="text file/folder for covariance statistics "
                        "(default: text sampled from the model)")
@@ -542,6 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_command.register(sub)
     patch_command.register(sub)
     export_command.register(sub)
+    tune_command.register(sub)
     return parser
 
 
