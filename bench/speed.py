@@ -3,6 +3,7 @@
     python bench/speed.py                                  # built-in model, every method, 5 edits
     python bench/speed.py --methods rome,d4s --n 10 --out bench/out/speed
     python bench/speed.py --tiny --n 2 --out /tmp/speed    # tiny random Llama: checks the script
+    python bench/speed.py --methods d4s --value-rules adam,fast --n 5   # one row per value rule
 
 Per method (rome, memit, pmet, alphaedit, d4s, ft-l, kn, grace; those not registered are skipped)
 the first n facts of the built-in fact set are edited one after another on the same model,
@@ -14,7 +15,9 @@ after one warm-up edit, and the model is restored before the next method. Report
     floor       measured here, in the same process, on the same token batches:
                 locate family: Adam steps taken x one forward+backward of the rows the value
                   optimisation runs (templates + KL row), from the edit layer up, input
-                  gradients only; plus one inference forward of the key rows;
+                  gradients only; plus one inference forward of the key rows (for
+                  value_rule "fast", whose steps run only the positions from the subject
+                  on, the same whole-row floor: its values land below it);
                 ft-l: steps taken x one forward+backward of its batch from the trained layer,
                   gradient to the trained weight;
                 kn: per prompt and searched layer, one forward+backward of the ig_steps
@@ -212,7 +215,7 @@ def grace_floor(model, editor, request, steps: int) -> dict[str, float]:
 
 
 # -- one method -------------------------------------------------------------------------------
-def bench_method(model, method: str, requests, overrides: dict) -> dict:
+def bench_method(model, method: str, requests, overrides: dict, label: str | None = None) -> dict:
     from factedit.protocol import EditHandle, make_editor
 
     editor = make_editor(model, method, **overrides)
@@ -251,7 +254,8 @@ def bench_method(model, method: str, requests, overrides: dict) -> dict:
     handle.restore()
     floor = {k: statistics.mean(f[k] for f in floors) for k in floors[0]} if floors else {}
     floor_total = sum(v for k, v in floor.items() if k != "forward_backward")
-    return {"method": method, "n": n, "layers": getattr(handle.editor, "layers", None),
+    return {"method": label or method, "n": n, "layers": getattr(handle.editor, "layers", None),
+            "value_rule": overrides.get("value_rule", "adam") if method in LOCATE else None,
             "seconds_per_edit": wall / n, "phase_seconds_per_edit": phases,
             "floor_seconds_per_edit": floor_total, "floor_parts": floor,
             "ratio_to_floor": (wall / n) / floor_total if floor_total else None,
@@ -299,6 +303,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--covariance-tokens", type=int, default=20_000)
     ap.add_argument("--covariance-seq-len", type=int, default=128)
     ap.add_argument("--out", default="bench/out/speed")
+    ap.add_argument("--no-covariance-bench", dest="covariance_bench", action="store_false",
+                    help="skip the covariance tokens/s table (the edits' rows only)")
+    ap.add_argument("--value-rules", default="adam",
+                    help="comma-separated value_rule settings of the locate methods: one row "
+                         "each (rows other than adam are named METHOD[values=RULE])")
     ap.add_argument("--resume", action="store_true",
                     help="keep the methods already in <out>/speed_<model>.json (same --n)")
     args = ap.parse_args(argv)
@@ -338,17 +347,23 @@ def main(argv: list[str] | None = None) -> int:
         if kept.get("n_edits", args.n) == args.n:
             done = {row["method"]: row for row in kept.get("methods", [])}
     rows = []
-    for method in methods:
+    value_rules = [r for r in args.value_rules.split(",") if r]
+    runs = [(method, rule) for method in methods
+            for rule in (value_rules if method in LOCATE else ["adam"])]
+    for method, rule in runs:
+        label = method if rule == "adam" else f"{method}[values={rule}]"
         overrides = tiny_overrides(method) if args.tiny else {}
         if method in LOCATE:
             overrides.update(covariance_corpus=corpus, covariance_tokens=args.covariance_tokens,
                              covariance_seq_len=args.covariance_seq_len)
-        if method in done:
-            print(f"{method}: kept from {path}", file=sys.stderr, flush=True)
-            rows.append(done[method])
+            if rule != "adam":
+                overrides["value_rule"] = rule
+        if label in done:
+            print(f"{label}: kept from {path}", file=sys.stderr, flush=True)
+            rows.append(done[label])
             continue
-        print(f"{method}: {len(timed)} edits ...", file=sys.stderr, flush=True)
-        rows.append(bench_method(model, method, warm + timed, overrides))
+        print(f"{label}: {len(timed)} edits ...", file=sys.stderr, flush=True)
+        rows.append(bench_method(model, method, warm + timed, overrides, label))
         # Written after every method: a crash later keeps the finished rows (--resume).
         path.write_text(json.dumps(header | {"methods": rows}, indent=1, default=str))
     cov_layers = (tiny_overrides("memit")["layers"] if args.tiny
@@ -358,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     # One layer (ROME) and the five of the MEMIT family, each in both precisions.
     cov = [bench_covariance(model, layers, corpus, args.covariance_tokens,
                             args.covariance_seq_len, precision)
-           for layers in (rome_layers, cov_layers) for precision in ("float64", "mixed")]
+           for layers in (rome_layers, cov_layers) for precision in ("float64", "mixed")
+           if args.covariance_bench]
     result = header | {"methods": rows, "covariance": cov}
     path.write_text(json.dumps(result, indent=1, default=str))
     print_table(result)

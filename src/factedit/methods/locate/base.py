@@ -34,6 +34,7 @@ from ...linalg import (
 )
 from ...linalg.covariance import PRECISIONS
 from ...linalg.value_cache import ValueCache
+from ...linalg.values import VALUE_RULES, value_rule_options
 from ...models import EditableModel, write_param
 from ...requests import EditRequest
 from ..base import ConfigError, Editor, EditResult, MethodConfig
@@ -80,6 +81,12 @@ class LocateEditConfig(MethodConfig):
     value_cache: keep target values computed ahead (`prepare`) on disk and reuse them
         (`linalg.value_cache`: keyed by every weight of the model and every value option),
         so a resumed run or a sweep over lambda / solve settings skips the Adam steps.
+    value_rule: "adam" (default): the target values as configured (v_steps Adam steps at
+        v_lr, each step over the whole rows). "fast": the same objective with Adam at lr 2.0
+        for at most 8 steps, each step running only the positions from the subject's last
+        token on against the earlier positions' cached keys and values
+        (`linalg.values.value_rule_options`; docs/results/cheaper-values: ~4.6x less CPU
+        per value on the built-in model). Values cached under "adam" keep their cache keys.
     """
 
     layers: list[int] | None = None
@@ -101,6 +108,7 @@ class LocateEditConfig(MethodConfig):
     value_batch_size: int = 16
     condition_every: int = 10
     value_cache: bool = False
+    value_rule: str = "adam"
     seed: int = 0
     # `extra` (a dict no method read) was dropped; configs saved with it empty still load.
     retired_fields: ClassVar[dict[str, Any]] = {"extra": {}}
@@ -122,6 +130,7 @@ class LocateEditConfig(MethodConfig):
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         check_choice(self, "covariance_precision", PRECISIONS)
         check_choice(self, "key_columns", KEY_COLUMNS)
+        check_choice(self, "value_rule", VALUE_RULES)
         if self.bare_key_weight is not None:
             if self.key_columns != "each":
                 raise ConfigError(f"{type(self).__name__}.bare_key_weight weighs one key column "
@@ -248,11 +257,12 @@ class LocateEditor(Editor):
              each: bool = False) -> dict[int, torch.Tensor]:
         return compute_keys(self.model, requests, layers, self.key_templates(), each=each)
 
-    def _value_options(self) -> dict[str, float]:
+    def _value_options(self) -> dict[str, Any]:
         c = self.config
-        return dict(steps=c.v_steps, lr=c.v_lr, weight_decay=c.v_weight_decay,
-                    clamp_factor=c.clamp_factor, kl_factor=c.kl_factor,
-                    early_stop_nll=c.early_stop_nll)
+        return value_rule_options(c.value_rule, dict(
+            steps=c.v_steps, lr=c.v_lr, weight_decay=c.v_weight_decay,
+            clamp_factor=c.clamp_factor, kl_factor=c.kl_factor,
+            early_stop_nll=c.early_stop_nll))
 
     def target_values(self, requests: Sequence[EditRequest], layer: int, site: str) -> TargetValues:
         return optimise_target_values(self.model, requests, layer, site, self.templates(),
