@@ -157,11 +157,19 @@ TABLE = (("eff", "efficacy"), ("g_eff", "gen_efficacy"), ("g_exct", "gen_efficac
          ("s/edit", "edit_seconds"), ("s/tf", "tf_seconds"), ("s/gen", "gen_seconds"))
 
 
-def print_table(summary: dict[str, dict]) -> None:
-    print(f"{'method':16s} {'n':>3s} " + " ".join(h.rjust(6) for h, _ in TABLE))
+def print_table(summary: dict[str, dict], markdown: bool = False) -> None:
+    if markdown:
+        print("| method | N | " + " | ".join(h for h, _ in TABLE) + " |")
+        print("|---" * (len(TABLE) + 2) + "|")
+    else:
+        print(f"{'method':16s} {'n':>3s} " + " ".join(h.rjust(6) for h, _ in TABLE))
     for label, means in summary.items():
         for name, row in ((label, means), ("  unedited", means["unedited"])):
-            print(f"{name:16s} {row['n']:3d} " + " ".join(_fmt(row[k]) for _, k in TABLE))
+            cells = [_fmt(row[k]).strip() if markdown else _fmt(row[k]) for _, k in TABLE]
+            if markdown:
+                print(f"| {name.strip()} | {row['n']} | " + " | ".join(cells) + " |")
+            else:
+                print(f"{name:16s} {row['n']:3d} " + " ".join(cells))
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -220,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None,
                     help="the folder itself, with one dataset (instead of --out-root's)")
     ap.add_argument("--report-only", action="store_true", help="print the tables from the JSONL")
+    ap.add_argument("--markdown", action="store_true", help="print the tables as markdown")
     args = ap.parse_args(argv)
 
     import torch
@@ -228,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     from factedit.data import load_dataset
     from factedit.methods import list_methods, options_for
     from factedit.metrics.generation import GenerationOptions, generation_rows
+    from factedit.protocol import EditHandle, make_editor
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     registered = list_methods()
@@ -319,6 +329,10 @@ def main(argv: list[str] | None = None) -> int:
             n = n_for.get(method, args.n)
             budget = budget_for.get(method, args.method_budget_s)
             method_start, failures, stopped = time.perf_counter(), 0, None
+            # One editor for all of a method's records: single mode hands each edit a fresh()
+            # copy sharing what is derived from C alone (null-space bases, factors), which
+            # a new editor per record would derive again.
+            handle = None
             for i in range(n):
                 if deadline is not None and time.time() > deadline:
                     stopped = f"--stop-at {args.stop_at} reached"
@@ -345,8 +359,9 @@ def main(argv: list[str] | None = None) -> int:
 
                     start = time.perf_counter()
                     try:
-                        fe.edit(model, [request], method=method, mode="single", evaluate=score,
-                                progress=False, **config)
+                        if handle is None:
+                            handle = EditHandle(model, make_editor(model, method, **config))
+                        handle.edit([request], mode="single", evaluate=score, progress=False)
                     except Exception as err:  # a method that fails on a record: say so, go on
                         failures += 1
                         print(f"{label} {d} {request.uid}: {type(err).__name__}: {err}",
@@ -385,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
             "date": time.strftime("%Y-%m-%d", time.gmtime()), **tags[d], "skipped": skipped,
             "errors": errors, "summary": summary})
         print(f"\n{d} ({outs[d]})")
-        print_table(summary)
+        print_table(summary, args.markdown)
         for method, why in skipped.items():
             print(f"skipped {method}: {why}")
         for method, errs in errors.items():
