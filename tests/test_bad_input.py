@@ -536,6 +536,36 @@ def test_sampled_corpus_cache_checksum(tiny_model, tmp_path, monkeypatch, caplog
     assert "is corrupt" in caplog.text
 
 
+def test_sampling_says_how_long_it_will_take(tiny_model, tmp_path, monkeypatch, caplog):
+    """Without a corpus the first edit samples text: it says so before, and after the first
+    batch of 32 sequences how long the rest takes at this machine's rate."""
+    from factedit.linalg.covariance import corpus_text
+
+    monkeypatch.setenv("FACTEDIT_CACHE", str(tmp_path))
+    corpus_text(tiny_model, None, 33 * 128)
+    assert "no covariance corpus given: sampling 4224 tokens" in caplog.text
+    assert "a minute per 5,000 tokens" in caplog.text
+    assert "more at this rate (4096 of 4224 tokens done)" in caplog.text
+
+
+@pytest.mark.parametrize("overrides,tokens", [
+    ({}, 20_000),  # sampled from the model: the fast default, said in preflight
+    ({"covariance_corpus": "{corpus}"}, 100_000),  # a text corpus: the method's own
+    ({"covariance_tokens": 5000}, 5000),  # asked for: kept
+], ids=["sampled", "corpus", "explicit"])
+def test_edit_samples_fewer_covariance_tokens_without_a_corpus(tiny_folder, overrides, tokens):
+    from types import SimpleNamespace
+
+    from factedit import preflight
+
+    args = SimpleNamespace(method="rome", mode=None, batch_size=1, max_new_tokens=1,
+                           device=None, model=str(tiny_folder), save=None, patch=None)
+    overrides = {k: v.replace("{corpus}", str(tiny_folder / "config.json"))
+                 if isinstance(v, str) else v for k, v in overrides.items()}
+    plan = preflight.check_edit(args, overrides, [fe.EditRequest(**EIFFEL)])
+    assert plan.config.covariance_tokens == tokens
+
+
 # -- fault injection: a save or a run is complete or absent ------------------------------------
 
 def test_save_refuses_a_read_only_place_before_writing(tiny_model, tmp_path, monkeypatch):

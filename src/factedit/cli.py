@@ -474,7 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--layers", help="comma-separated layers to edit (default: per model)")
         p.add_argument("--corpus", help="text file/folder for covariance statistics "
                        "(default: text sampled from the model)")
-        p.add_argument("--covariance-tokens", type=int, help="token positions for covariance")
+        p.add_argument("--covariance-tokens", type=int,
+                       help="token positions for the covariance (default: the method's "
+                            "100,000 from --corpus; without one, 20,000 sampled from the model)")
         p.add_argument("--set", action="append", metavar="FIELD=VALUE",
                        help="any method config field, VALUE as JSON or a bare string "
                             "(repeatable), e.g. --set checkpoint=nets/mend")

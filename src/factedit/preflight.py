@@ -180,9 +180,27 @@ class EditPlan:
     config: MethodConfig
 
 
+# Tokens `factedit edit` samples from the model for the key covariance C when no corpus is
+# given and no --covariance-tokens either (the methods' own default, 100,000, is for a text
+# corpus, where reading costs little). Sampling runs at about a minute per 5,000 tokens on two
+# idle CPU cores; ROME's scores are the same from 2,500 to 20,000 sampled tokens
+# (docs/results/covariance-tokens), so 20,000 keeps a margin at a fifth of the wait.
+# `factedit demo` and `factedit serve` sample as many.
+SAMPLED_COVARIANCE_TOKENS = 20_000
+
+
+def _samples_covariance(config: MethodConfig) -> bool:
+    """Whether `config` estimates a covariance from text sampled from the model (no corpus)."""
+    names = {f.name for f in fields(config)}
+    return {"covariance_tokens", "covariance_corpus"} <= names and config.covariance_corpus is None
+
+
 def check_edit(args: Any, overrides: dict[str, Any], requests: list[EditRequest]) -> EditPlan:
     """Every check of `factedit edit` that needs no model; raises with the flag named."""
     config = method_config(args.method, overrides)
+    if "covariance_tokens" not in overrides and _samples_covariance(config):
+        overrides = {**overrides, "covariance_tokens": SAMPLED_COVARIANCE_TOKENS}
+        config = method_config(args.method, overrides)
     check_mode(args.method, args.mode, args.batch_size)
     check_paths(config)
     if getattr(args, "max_new_tokens", 1) < 0:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -83,12 +84,13 @@ def _model_samples(model: EditableModel, n_tokens: int, seed: int) -> tuple[str,
             return text, corpus_id
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             log.warning("sampled corpus cache %s is corrupt (%s); resampling", path, err)
-    # Said once, before minutes of sampling: what this is, how to skip it, where it goes.
+    # Said once, before the sampling: what this is, how to skip it, where it goes; after the
+    # first batch, how long the rest will take at the rate this machine shows.
     log.warning("no covariance corpus given: sampling %d tokens of text from %s to estimate "
-                "the key covariance C (once per model and token count; on 2 CPU cores this "
-                "takes minutes, the bar shows the rate). Cached in %s. To skip it, pass a text "
-                "file or folder (--corpus, covariance.corpus, covariance_corpus=...)",
-                n_tokens, model.model_id, path.parent)
+                "the key covariance C (once per model and token count, cached in %s; about "
+                "a minute per 5,000 tokens on 2 idle CPU cores for the built-in model). To "
+                "skip it, pass a text file or folder (--corpus, covariance.corpus, "
+                "covariance_corpus=...)", n_tokens, model.model_id, path.parent)
     starts = ["The", "In", "A", "It", "He", "She", "This", "When", "After", "According to",
               "Many", "One", "There", "His", "Her", "During"]
     per_seq, batch = 128, 32
@@ -96,17 +98,31 @@ def _model_samples(model: EditableModel, n_tokens: int, seed: int) -> tuple[str,
     texts: list[str] = []
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
+    start = time.perf_counter()
     try:
         for i in tqdm(range(0, n_seq, batch), desc="sampling corpus from the model",
                       unit="batch"):
             prompts = [starts[(i + j) % len(starts)] for j in range(min(batch, n_seq - i))]
             outs = model.generate(prompts, max_new_tokens=per_seq, do_sample=True, top_k=40)
             texts += [p + o for p, o in zip(prompts, outs)]
+            if i == 0 and n_seq > batch:
+                left = (time.perf_counter() - start) * (n_seq - batch) / batch
+                log.warning("sampling for the covariance: about %s more at this rate (%d of "
+                            "%d tokens done)", _duration(left), batch * per_seq, n_tokens)
     finally:
         torch.random.set_rng_state(state)
     text = "\n\n".join(texts)
     _write_sampled(path, text)
     return text, corpus_id
+
+
+def _duration(seconds: float) -> str:
+    """'40 s', '3 min', '1.5 h': a wait said in words a person reads at a glance."""
+    if seconds < 90:
+        return f"{max(1, round(seconds))} s"
+    if seconds < 90 * 60:
+        return f"{round(seconds / 60)} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _text_digest(text: str) -> str:
