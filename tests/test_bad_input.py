@@ -166,6 +166,16 @@ def test_api_requests_are_checked(tiny_model, no_model, requests, words):
     assert words in str(err.value)
 
 
+@pytest.mark.parametrize("model,words", [
+    ("smollm2-135m", "load it first: model = fe.load_model('smollm2-135m')"),
+    (None, "got NoneType"),
+], ids=["api-model-name", "api-model-none"])
+def test_api_model_must_be_loaded(model, words):
+    with pytest.raises(TypeError) as err:
+        fe.edit(model, [fe.EditRequest(**EIFFEL)], progress=False)
+    assert "model: expected an EditableModel" in str(err.value) and words in str(err.value)
+
+
 def test_api_prompt_beyond_the_context_is_refused(tiny_model, no_model):
     limit = tiny_model.model.config.max_position_embeddings
     long = fe.EditRequest(prompt="word " * limit + "{} is in", subject="X", target_new="Y")

@@ -288,6 +288,11 @@ class EditHandle:
 def make_editor(model: EditableModel, method: str | MethodConfig = "rome",
                 config: MethodConfig | dict | None = None, **overrides: Any) -> Editor:
     """Build the Editor for a method name or config (overrides replace config fields)."""
+    if not isinstance(model, EditableModel):  # a name or a bare transformers model
+        hint = (f"load it first: model = fe.load_model({model!r})" if isinstance(model, str)
+                else "load it with fe.load_model(name or folder)")
+        raise TypeError(f"model: expected an EditableModel, got {type(model).__name__}; "
+                        f"{hint}")
     if isinstance(method, MethodConfig):
         config, method = method, method.method
     spec = get_method(method)
