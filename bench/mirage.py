@@ -124,9 +124,15 @@ def summarise_one(rows: list[dict]) -> dict:
     return means
 
 
-def summarise(rows: list[dict]) -> dict[str, dict]:
-    """Per label: its means over the records it has, and the unedited model's over the same."""
+def summarise(rows: list[dict], labels: list[str] | None = None) -> dict[str, dict]:
+    """Per label: its means over the records it has, and the unedited model's over the same.
+    `labels`: only these, each over the records all of them have (like for like)."""
     ok = [r for r in rows if "error" not in r]
+    if labels:
+        common = set.intersection(*({r["case_id"] for r in ok if r["method"] == label}
+                                    for label in labels))
+        ok = [r for r in ok if r["case_id"] in common
+              and r["method"] in ("unedited", *labels)]
     unedited = {r["case_id"]: r for r in ok if r["method"] == "unedited"}
     out = {}
     for label in dict.fromkeys(r["method"] for r in ok if r["method"] != "unedited"):
@@ -229,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="the folder itself, with one dataset (instead of --out-root's)")
     ap.add_argument("--report-only", action="store_true", help="print the tables from the JSONL")
     ap.add_argument("--markdown", action="store_true", help="print the tables as markdown")
+    ap.add_argument("--common", default=None, metavar="LABELS",
+                    help="with --report-only: only these labels, over the records all have")
     args = ap.parse_args(argv)
 
     import torch
@@ -277,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     def write_summaries(d: str, only: str | None = None) -> dict:
         add_text_columns(rows[d], {r.uid: r for r in requests[d]})
         summary = summarise(rows[d])
+        if args.common and only is None:  # a like-for-like table, printed, not written
+            return summarise(rows[d], args.common.split(","))
         for label, means in summary.items():
             if only is None or label == only:
                 write_json(outs[d] / f"{label}.json", {
@@ -395,10 +405,11 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows[d]:
             if "error" in r:
                 errors.setdefault(r["method"], []).append(f"{r['case_id']}: {r['error']}")
-        write_json(outs[d] / "summary.json", {
-            "command": "python bench/mirage.py " + " ".join(argv or sys.argv[1:]),
-            "date": time.strftime("%Y-%m-%d", time.gmtime()), **tags[d], "skipped": skipped,
-            "errors": errors, "summary": summary})
+        if not args.common:  # the like-for-like table is printed only
+            write_json(outs[d] / "summary.json", {
+                "command": "python bench/mirage.py " + " ".join(argv or sys.argv[1:]),
+                "date": time.strftime("%Y-%m-%d", time.gmtime()), **tags[d], "skipped": skipped,
+                "errors": errors, "summary": summary})
         print(f"\n{d} ({outs[d]})")
         print_table(summary, args.markdown)
         for method, why in skipped.items():
