@@ -22,6 +22,19 @@ TINY = dict(layer=1, steps=30, lr=0.5, alpha=0.2, beta=2.0, gamma=1.0, norm_cons
             mask_ratio=0.5)
 
 
+def assert_resumed_gives(model, handle, resumed, texts, expected) -> None:
+    """With the handle's own hook off and `resumed`'s on, each text gives its expected logits
+    bit for bit."""
+    with handle.disabled():
+        attachment = resumed.attachment()
+        attachment.install()
+        try:
+            for text, out in zip(texts, expected):
+                assert torch.equal(logits(model, text), out)
+        finally:
+            attachment.remove()
+
+
 @pytest.fixture(scope="module")
 def edited():
     """A tiny model, its unedited logits on an unrelated prompt, and two sequential edits."""
@@ -91,14 +104,7 @@ def test_save_resume_gives_the_same_router_and_outputs(edited):
     resumed.load_state_dict(tensors, manifest)
     assert resumed.edit_scores == handle.editor.edit_scores
     assert torch.equal(resumed.delta, handle.editor.delta)
-    with handle.disabled():
-        attachment = resumed.attachment()
-        attachment.install()
-        try:
-            for text, out in zip(texts, expected):
-                assert torch.equal(logits(model, text), out)
-        finally:
-            attachment.remove()
+    assert_resumed_gives(model, handle, resumed, texts, expected)
     with pytest.raises(ValueError, match="layer"):
         make_editor(model, "wise", **dict(TINY, layer=0)).load_state_dict(tensors, manifest)
 
@@ -154,14 +160,7 @@ def test_shards_put_aside_then_merged_by_ties():
                           merge_density=0.5)
     resumed.load_state_dict(tensors, manifest)
     assert resumed.edit_count == 5 and torch.equal(resumed.merged, editor.merged)
-    with handle.disabled():
-        attachment = resumed.attachment()
-        attachment.install()
-        try:
-            for text, out in zip(texts, expected_logits):
-                assert torch.equal(logits(model, text), out)
-        finally:
-            attachment.remove()
+    assert_resumed_gives(model, handle, resumed, texts, expected_logits)
     handle.restore()
 
 
