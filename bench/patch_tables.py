@@ -1,6 +1,7 @@
-"""Markdown tables of bench/results/patch_sizes.json and quant_survival_n<N>.json.
+"""Markdown tables of bench/results/patch_sizes.json, quant_survival_n<N>.json and a
+sequence's quantization survival (bench/quant_survival.py --patch: one folder of per-type JSON).
 
-    python bench/patch_tables.py [--sizes FILE] [--quant FILE]
+    python bench/patch_tables.py [--sizes FILE] [--quant FILE] [--sequence DIR]
 """
 
 from __future__ import annotations
@@ -49,10 +50,35 @@ def quant_table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def sequence_table(folder: Path) -> str:
+    """One row per GGUF type of a `quant_survival.py --patch` folder: the edited model's
+    teacher-forced and generation scores, the same type's unedited model beside them."""
+    lines = ["| type | efficacy | generalization | specificity | gen_efficacy | "
+             "gen_generalization | gen_specificity (n) | unedited: efficacy / generalization / "
+             "specificity / gen_efficacy / gen_generalization | weight change error |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    order = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1")
+    for qtype in order:
+        path = folder / f"{qtype}.json"
+        if not path.is_file():
+            continue
+        r = json.loads(path.read_text())
+        e, u = r["edited"], r["unedited"]
+        change = max(r["weight_change_error"].values())
+        lines.append(
+            f"| {qtype} | {e['efficacy']:.2f} | {e['generalization']:.2f} | "
+            f"{e['specificity']:.2f} | {e['gen_efficacy']:.2f} | {e['gen_generalization']:.2f} | "
+            f"{e['gen_specificity']:.2f} ({e['gen_specificity_n']}) | {u['efficacy']:.2f} / "
+            f"{u['generalization']:.2f} / {u['specificity']:.2f} / {u['gen_efficacy']:.2f} / "
+            f"{u['gen_generalization']:.2f} | {change:.1e} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="bench/results/patch_sizes.json")
     ap.add_argument("--quant", default="bench/results/quant_survival_n20.json")
+    ap.add_argument("--sequence", default="bench/results/quant-survival-d4s-n1000")
     args = ap.parse_args(argv)
     for path, table in ((args.sizes, sizes_table), (args.quant, quant_table)):
         if Path(path).is_file():
@@ -60,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{path} ({data['date']}; {data['command']})\n")
             print(table(data))
             print()
+    folder = Path(args.sequence)
+    if folder.is_dir():
+        print(f"{folder}\n")
+        print(sequence_table(folder))
     return 0
 
 
