@@ -68,7 +68,7 @@ def _strengths(text: str | None) -> list[object] | None:
 def cmd_tune(args: argparse.Namespace) -> int:
     """`factedit tune`: check the flags, load the model, trace, sweep, write the config."""
     import factedit as fe
-    from factedit.lab.tune import TuneError, check_inputs, tune, write_tuned
+    from factedit.lab.tune import TuneError, check_inputs, tune, tuning_records, write_tuned
 
     strengths = _strengths(args.strengths)
     check_inputs(args.method, args.split, args.records, args.trace_records,
@@ -88,6 +88,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         if not out.parent.exists():
             raise TuneError(f"--out {out}: folder {out.parent} does not exist")
     shared = _assignments(args.set)
+    tuning_records(args.split, 1, args.data_dir)  # the data is there, before the model loads
 
     def say(message: str) -> None:
         print(message, file=sys.stderr, flush=True)

@@ -12,8 +12,10 @@ is where results are reported and is refused here):
 1. Trace. Of the first `scan` tuning records, the `trace_records` whose true answer the
    model gives the highest probability (ROME traced facts the model knows) are traced
    (`metrics.tracing`): the mean indirect effect of restoring the MLP outputs around each
-   layer at the subject's last token. Its peak is the centre layer.
-2. Candidates. Centres peak - s, peak, peak + s (s = max(1, num_layers // 12), inside the
+   layer at the subject's last token. The curve's centre of mass (its positive part) is the
+   centre layer: on SmolLM2 with 10 records the argmax sat at layer 3 with bumps of nearly
+   the same height at 5 and 7, the centre of mass at 6, the layer a full sweep chose.
+2. Candidates. Centres c - s, c, c + s (s = max(1, num_layers // 12), inside the
    model), each edited as the method edits: ROME one layer, the MEMIT family a window of
    five layers centred on it (MEMIT's critical window around ROME's layer); times the
    method's strength values (`STRENGTHS`: ROME's clamp_factor, MEMIT's lambda as multiples
@@ -21,11 +23,11 @@ is where results are reported and is refused here):
 3. Sweep. Each candidate edits the first `records` tuning records one at a time (mode
    "single": edit, score, restore) and is scored teacher-forced: efficacy, generalization,
    specificity, and their harmonic mean ("score", ROME's summary: one failing metric sinks
-   it). Candidates run in order: the peak first, then its neighbours, each at every
+   it). Candidates run in order: the centre first, then its neighbours, each at every
    strength; the sweep stops before a candidate that would overrun `budget_minutes`
    (estimated from the candidates so far). The first candidate always runs.
 4. Choice. The candidate with the highest score; ties (within `tie`) go to the earlier
-   candidate in that order (closer to the trace peak, the default strength first).
+   candidate in that order (closer to the trace centre, the default strength first).
 
 The result names the split, the records (case ids), the trace curve, every candidate's
 scores and seconds, and the rule, so a config says how it was chosen.
@@ -49,6 +51,8 @@ from ..metrics import capture_baseline, evaluate
 from ..metrics.tracing import causal_trace, prepare_prompt
 from ..models import EditableModel
 from ..protocol import edit
+from ..requests import EditRequest
+from .config import DEFAULT_DATA_DIR
 
 FORMAT = "factedit-tuned-config"
 VERSION = 1
@@ -181,6 +185,29 @@ def _positive_float(text: str) -> bool:
         return False
 
 
+def tuning_records(split: str, limit: int, data_dir: str | None = None) -> list[EditRequest]:
+    """The first `limit` records of a tuning split; data_dir: else $FACTEDIT_DATA, else
+    ../shared/data (as `factedit run` resolves it). TuneError names --data-dir when absent."""
+    from ..data import load_dataset
+
+    folder = data_dir or os.environ.get("FACTEDIT_DATA") or str(DEFAULT_DATA_DIR)
+    try:
+        return load_dataset(split, limit=limit, data_dir=folder)
+    except (FileNotFoundError, ValueError) as err:
+        raise TuneError(f"--split {split} (data folder {folder}): {err}; pass --data-dir "
+                        f"FOLDER (the folder that holds edit/counterfact/)") from None
+
+
+def known_records(model: EditableModel, pool: Sequence[EditRequest], n: int
+                  ) -> list[EditRequest]:
+    """The `n` records of `pool` whose true answer the model gives the highest probability
+    (ROME traced facts the model knows; CounterFact's are often unknown to a small model)."""
+    scored = [(prepare_prompt(model, r, "true").p_clean, i, r)
+              for i, r in enumerate(pool) if r.target_true]
+    scored.sort(key=lambda t: (-t[0], t[1]))
+    return [r for _p, _i, r in scored[:n]]
+
+
 def tune(model: EditableModel, method: str, *, model_name: str | None = None,
          split: str = "counterfact-train", data_dir: str | None = None, records: int = 8,
          trace_records: int = 10, scan: int | None = None, samples: int = 5,
@@ -190,33 +217,26 @@ def tune(model: EditableModel, method: str, *, model_name: str | None = None,
          say: Callable[[str], None] = lambda _m: None) -> Tuned:
     """Trace, sweep and choose (module docstring). `base_config`: fields every candidate
     shares (e.g. context_prefixes); `say`: progress messages."""
-    from ..data import load_dataset
-
     check_inputs(method, split, records, trace_records, budget_minutes, strengths)
     start = time.perf_counter()
     family = LAYER_FAMILIES[method]
     scan = scan or max(trace_records * 5, 50)
-    pool = load_dataset(split, limit=max(scan, records), data_dir=data_dir)
+    pool = tuning_records(split, max(scan, records), data_dir)
     if len(pool) < records:
         raise TuneError(f"--records {records}: {split} has only {len(pool)} records")
     sweep_records = pool[:records]
 
     # 1. Trace the records the model knows best.
     say(f"tracing {trace_records} of the first {len(pool[:scan])} {split} records ...")
-    known = []
-    for request in pool[:scan]:
-        if not request.target_true:
-            continue
-        known.append((prepare_prompt(model, request, "true").p_clean, request))
-    known.sort(key=lambda pair: -pair[0])
-    traced = [r for _p, r in known[:trace_records]]
+    traced = known_records(model, pool[:scan], trace_records)
     if not traced:
         raise TuneError(f"--split {split}: no record has a true answer to trace")
     t0 = time.perf_counter()
     trace = causal_trace(model, traced, samples=samples, sites=("mlp",), answer="true")
     trace_seconds = time.perf_counter() - t0
-    peak = trace.peak("mlp")
-    say(f"trace: MLP indirect effect peaks at layer {peak} ({trace_seconds:.0f} s)")
+    peak = trace.centre("mlp")
+    say(f"trace: MLP indirect effect centred on layer {peak}, peak at {trace.peak('mlp')} "
+        f"({trace_seconds:.0f} s)")
 
     # 2-3. Sweep the candidates in order while the budget lasts.
     field_name = STRENGTHS[method][0]
@@ -283,7 +303,8 @@ def tune(model: EditableModel, method: str, *, model_name: str | None = None,
         "chosen": {"layers": best.layers, field_name: best.strength, "scores": best.scores},
         "rule": "highest harmonic mean of efficacy, generalization and specificity (teacher-"
                 f"forced, single edits); ties within {tie} go to the candidate nearer the "
-                "MLP indirect-effect peak of the causal trace, then the first strength",
+                "centre of the MLP indirect effect of the causal trace, then the first "
+                "strength",
         "budget_minutes": budget_minutes,
         "seconds": time.perf_counter() - start,
     }

@@ -15,7 +15,8 @@ predicts after it (" Paris"):
 
 Averaged over prompts this is ROME's average indirect effect (AIE); the MLP curve's peak at the
 subject's last token is the layer ROME edits (layer 17 of GPT-2 XL), and MEMIT edits a window
-of layers ending around it. The clean row rides in the same batch as the noisy samples and the
+of layers ending around it. `TraceResult.centre` gives the curve's centre of mass, which a few
+prompts of a small model locate more stably than its argmax. The clean row rides in the same batch as the noisy samples and the
 restoration copies from it, as ROME's reference code does, so one forward pass per layer and
 site gives all samples. Each restored pass starts at the first restored block from the
 corrupted pass's hidden states there (`start_at_layer`), and only the last position's logits
@@ -72,10 +73,23 @@ class TraceResult:
         curve = self.effects[site]
         return max(range(len(curve)), key=lambda i: (curve[i], -i))
 
+    def centre(self, site: str = "mlp") -> int:
+        """The layer at the centre of mass of `site`'s positive indirect effects, rounded
+        (the peak where none is positive). With a few prompts of a small model the curve is
+        flat and noisy near its top, and its argmax jumps between neighbouring bumps; the
+        centre of mass moves little."""
+        curve = self.effects[site]
+        weights = [max(0.0, v) for v in curve]
+        total = sum(weights)
+        if total <= 0:
+            return self.peak(site)
+        return round(sum(i * w for i, w in enumerate(weights)) / total)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: the curves, the means and the settings (per-prompt curves left out)."""
         return {"effects": {k: [round(v, 6) for v in c] for k, c in self.effects.items()},
                 "peak": {site: self.peak(site) for site in self.effects},
+                "centre": {site: self.centre(site) for site in self.effects},
                 "p_clean": self.p_clean, "p_corrupt": self.p_corrupt, "noise": self.noise,
                 "window": self.window, "samples": self.samples, "prompts": self.prompts}
 
