@@ -69,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="skip scoring each request right after its edit (no forgetting "
                          "column): halves the scoring of editors whose prompts are long, "
                          "such as IKE's demonstrations")
+    ap.add_argument("--generation", action="store_true",
+                    help="score every view with the generation metrics too (gen_efficacy, "
+                         "gen_generalization, ...; factedit.metrics.generation)")
     ap.add_argument("--set", action="append", default=[], metavar="METHOD.FIELD=JSON",
                     help="config override, e.g. d4s.values_on=\"current\"")
     args = ap.parse_args(argv)
@@ -109,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(stale, ignore_errors=True)
         # The pre-edit baseline is a function of the unedited model: capture it before a
         # resumed handle puts the earlier edits back.
-        baseline = capture_baseline(model, requests)
+        baseline = capture_baseline(model, requests, generation=True if args.generation else None)
         handle = None
         if resume:
             handle = EditHandle.resume(model, out / resume["state_dir"])
@@ -170,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             model, requests, method, mode=args.mode, batch_size=args.batch_size,
             eval_at=sizes, on_checkpoint=save, on_edit=on_edit, immediate=args.immediate,
             baseline=baseline, handle=handle, unedited=resume is None,
+            generation=True if args.generation else None,
             # a resumed handle brings its own config (corpus and overrides included)
             **({} if handle else {**options_for(method, covariance_corpus=corpus,
                                               covariance_tokens=args.covariance_tokens),

@@ -301,7 +301,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     `--method` where its registration estimates one."""
     import factedit as fe
     from factedit.methods import get_method
-    from factedit.methods.config import default_layers
+    from factedit.methods.config import default_layers, defaults_with_sources
 
     model = fe.load_model(args.model, device=args.device)
     print(model)
@@ -316,6 +316,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"{spec.name} state per edited layer: {size.per_layer / 2**20:.1f} MiB "
               f"({size.parts}), {size.layers} layers: {size.total / 2**20:.1f} MiB, "
               f"{size.growth}")
+    print(f"{spec.name} defaults on this model (field = value: where it came from):")
+    families = (spec.name, getattr(spec.editor_cls, "layer_family", "rome"))
+    for name, value, source in defaults_with_sources(model, spec.config_cls, families):
+        print(f"  {name} = {value!r}: {source}")
     return 0
 
 

@@ -7,6 +7,7 @@ Every family (locate-then-edit, hypernetworks, patches, memories) and the single
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,6 +24,9 @@ MODEL_DEFAULTS: dict[tuple[str, int, int], dict[str, dict]] = {
         # flipped 5/5 greedy answers at 1,536 and 5,000 and 3/5 at 15,000; 5,000 moves the
         # weights ~35% less than 1,536 (see methods/locate/memit.py for the scale argument).
         "memit": {"layers": [4, 5, 6, 7, 8], "mom2_update_weight": 5000.0},
+        # d4s's own lambda (its layers are memit's): 100 edits of counterfact-train, chosen
+        # from 1,000 / 1,500 / 2,500 / 5,000 / 10,000 (docs/results/defaults).
+        "d4s": {"mom2_update_weight": 2500.0},
     },
 }
 
@@ -47,6 +51,48 @@ def default_layers(model: EditableModel, family: str) -> list[int]:
         return [centre]
     return [max(0, centre - 2 + i) for i in range(5) if centre - 2 + i < model.num_layers]
 
+
+
+# Where a default came from. A config field declared with `sourced(default, source)` carries
+# one of these (or a sentence of its own) in its metadata; `factedit info --method M` prints
+# it beside the default, and `default_sources` reads it.
+PAPER = "paper (the method's reference implementation)"
+SWEEP = "sweep on counterfact-train, docs/results/defaults"
+MODEL_TABLE = (
+    "per-model table (methods/config.py MODEL_DEFAULTS; a model without a row: the fallback "
+    "the field documents)")
+ENGINEERING = "engineering: speed or memory only, the same edit to rounding"
+UNRECORDED = "not recorded"
+
+
+def sourced(default: Any, source: str) -> Any:
+    """A dataclass field with `default` whose metadata records where that default came from."""
+    return dataclasses.field(default=default, metadata={"source": source})
+
+
+def default_sources(config_cls: type[MethodConfig]) -> dict[str, str]:
+    """{field: where its default came from} for every field of `config_cls` (UNRECORDED where
+    the declaration gives no source; a subclass that changes a default gives its own)."""
+    return {f.name: f.metadata.get("source", UNRECORDED) for f in dataclasses.fields(config_cls)}
+
+
+def defaults_with_sources(model: EditableModel, config_cls: type[MethodConfig],
+                          families: Sequence[str]) -> list[tuple[str, Any, str]]:
+    """(field, default on `model`, where it came from) for every field of `config_cls`. A
+    None that the per-model table fills (layers, lambda) shows the value the editor uses on
+    this model: the first of the table's `families` (e.g. ("d4s", "memit")) that has it."""
+    rows = []
+    for f in dataclasses.fields(config_cls):
+        # the declared default, without building a config (some refuse to be built bare)
+        name, source = f.name, f.metadata.get("source", UNRECORDED)
+        value = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        if value is None and source == MODEL_TABLE:
+            found = (model_default(model, family, name) for family in families)
+            value = next((v for v in found if v is not None), None)
+            if value is None and name == "layers":
+                value = default_layers(model, families[-1])
+        rows.append((name, value, source))
+    return rows
 
 
 def check_choice(config: MethodConfig, name: str, choices: Sequence[str]) -> None:

@@ -33,7 +33,15 @@ from ..models import EditableModel, Trace, frozen, onloaded, start_at_layer
 from ..models.scoring import TokenRows, mean_nll_per_row, token_rows
 from ..requests import EditRequest
 from .base import ConfigError, Editor, EditResult, MethodConfig, register_method
-from .config import check_choice, check_layer_list, check_positive, default_layers
+from .config import (
+    MODEL_TABLE,
+    PAPER,
+    check_choice,
+    check_layer_list,
+    check_positive,
+    default_layers,
+    sourced,
+)
 
 OBJECTIVES = ("prompt_last", "target", "all")
 
@@ -49,12 +57,12 @@ class FineTuneConfig(MethodConfig):
     early_stop_nll: a request is done once its teacher-forced target NLL is below this.
     """
 
-    layers: list[int] | None = None
-    steps: int = 25
-    lr: float = 5e-4
-    objective: str = "prompt_last"
-    norm_constraint: float | None = 5e-3
-    early_stop_nll: float = 0.05
+    layers: list[int] | None = sourced(None, MODEL_TABLE)
+    steps: int = sourced(25, PAPER)
+    lr: float = sourced(5e-4, PAPER)
+    objective: str = sourced("prompt_last", PAPER)
+    norm_constraint: float | None = sourced(5e-3, PAPER)
+    early_stop_nll: float = sourced(0.05, PAPER)
 
     def __post_init__(self) -> None:
         check_layer_list(self)
@@ -67,8 +75,8 @@ class FineTuneConfig(MethodConfig):
 
 @dataclass
 class FtMConfig(FineTuneConfig):
-    objective: str = "target"
-    norm_constraint: float | None = None
+    objective: str = sourced("target", PAPER)
+    norm_constraint: float | None = sourced(None, PAPER)
 
 
 class FineTuneEditor(Editor):

@@ -42,7 +42,7 @@ from ..models.attach import Attachment
 from ..requests import EditRequest
 from ..text import continuation_ids, encode
 from .base import ConfigError, Editor, EditResult, MethodConfig, register_method
-from .config import check_choice, check_positive
+from .config import PAPER, check_choice, check_positive, sourced
 
 REPLACEMENTS = ("from_key", "key")
 
@@ -59,12 +59,13 @@ class GraceConfig(MethodConfig):
     early_stop_nll: a value's training stops once the target NLL is below this.
     """
 
-    layer: int | None = None
-    eps: float = 1.0
-    steps: int = 100
-    lr: float = 1.0
-    replacement: str = "from_key"
-    early_stop_nll: float = 0.01
+    layer: int | None = sourced(None, "depth rule: 80% of the depth (EasyEdit: layer 27 of "
+                                "Llama-2-7B's 32)")
+    eps: float = sourced(1.0, PAPER)
+    steps: int = sourced(100, PAPER)
+    lr: float = sourced(1.0, PAPER)
+    replacement: str = sourced("from_key", PAPER)
+    early_stop_nll: float = sourced(0.01, PAPER)
 
     def __post_init__(self) -> None:
         if self.layer is not None and (not isinstance(self.layer, int) or self.layer < 0):

@@ -39,7 +39,7 @@ from ...linalg import WoodburySolver, keys_added_solve, null_space_update
 from ...models import EditableModel
 from ...requests import EditRequest
 from ..base import ConfigError, EditResult, MethodConfig, register_method
-from ..config import check_choice, check_positive
+from ..config import PAPER, check_choice, check_positive, sourced
 from .base import RESIDUAL_MODES, LocateEditConfig, LocateEditor, SystemMatrix
 
 
@@ -72,10 +72,10 @@ class AlphaEditConfig(LocateEditConfig):
     residual: "per_layer" (the reference, as MEMIT) or "once".
     """
 
-    clamp_factor: float = 0.75
-    nullspace_threshold: float = 1e-2
-    alpha: float = 10.0
-    residual: str = "per_layer"
+    clamp_factor: float = sourced(0.75, PAPER)
+    nullspace_threshold: float = sourced(1e-2, PAPER)
+    alpha: float = sourced(10.0, PAPER)
+    residual: str = sourced("per_layer", PAPER)
 
     def __post_init__(self) -> None:
         super().__post_init__()

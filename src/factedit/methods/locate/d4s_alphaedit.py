@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..base import register_method
+from ..config import PAPER, sourced
 from .alphaedit import check_null_space_fields, projected_update
 from .base import SystemMatrix
 from .d4s import D4SEditor, D4SHistoryConfig, history_state_size
@@ -37,8 +38,8 @@ class D4SAlphaEditConfig(D4SHistoryConfig):
     (mom2_update_weight) has no part in this solve, so the config has no such field; configs
     saved with it at null still load."""
 
-    nullspace_threshold: float = 1e-2
-    alpha: float = 10.0
+    nullspace_threshold: float = sourced(1e-2, PAPER)
+    alpha: float = sourced(10.0, PAPER)
     retired_fields: ClassVar[dict[str, Any]] = {**D4SHistoryConfig.retired_fields,
                                                 "mom2_update_weight": None}
 

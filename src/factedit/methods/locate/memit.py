@@ -33,7 +33,7 @@ import torch
 from ...linalg import memit_solve_is_low_rank, memit_system, memit_update, solve_update
 from ...requests import EditRequest
 from ..base import EditResult, register_method
-from ..config import check_choice, check_positive, model_default
+from ..config import MODEL_TABLE, PAPER, check_choice, check_positive, model_default, sourced
 from .base import RESIDUAL_MODES, LocateEditConfig, LocateEditor, SystemMatrix
 
 
@@ -47,8 +47,8 @@ class MemitLayersConfig(LocateEditConfig):
         "once" (read before the loop; D4S's convention).
     """
 
-    clamp_factor: float = 0.75
-    residual: str = "per_layer"
+    clamp_factor: float = sourced(0.75, PAPER)
+    residual: str = sourced("per_layer", PAPER)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -63,7 +63,7 @@ class MemitConfig(MemitLayersConfig):
         model's table entry, else d_in; see the module docstring).
     """
 
-    mom2_update_weight: float | None = None
+    mom2_update_weight: float | None = sourced(None, MODEL_TABLE)
 
     def __post_init__(self) -> None:
         super().__post_init__()

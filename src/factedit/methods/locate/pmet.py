@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from ...linalg import TargetValues
 from ...requests import EditRequest
 from ..base import EditResult, register_method
+from ..config import PAPER, sourced
 from .memit import MemitConfig, MemitEditor
 
 
@@ -44,7 +45,7 @@ from .memit import MemitConfig, MemitEditor
 class PmetConfig(MemitConfig):
     """PMET: MEMIT's fields; clamp_factor bounds each component's delta by its own norm."""
 
-    clamp_factor: float = 1.0
+    clamp_factor: float = sourced(1.0, PAPER)
 
 
 class PmetEditor(MemitEditor):

@@ -23,6 +23,7 @@ import torch
 from ...linalg import compute_keys, spd_solve
 from ...requests import EditRequest
 from ..base import ConfigError, EditResult, register_method
+from ..config import PAPER, sourced
 from .base import LocateEditConfig, LocateEditor
 
 
@@ -30,8 +31,8 @@ from .base import LocateEditConfig, LocateEditor
 class RomeConfig(LocateEditConfig):
     """ROME: `layers` must name exactly one layer (default: the model's ROME layer)."""
 
-    clamp_factor: float = 4.0
-    solve_key: str = "bare"
+    clamp_factor: float = sourced(4.0, PAPER)
+    solve_key: str = sourced("bare", PAPER)
 
     def __post_init__(self) -> None:
         super().__post_init__()

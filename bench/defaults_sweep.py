@@ -1,0 +1,95 @@
+"""A small, bounded sweep of one method's settings on a tuning split, for its defaults.
+
+    python bench/defaults_sweep.py --method d4s --dataset counterfact-train --n 100 \
+        --grid bench/defaults_grid_d4s.json --out bench/results/defaults/sweep_d4s_train_n100.json
+
+Each grid entry is a dict of config overrides, applied on top of the method's defaults. For
+a method whose N sequential edits equal one batch edit of the same N requests on W_0 (d4s
+and d4s-alphaedit with residual="once", values_on="original", fit="history": the identity
+`test_sequential_d4s_equals_memit_batch_on_w0` and the method matrix check), `--identity`
+makes the N edits one batch, which gives the model after the whole sequence in one solve;
+otherwise the edits run in sequence. Target values go through the value cache
+(value_cache=true), so settings that share value options share the Adam steps. Rows are
+written as they land (a killed sweep keeps its finished rows; rerunning skips them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from bench_common import DATA, corpus_in
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+COLUMNS = ("efficacy", "generalization", "specificity")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--method", default="d4s")
+    ap.add_argument("--dataset", default="counterfact-train",
+                    help="a tuning split (counterfact-train, counterfact-val), never the "
+                         "check split the results report")
+    ap.add_argument("--n", type=int, default=100)
+    ap.add_argument("--data", default=str(DATA))
+    ap.add_argument("--grid", required=True, help="JSON file: a list of override dicts")
+    ap.add_argument("--identity", action="store_true",
+                    help="edit the N requests as one batch (exact where sequential = batch)")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+
+    import factedit as fe
+    from factedit.data import load_dataset
+    from factedit.methods import options_for
+    from factedit.metrics import capture_baseline
+    from factedit.protocol import EditHandle, make_editor
+
+    grid = json.loads(Path(args.grid).read_text())
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = json.loads(out.read_text()) if out.is_file() else {"rows": []}
+    seen = {json.dumps(r["overrides"], sort_keys=True) for r in done["rows"]}
+    model = fe.load_model(args.model)
+    requests = load_dataset(args.dataset, limit=args.n, data_dir=args.data)
+    baseline = capture_baseline(model, requests)
+    shared = {**options_for(args.method, covariance_corpus=corpus_in(args.data)),
+              "value_cache": True}
+    for overrides in grid:
+        key = json.dumps(overrides, sort_keys=True)
+        if key in seen:
+            continue
+        start = time.perf_counter()
+        editor = make_editor(model, args.method, **{**shared, **overrides})
+        handle = EditHandle(model, editor)
+        if args.identity:
+            handle.edit(requests, mode="batch", progress=False)
+        else:
+            handle.edit(requests, mode="sequential", progress=False)
+        seconds = time.perf_counter() - start
+        try:
+            scores = fe.evaluate(model, requests, baseline=baseline, progress=False)
+        finally:
+            handle.restore()
+        row = {"overrides": overrides, "n": len(requests), "seconds": seconds,
+               "scores": {k: scores.get(k) for k in (*COLUMNS, "rewrite_acc", "rephrase_acc",
+                                                     "locality")}}
+        done["rows"].append(row)
+        done.update(method=args.method, dataset=args.dataset, model=model.model_id,
+                    identity=args.identity, shared=shared)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(done, indent=1))
+        tmp.replace(out)
+        print(json.dumps(overrides), " ".join(f"{k}={row['scores'][k]:.3f}" for k in COLUMNS),
+              f"{seconds:.0f}s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
