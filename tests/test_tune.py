@@ -127,14 +127,14 @@ def test_cli_refuses_before_loading(capsys, tmp_path):
 
 
 @pytest.mark.slow
-def test_builtin_rome_layer_near_the_hand_sweep(builtin_model):
+def test_builtin_rome_layer_near_the_hand_sweep(builtin_model, shared_data):
     from factedit.data import load_dataset
     from factedit.lab.tune import known_records
 
     # The rule's first step on the built-in model: the MLP indirect effect of the 5 best-known
     # of 30 tuning records is centred within 2 layers of 6, the layer a full sweep chose, so
     # the candidates' centres (+-2 around it on 30 layers) are near it too.
-    pool = load_dataset("counterfact-train", limit=30)
+    pool = load_dataset("counterfact-train", limit=30, data_dir=str(shared_data))
     trace = causal_trace(builtin_model, known_records(builtin_model, pool, 5), samples=3,
                          sites=("mlp",), answer="true")
     assert abs(trace.centre("mlp") - 6) <= 2, trace.effects["mlp"]
