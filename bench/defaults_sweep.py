@@ -28,6 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 COLUMNS = ("efficacy", "generalization", "specificity")
+GEN_COLUMNS = ("gen_efficacy", "gen_generalization", "gen_specificity")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,13 +36,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--method", default="d4s")
     ap.add_argument("--dataset", default="counterfact-train",
-                    help="a tuning split (counterfact-train, counterfact-val), never the "
-                         "check split the results report")
+                    help="a tuning split (counterfact-train, counterfact-val) to choose; the "
+                         "check split (counterfact) only to report settings chosen already")
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--grid", required=True, help="JSON file: a list of override dicts")
     ap.add_argument("--identity", action="store_true",
                     help="edit the N requests as one batch (exact where sequential = batch)")
+    ap.add_argument("--generation", action="store_true",
+                    help="also score with the generation metrics (gen_efficacy, ...)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
 
@@ -55,10 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = json.loads(out.read_text()) if out.is_file() else {"rows": []}
-    seen = {json.dumps(r["overrides"], sort_keys=True) for r in done["rows"]}
+    seen = {json.dumps(r["overrides"], sort_keys=True) for r in done["rows"]
+            if not args.generation or r["scores"].get("gen_efficacy") is not None}
+    done["rows"] = [r for r in done["rows"] if json.dumps(r["overrides"], sort_keys=True) in seen]
     model = fe.load_model(args.model)
     requests = load_dataset(args.dataset, limit=args.n, data_dir=args.data)
-    baseline = capture_baseline(model, requests)
+    generation = True if args.generation else None
+    baseline = capture_baseline(model, requests, generation=generation, progress=False)
     shared = {**options_for(args.method, covariance_corpus=corpus_in(args.data)),
               "value_cache": True}
     for overrides in grid:
@@ -74,12 +80,13 @@ def main(argv: list[str] | None = None) -> int:
             handle.edit(requests, mode="sequential", progress=False)
         seconds = time.perf_counter() - start
         try:
-            scores = fe.evaluate(model, requests, baseline=baseline, progress=False)
+            scores = fe.evaluate(model, requests, baseline=baseline, progress=False,
+                                 generation=generation)
         finally:
             handle.restore()
         row = {"overrides": overrides, "n": len(requests), "seconds": seconds,
                "scores": {k: scores.get(k) for k in (*COLUMNS, "rewrite_acc", "rephrase_acc",
-                                                     "locality")}}
+                                                     "locality", *GEN_COLUMNS)}}
         done["rows"].append(row)
         done.update(method=args.method, dataset=args.dataset, model=model.model_id,
                     identity=args.identity, shared=shared)

@@ -1,0 +1,117 @@
+"""The defaults table (docs/results/defaults/README.md): per method on SmolLM2-135M, its
+default and the best setting found, at N = 1 (single edits), 100 and 1,000 sequential edits,
+teacher-forced and generation metrics, every cell read from a committed result JSON.
+
+    python bench/defaults_table.py            # prints the Markdown, writes the JSON below
+
+Writes bench/results/defaults/table.json. A cell no JSON holds is "-" (not measured). Every
+number is on the check split (`counterfact`, EasyEdit's counterfact-edit.json); the d4s
+setting was chosen on `counterfact-train` (bench/results/defaults/sweep_d4s_*.json).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+TF = ("efficacy", "generalization", "specificity")
+GEN = ("gen_efficacy", "gen_generalization")
+
+# (method, row label, setting, N=1 source, sequential source) where a source is
+# (path under bench/results, key) or None. N = 1: a bench/mirage.py summary (key: its label);
+# sequential: a bench/sequential.py JSON (checkpoints at 100 and 1,000).
+ROWS: list[dict] = [
+    {"method": "rome", "row": "default", "setting": "layer 6, values on 5 x 10-token prefixes",
+     "single": ("mirage/summary.json", "rome"), "sequential": None},
+    {"method": "rome", "row": "best found", "setting": "context_prefixes=0 (bare values)",
+     "single": None, "sequential": "rome_n1000.json"},
+    {"method": "memit", "row": "default", "setting": "layers 4-8, lambda 5,000, prefixes 5 x 10",
+     "single": ("mirage/summary.json", "memit"), "sequential": None},
+    {"method": "memit", "row": "best found", "setting": "context_prefixes=0",
+     "single": None, "sequential": "memit_n1000.json"},
+    {"method": "alphaedit", "row": "default", "setting": "layers 4-8, alpha 10, null space 1e-2",
+     "single": ("mirage/summary.json", "alphaedit"), "sequential": None},
+    {"method": "alphaedit", "row": "best found", "setting": "context_prefixes=0",
+     "single": None, "sequential": "alphaedit_n1000.json"},
+    {"method": "d4s", "row": "old default", "setting": "lambda 5,000, prefixes 5 x 10",
+     "single": ("mirage/summary.json", "d4s"), "sequential": "d4s_prefixes5_n100.json"},
+    {"method": "d4s", "row": "new default", "setting": "lambda 2,500, bare values "
+     "(context_prefixes=0)", "single": None,
+     "sequential": "defaults/d4s_counterfact_sequential1_n100.json"},
+    {"method": "d4s-alphaedit", "row": "default", "setting": "alpha 10, residual once, "
+     "prefixes 5 x 10", "single": None, "sequential": None},
+    {"method": "d4s-alphaedit", "row": "default, bare values", "setting": "context_prefixes=0",
+     "single": None, "sequential": "d4s-alphaedit_n1000.json"},
+    {"method": "d4s-alphaedit", "row": "best found (headline)", "setting": "alpha 15, "
+     "residual per_layer, null 0.05, layers 2-8, prefixes 2 x 5, key columns each, bare 0.5",
+     "single": None, "sequential":
+     "d4s-alphaedit_per_layer_alpha15_null05_layers2-8_prefix2x5_keycolumns-each_bare05_n1000"
+     ".json"},
+    {"method": "ft-l", "row": "default", "setting": "layer 6, 25 steps, lr 5e-4, L-inf 5e-3",
+     "single": None, "sequential": "gradient-editors/ft-l_counterfact_sequential1_n1000.json"},
+    {"method": "ft-m", "row": "default", "setting": "layer 6, 25 steps, lr 5e-4, target loss",
+     "single": ("mirage/summary.json", "ft-m"),
+     "sequential": "gradient-editors/ft-m_counterfact_sequential1_n1000.json"},
+    {"method": "grace", "row": "default", "setting": "layer 23, eps 1, 100 steps",
+     "single": ("mirage/summary.json", "grace"),
+     "sequential": "keep-counterfact-n100/grace_counterfact_sequential1_n100.json"},
+]
+
+
+def pick(scores: dict, keys: tuple[str, ...]) -> dict:
+    return {k: scores.get(k) for k in keys}
+
+
+def cells(row: dict) -> dict:
+    """{"n1": {...}, "n100": {...}, "n1000": {...}} from the row's sources (None: absent)."""
+    out: dict = {"n1": None, "n100": None, "n1000": None}
+    if row["single"]:
+        path, key = row["single"]
+        data = json.loads((RESULTS / path).read_text())
+        s = data["summary"][key]
+        out["n1"] = {**pick(s, TF + GEN), "n_records": s["n"], "source": f"bench/results/{path}"}
+    if row["sequential"]:
+        path = RESULTS / row["sequential"]
+        if path.is_file():
+            data = json.loads(path.read_text())
+            for c in data["checkpoints"]:
+                if c["n_edits"] in (100, 1000):
+                    out[f"n{c['n_edits']}"] = {
+                        **pick(c["scores"], TF + GEN), "s_per_edit": c["seconds"] / c["n_edits"],
+                        "source": f"bench/results/{row['sequential']}"}
+    return out
+
+
+def fmt(cell: dict | None, keys: tuple[str, ...]) -> str:
+    if cell is None or all(cell.get(k) is None for k in keys):
+        return "-"
+    return " / ".join("-" if cell.get(k) is None else f"{cell[k]:.2f}" for k in keys)
+
+
+def main() -> int:
+    table = []
+    lines = ["| method | setting | N=1 eff / gen / spec | N=1 gen_eff / gen_gen | "
+             "N=100 eff / gen / spec | N=100 gen_eff / gen_gen | N=1000 eff / gen / spec |",
+             "|---|---|---|---|---|---|---|"]
+    for row in ROWS:
+        c = cells(row)
+        table.append({**row, **c})
+        n1 = f" (n={c['n1']['n_records']})" if c["n1"] else ""
+        lines.append(f"| {row['method']} | {row['row']}: {row['setting']} | "
+                     f"{fmt(c['n1'], TF)}{n1} | {fmt(c['n1'], GEN)} | {fmt(c['n100'], TF)} | "
+                     f"{fmt(c['n100'], GEN)} | {fmt(c['n1000'], TF)} |")
+    out = RESULTS / "defaults" / "table.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"split": "counterfact (counterfact-edit.json), first N records",
+                               "model": "smollm2-135m", "rows": table}, indent=1))
+    tmp.replace(out)
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
