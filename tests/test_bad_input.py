@@ -769,28 +769,26 @@ def test_requests_file_written_atomically(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["edits.json"]
 
 
-@pytest.mark.parametrize("kind", ["compare", "report"])
-def test_report_failing_midway_leaves_the_destination_as_it_was(tmp_path, monkeypatch, kind):
-    """A comparison page or a run report whose drawing fails (a full disk at the last plot)
-    after some files were written: the earlier output is byte for byte as it was, a new
-    destination is not created, and no staging folder is left beside it."""
-    from factedit.report import compare, compare_runs, run, write_report
+def test_comparison_failing_midway_leaves_the_destination_as_it_was(tmp_path, monkeypatch):
+    """A comparison page whose writing fails (a full disk at the page, after the plots were
+    drawn): the earlier comparison is byte for byte as it was, a new destination is not
+    created, and no staging folder is left beside it (the run report: tests/test_lab.py)."""
+    from factedit.report import compare, compare_runs
 
     runs = [fake_run(tmp_path / "a", "a", "true_false", 1.0, 0.3, 400.0),
             fake_run(tmp_path / "b", "b", "generated", 0.5, 0.2, 300.0)]
 
     def draw(out):
-        return compare_runs(runs, out) if kind == "compare" else write_report(runs[0], out)
+        return compare_runs(runs, out)
 
     draw(tmp_path / "out")
     (tmp_path / "out" / "mine.txt").write_text("the user's own file")
     before = snapshot(tmp_path / "out")
-    module = compare if kind == "compare" else run
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(module, "_html_page", full)
+    monkeypatch.setattr(compare, "_html_page", full)
     for out in (tmp_path / "out", tmp_path / "new"):
         with pytest.raises(OSError, match="No space left"):
             draw(out)
