@@ -18,24 +18,29 @@ comparisons), generation success (the greedy 12-token continuation of the rewrit
 contains target_new), and the unedited model's rates at the same type. The baseline of each
 type is its own quantized unedited model. Writes bench/results/quant_survival_n<N>.json.
 
-A sequence of edits (`--patch`): the model a patch file makes, at every type, for real.
+A sequence of edits (`--patch`): the model a patch file makes, at every type.
 
     python bench/patch_sizes.py --methods d4s-alphaedit --n 1000 --mode sequential \
         --experiment experiments/d4s-1000.yaml --keep-patches bench/out/patches
     python bench/quant_survival.py --patch bench/out/patches/d4s-alphaedit-n1000.safetensors \
         --stride 20 --out-dir bench/results/quant-survival-d4s-alphaedit-n1000
 
-The patch is applied to the built-in model (edit -> patch -> apply), and per type the edited
-model and the unedited one are each exported with `export_gguf` to a real file and read back
-by transformers' GGUF reader; the read-back weights are what gets scored. The unedited half
-does not need the patch: `--unedited-only --n 1000 --stride 20` scores it while the edits
-are still running (<type>.unedited.json, with the baseline the edited model is scored
-against), and the `--patch` run then reads it. The requests are
-the patch's own (all edited), scored every `--stride`-th one (the same sample at every
-type): teacher-forced efficacy / generalization / specificity against the same type's
-unedited model, and the generation metrics of `factedit.metrics.generation`
-(gen_efficacy, gen_generalization, gen_specificity with its denominator: the neighbourhood
-prompts that type's unedited model answers). One JSON per type lands in `--out-dir` as it is
+The patch is applied to the built-in model (edit -> patch -> apply). Per type, the unedited
+model is exported with `export_gguf` to a real file and read back by transformers' GGUF
+reader (or, with `--in-memory`, quantized by the same gguf.quants functions without a file:
+equal to the read-back, see --verify), kept under `--state-dir`, and scored; then the edited
+model is that read-back model with the patched matrices quantized from the edited weights
+(the edited file differs from the unedited one in those matrices alone) and is scored
+against the unedited one as baseline. `--verify-export` also writes and reads the edited
+file and records the largest difference. The unedited half does not need the patch:
+`--unedited-only --n 1000 --stride 20` scores it while the edits are still running
+(<type>.unedited.json, with the baseline), and the `--patch` run then reads it. The requests
+are the patch's own (all edited), scored every `--stride`-th one (the same sample at every
+type): teacher-forced efficacy / generalization / specificity, and the generation metrics
+of `factedit.metrics.generation` (gen_efficacy, gen_generalization, gen_specificity with its
+denominator: the neighbourhood prompts that type's unedited model generates right), plus
+how much of each matrix's change the quantized file loses. One JSON per type lands in
+`--out-dir` as it is
 done (a rerun skips those types), then summary.json.
 """
 
