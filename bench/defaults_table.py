@@ -22,25 +22,30 @@ GEN = ("gen_efficacy", "gen_generalization")
 
 # (method, row label, setting, N=1 source, sequential source) where a source is
 # (path under bench/results, key) or None. N = 1: a bench/mirage.py summary (key: its label);
-# sequential: a bench/sequential.py JSON (checkpoints at 100 and 1,000).
+# sequential: a bench/sequential.py JSON (checkpoints at 100 and 1,000); identity: a
+# bench/defaults_sweep.py --identity JSON and the row's overrides (N sequential edits as the
+# one batch on W_0 they equal).
 ROWS: list[dict] = [
     {"method": "rome", "row": "default", "setting": "layer 6, values on 5 x 10-token prefixes",
      "single": ("mirage/summary.json", "rome"), "sequential": None},
-    {"method": "rome", "row": "best found", "setting": "context_prefixes=0 (bare values)",
+    {"method": "rome", "row": "bare values", "setting": "context_prefixes=0",
      "single": None, "sequential": "rome_n1000.json"},
     {"method": "memit", "row": "default", "setting": "layers 4-8, lambda 5,000, prefixes 5 x 10",
      "single": ("mirage/summary.json", "memit"), "sequential": None},
-    {"method": "memit", "row": "best found", "setting": "context_prefixes=0",
+    {"method": "memit", "row": "bare values", "setting": "context_prefixes=0",
      "single": None, "sequential": "memit_n1000.json"},
     {"method": "alphaedit", "row": "default", "setting": "layers 4-8, alpha 10, null space 1e-2",
      "single": ("mirage/summary.json", "alphaedit"), "sequential": None},
-    {"method": "alphaedit", "row": "best found", "setting": "context_prefixes=0",
+    {"method": "alphaedit", "row": "bare values", "setting": "context_prefixes=0",
      "single": None, "sequential": "alphaedit_n1000.json"},
     {"method": "d4s", "row": "old default", "setting": "lambda 5,000, prefixes 5 x 10",
      "single": ("mirage/summary.json", "d4s"), "sequential": "d4s_prefixes5_n100.json"},
-    {"method": "d4s", "row": "new default", "setting": "lambda 2,500, bare values "
-     "(context_prefixes=0)", "single": None,
-     "sequential": "defaults/d4s_counterfact_sequential1_n100.json"},
+    {"method": "d4s", "row": "new default", "setting": "lambda 5,000, bare values "
+     "(context_prefixes=0)", "single": None, "sequential": "d4s_lambda5000_n1000.json"},
+    {"method": "d4s", "row": "best scores found", "setting": "lambda 2,500, bare values "
+     "(twice the weight change; not the default)", "single": None, "sequential": None,
+     "identity": ("defaults/check_d4s_counterfact_n100_batch-identity.json",
+                  {"mom2_update_weight": 2500})},
     {"method": "d4s-alphaedit", "row": "default", "setting": "alpha 10, residual once, "
      "prefixes 5 x 10", "single": None, "sequential": None},
     {"method": "d4s-alphaedit", "row": "default, bare values", "setting": "context_prefixes=0",
@@ -73,6 +78,14 @@ def cells(row: dict) -> dict:
         data = json.loads((RESULTS / path).read_text())
         s = data["summary"][key]
         out["n1"] = {**pick(s, TF + GEN), "n_records": s["n"], "source": f"bench/results/{path}"}
+    if row.get("identity"):
+        path, overrides = row["identity"]
+        data = json.loads((RESULTS / path).read_text())
+        for r in data["rows"]:
+            if r["overrides"] == overrides:
+                out[f"n{r['n']}"] = {**pick(r["scores"], TF + GEN),
+                                     "s_per_edit": r["seconds"] / r["n"],
+                                     "source": f"bench/results/{path}"}
     if row["sequential"]:
         path = RESULTS / row["sequential"]
         if path.is_file():

@@ -24,9 +24,8 @@ MODEL_DEFAULTS: dict[tuple[str, int, int], dict[str, dict]] = {
         # flipped 5/5 greedy answers at 1,536 and 5,000 and 3/5 at 15,000; 5,000 moves the
         # weights ~35% less than 1,536 (see methods/locate/memit.py for the scale argument).
         "memit": {"layers": [4, 5, 6, 7, 8], "mom2_update_weight": 5000.0},
-        # d4s's own lambda (its layers are memit's): 100 edits of counterfact-train, chosen
-        # from 1,000 / 1,500 / 2,500 / 5,000 / 10,000 (docs/results/defaults).
-        "d4s": {"mom2_update_weight": 2500.0},
+        # No "d4s" row: d4s takes memit's lambda. 2,500 scored higher after 100 edits of
+        # counterfact-train (docs/results/defaults) but doubles the weight change.
     },
 }
 

@@ -125,8 +125,10 @@ class D4SConfig(D4SHistoryConfig):
     """D4S: the history fields plus MEMIT's lambda, which weighs C in its solve.
 
     mom2_update_weight: lambda (None: the model's d4s table entry, else MEMIT's; see
-        memit.py). SmolLM2-135M: 2,500 (MEMIT's 5,000 fits one batch of a few edits; a
-        sequence of 100 on counterfact-train keeps 0.99 efficacy at 2,500, 0.95 at 5,000).
+        memit.py; SmolLM2-135M: MEMIT's 5,000). 2,500 scores higher after 100 edits of
+        counterfact-train (0.99 / 0.85 / 0.70 against 0.95 / 0.74 / 0.70) but moves the
+        weights twice as far (layer 8's mean |W| +2.7% after 16 edits against +1.3%), and
+        1,000 edits were not measured, so it is not the default (docs/results/defaults).
     context_prefixes: 0, target values on the bare prompt alone: one Adam optimisation a
         request instead of six (5 prefixes of 10 tokens, the locate family's default, which
         gave 0.88 efficacy after 100 edits where bare values give 0.97; docs/results/defaults).
