@@ -20,7 +20,7 @@ from typing import Any
 
 from mirage import main
 
-from factedit.methods.base import register_method
+from factedit.methods.base import ConfigError, register_method
 from factedit.methods.locate.rome import RomeConfig, RomeEditor
 
 
@@ -33,7 +33,8 @@ class RomeTrueDownConfig(RomeConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.v_true_factor < 0:
-            raise ValueError(f"v_true_factor must be >= 0, got {self.v_true_factor}")
+            raise ConfigError(f"RomeTrueDownConfig.v_true_factor must be >= 0, got "
+                              f"{self.v_true_factor}")
 
 
 class RomeTrueDownEditor(RomeEditor):
