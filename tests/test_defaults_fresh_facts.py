@@ -60,6 +60,10 @@ ALL = os.environ.get("FACTEDIT_FRESH_FACTS_ALL") == "1"
 FAILING: dict[str, str] = {
     "ft-l": "EasyEdit's FT-L defaults (25 steps, lr 5e-4, L-inf radius 5e-3) fail it: fewer "
             "than 4 of the 5 facts flipped or neighbours kept (2026-12-07, issue #41)",
+    # In-context editors on a 135M model: the demonstrations rarely outweigh what it knows
+    # (test_methods_real: 13-17 of the 39 built-in facts).
+    "memprompt": "flips 1 of the 5 facts (2026-12-07)",
+    "ike": "flips 2 of the 5 facts (2026-12-07)",
 }
 
 
