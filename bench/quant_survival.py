@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--state-dir", default="bench/out/quant",
                     help="--patch: where the read-back unedited model of each type is kept")
     ap.add_argument("--verify-export", action="store_true",
-                    help="--patch: also export and read back the edited model at each type")
+                    help="--patch: also export and read back the edited model at each type "
+                    "(for types already scored: only that check, into verify-export.json)")
     ap.add_argument("--in-memory", action="store_true",
                     help="--patch: quantize the unedited model in memory with the same gguf "
                     "quantizers instead of writing and reading a file (equal to the read-back "
@@ -258,14 +259,29 @@ def patch_survival(args, argv) -> int:
         for n, w in weights.items():
             write_param(model.model, n, w)
 
+    verified: dict[str, dict] = {}
     for qtype in args.types.split(","):
         path = out_dir / f"{qtype}.json"
+        state_path = Path(args.state_dir) / f"unedited-{qtype}.safetensors"
+        if path.is_file() and args.verify_export and patch is not None and state_path.is_file():
+            # a scored type: check the scored model against the real edited file
+            t0 = time.perf_counter()
+            derived = load_file(str(state_path))
+            derived.update({n: quantized(w, qtype) for n, w in edited.items()})
+            put(base)
+            put(edited)
+            read_back(model, qtype, Path(args.state_dir))
+            verified[qtype] = {"max_abs_difference": max(
+                float((p.detach() - derived[n]).abs().max())
+                for n, p in model.model.named_parameters()),
+                "seconds": time.perf_counter() - t0}
+            print(f"{qtype}: read-back edited file vs scored model {verified[qtype]}", flush=True)
+            continue
         if path.is_file():
             print(f"{qtype}: done before ({path})", flush=True)
             continue
         t0 = time.perf_counter()
         unedited_path = out_dir / f"{qtype}.unedited.json"
-        state_path = Path(args.state_dir) / f"unedited-{qtype}.safetensors"
         if unedited_path.is_file() and state_path.is_file():
             unedited = json.loads(unedited_path.read_text())
         else:  # the unedited model at this type: exported and read back
@@ -348,6 +364,12 @@ def patch_survival(args, argv) -> int:
         print(f"{qtype}: edited {result['edited']} unedited {result['unedited']} "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
     put(base)
+    if verified:
+        write_json(out_dir / "verify-export.json", {
+            "date": time.strftime("%Y-%m-%d", time.gmtime()), "command": command,
+            "what": "the edited model written by export_gguf and read back by transformers' "
+                    "GGUF reader, against the model that was scored (max abs difference)",
+            "types": verified})
     types = {}
     for qtype in TYPES:
         if (out_dir / f"{qtype}.json").is_file():
