@@ -796,3 +796,27 @@ def test_comparison_failing_midway_leaves_the_destination_as_it_was(tmp_path, mo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "out"]
     with pytest.raises(FileExistsError, match="is an existing file"):
         draw(tmp_path / "out" / "mine.txt")
+
+
+def test_config_save_on_a_full_disk_keeps_the_old_file(tmp_path, monkeypatch):
+    """MethodConfig.save (and every JSON the lab and tune write) goes through
+    loading.write_text_atomic: a write that fails midway leaves the old file and no
+    temporary one."""
+    from factedit.methods import get_method
+
+    path = tmp_path / "rome.json"
+    config = get_method("rome").config_cls()
+    config.save(path)
+    before = path.read_text()
+    real_write = Path.write_text
+
+    def full_disk(self, text, *args, **kwargs):
+        real_write(self, text[: len(text) // 2], *args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        get_method("rome").config_cls(v_steps=7).save(path)
+    monkeypatch.undo()
+    assert path.read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rome.json"]

@@ -61,7 +61,7 @@ from ..metrics import (
     target_perplexity,
 )
 from ..models import EditableModel
-from ..models.loading import partial_path
+from ..models.loading import write_text_atomic
 from ..patch import Patch, PatchError
 from ..protocol import EditHandle, EditRecord, make_editor
 from ..protocol.sequence import Checkpoint, SequenceReport, run_sequence
@@ -437,9 +437,7 @@ def _method_lock(out: Path, key: str, wait: bool = False) -> Iterator[bool]:
 
 def _write_json(path: Path, data: Any) -> None:
     """Write via a temporary name and rename, so a kill never leaves half a file."""
-    tmp = partial_path(path)
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False))
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False))
 
 
 def _requests(experiment: Experiment, out: Path) -> list[EditRequest]:

@@ -50,6 +50,7 @@ from ..methods.base import ConfigError
 from ..metrics import capture_baseline, evaluate
 from ..metrics.tracing import causal_trace, prepare_prompt
 from ..models import EditableModel
+from ..models.loading import write_text_atomic
 from ..protocol import edit
 from ..requests import EditRequest
 from .config import DEFAULT_DATA_DIR
@@ -318,11 +319,7 @@ def _mean(values) -> float | None:
 
 def write_tuned(tuned: Tuned, path: str | Path) -> Path:
     """Write the tuned config as JSON through a temporary sibling (never half-written)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(tuned.to_dict(), indent=1, default=float) + "\n")
-    tmp.replace(path)
-    return path
+    return write_text_atomic(path, json.dumps(tuned.to_dict(), indent=1, default=float) + "\n")
 
 
 def read_tuned(path: str | Path) -> Tuned:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..models import EditableModel, cache_root
-from ..models.loading import partial_path
+from ..models.loading import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +59,8 @@ def _valid_templates(templates: Any, n_prefixes: int) -> bool:
 
 def _write_cached(path: Path, templates: list[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = partial_path(path)
-    tmp.write_text(json.dumps({"templates": templates, "blake2b": _digest(templates)},
-                              ensure_ascii=False))
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps({"templates": templates, "blake2b": _digest(templates)},
+                                       ensure_ascii=False))
 
 
 def _read_cached(path: Path, n_prefixes: int) -> list[str] | None:

@@ -27,6 +27,7 @@ import torch
 
 from ..models import EditableModel
 from ..models.attach import Attachment
+from ..models.loading import write_text_atomic
 from ..models.params import OFFLOAD_STORE_DEVICE
 from ..requests import EditRequest
 
@@ -185,7 +186,8 @@ class MethodConfig:
             raise ConfigError(f"{type(self).__name__}: {err}") from None
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1, sort_keys=True))
+        """The config as JSON at `path`, written whole or not at all."""
+        write_text_atomic(path, json.dumps(self.to_dict(), indent=1, sort_keys=True))
 
 
 @dataclass

@@ -43,6 +43,19 @@ def partial_path(path: Path) -> Path:
     return path.with_name(f"{path.name}.{os.getpid()}.partial")
 
 
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write `text` to `path` through `partial_path` and a rename: readers see the old file
+    or the new one, never half of one (a full disk or a kill leaves the old file)."""
+    path = Path(path)
+    tmp = partial_path(path)
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def file_digest(path: str | Path, algorithm: str = "blake2b") -> str:
     h = hashlib.new(algorithm)
     with open(path, "rb") as f:
