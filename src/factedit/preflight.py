@@ -183,8 +183,9 @@ class EditPlan:
 # Tokens `factedit edit` samples from the model for the key covariance C when no corpus is
 # given and no --covariance-tokens either (the methods' own default, 100,000, is for a text
 # corpus, where reading costs little). Sampling runs at about a minute per 5,000 tokens on two
-# idle CPU cores; ROME's scores are the same from 2,500 to 20,000 sampled tokens
-# (docs/results/covariance-tokens), so 20,000 keeps a margin at a fifth of the wait.
+# idle CPU cores; ROME's scores are the same from 2,500 to 20,000 sampled tokens, MEMIT's
+# batch of 100 still moves between 5,000 and 20,000 (docs/results/covariance-tokens), so
+# 20,000, a fifth of the methods' 100,000; pass a corpus for large MEMIT-family batches.
 # `factedit demo` and `factedit serve` sample as many.
 SAMPLED_COVARIANCE_TOKENS = 20_000
 

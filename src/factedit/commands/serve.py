@@ -145,6 +145,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
     from factedit.methods import get_method
+    from factedit.preflight import SAMPLED_COVARIANCE_TOKENS
 
     try:
         method_fields = {f.name for f in fields(get_method(args.method).config_cls)}
@@ -155,7 +156,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # As `factedit demo`: without a corpus the statistics come from text sampled from the
         # model (~80 tokens/s on two cores), so 20k tokens (minutes, once, then cached), not
         # the method's 100k. --set covariance_corpus=DIR gives real text instead.
-        overrides["covariance_tokens"] = 20_000
+        overrides["covariance_tokens"] = SAMPLED_COVARIANCE_TOKENS
     state = Path(args.state)
     token_note = "tokens from " + " and ".join(
         (["$" + TOKEN_ENV] if os.environ.get(TOKEN_ENV, "").strip() else [])
