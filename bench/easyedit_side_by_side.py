@@ -88,7 +88,7 @@ def easyedit_hparams(checkout: Path, method: str, model, editor) -> object:
         values["v_loss_layer"] = model.num_layers - 1
     values["layers"] = list(editor.layers if hasattr(editor, "layers") else editor.config.layers)
     if method == "memit":
-        values["mom2_update_weight"] = float(editor.config.mom2_update_weight)
+        values["mom2_update_weight"] = editor.mom2_weight(values["layers"][0])  # resolved
     if method == "ft-m":
         values["objective_optimization"] = "target_new"
     if method == "ft-l":
