@@ -30,6 +30,7 @@ from typing import Any
 from factedit.commands import export as export_command
 from factedit.commands import patch as patch_command
 from factedit.commands import serve as serve_command
+from factedit.commands import set_assignments
 from factedit.commands import tune as tune_command
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -91,25 +92,8 @@ def _method_overrides(args: argparse.Namespace) -> dict[str, Any]:
         overrides["covariance_corpus"] = args.corpus
     if getattr(args, "covariance_tokens", None) is not None:
         overrides["covariance_tokens"] = args.covariance_tokens
-    overrides.update(_assignments(getattr(args, "set", None), "checkpoint=nets/mend"))
+    overrides.update(set_assignments(getattr(args, "set", None), "checkpoint=nets/mend"))
     return overrides
-
-
-def _assignments(items: list[str] | None, example: str) -> dict[str, Any]:
-    """--set FIELD=VALUE pairs; VALUE is JSON where it parses, else a bare string."""
-    values: dict[str, Any] = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ValueError(f"--set {item!r}: write FIELD=VALUE, e.g. --set {example}")
-        name, value = item.split("=", 1)
-        if not name.strip():
-            raise ValueError(f"--set {item!r}: the field name is missing; write FIELD=VALUE, "
-                             f"e.g. --set {example}")
-        try:
-            values[name.strip()] = json.loads(value)
-        except json.JSONDecodeError:  # a bare word such as a path is a string
-            values[name.strip()] = value
-    return values
 
 
 # `factedit edit` generates before/after text for at most this many requests (scores cover all).
@@ -331,7 +315,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from factedit.lab import load_experiment, run_experiment, unfinished_methods
     from factedit.report import format_tables, write_report
 
-    overrides = _assignments(args.set, "batch_size=64")
+    overrides = set_assignments(args.set, "batch_size=64")
     if args.resume:
         if overrides and not args.config:
             raise SystemExit("factedit run --resume: --set changes a config file; a resumed "

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-import json
 import logging
 import os
 import secrets
 import stat
 import sys
 from pathlib import Path
+
+from . import set_assignments
 
 TOKEN_ENV = "FACTEDIT_API_TOKEN"
 MIN_TOKEN_LENGTH = 16
@@ -64,19 +65,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _fail(message: str) -> int:
     print(f"factedit serve: error: {message}", file=sys.stderr)
     return 2
-
-
-def _assignments(items: list[str] | None) -> dict:
-    values = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ValueError(f"--set {item!r}: write FIELD=VALUE, e.g. --set v_steps=15")
-        name, value = item.split("=", 1)
-        try:
-            values[name.strip()] = json.loads(value)
-        except json.JSONDecodeError:  # a bare word such as a path is a string
-            values[name.strip()] = value
-    return values
 
 
 def is_loopback(host: str) -> bool:
@@ -131,7 +119,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """`factedit serve`: check the flags and the token before the model loads, then run the server."""
     loopback = is_loopback(args.host)
     try:
-        overrides = _assignments(args.set)
+        overrides = set_assignments(args.set, "v_steps=15")
         tokens = read_tokens(args.token_file)
     except ValueError as err:
         return _fail(str(err))

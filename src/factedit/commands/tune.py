@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from .serve import _assignments
+from . import set_assignments
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -87,7 +87,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
             raise TuneError(f"--out {out} exists: choose another name, or pass --force")
         if not out.parent.exists():
             raise TuneError(f"--out {out}: folder {out.parent} does not exist")
-    shared = _assignments(args.set)
+    shared = set_assignments(args.set, "v_steps=15")
     tuning_records(args.split, 1, args.data_dir)  # the data is there, before the model loads
 
     def say(message: str) -> None:
