@@ -176,8 +176,8 @@ def trace_prompt(model: EditableModel, prompt: TracePrompt, noise: float, sample
         tensor[1:, prompt.subject_last] = tensor[0, prompt.subject_last]
         return (tensor, *output[1:]) if isinstance(output, tuple) else tensor
 
-    def noisy_inputs() -> list[torch.Tensor]:
-        """The corrupted pass's input to every block (row 0 clean)."""
+    def noisy_pass() -> tuple[list[torch.Tensor], float]:
+        """The corrupted pass: its input to every block (row 0 clean) and p_corrupt."""
         gen.manual_seed(seed)
         handle = embed.register_forward_hook(corrupt)
         try:
@@ -186,8 +186,8 @@ def trace_prompt(model: EditableModel, prompt: TracePrompt, noise: float, sample
                 probs = answer_probabilities(model, x)
         finally:
             handle.remove()
-        inputs.append(float(probs[1:, prompt.answer_id].mean()))
-        return [traces[model.arch.layer(i)].input for i in range(n_layers)]
+        return ([traces[model.arch.layer(i)].input for i in range(n_layers)],
+                float(probs[1:, prompt.answer_id].mean()))
 
     def run(start: int, restore: Sequence[str]) -> float:
         # The blocks below the first restored one compute what the corrupted pass computed:
@@ -203,9 +203,7 @@ def trace_prompt(model: EditableModel, prompt: TracePrompt, noise: float, sample
                 h.remove()
         return float(probs[1:, prompt.answer_id].mean())
 
-    inputs: list[float] = []
-    block_inputs = noisy_inputs()
-    p_corrupt = inputs[0]
+    block_inputs, p_corrupt = noisy_pass()
     curves: dict[str, list[float]] = {}
     for site in sites:
         curve = []
