@@ -48,6 +48,7 @@ from typing import Any
 from ..methods import get_method
 from ..methods.base import ConfigError
 from ..metrics import capture_baseline, evaluate
+from ..metrics.means import mean_defined
 from ..metrics.tracing import causal_trace, prepare_prompt
 from ..models import EditableModel
 from ..models.loading import write_text_atomic
@@ -61,11 +62,10 @@ VERSION = 1
 # ("counterfact") is where results are reported, so choosing settings on it is refused.
 TUNING_SPLITS = ("counterfact-train", "counterfact-val")
 CHECK_SPLITS = ("counterfact", "counterfact-rome", "zsre")
-# Methods with `layers` and a layer family: the locate-then-edit editors.
-LAYER_FAMILIES = {"rome": "rome", "memit": "memit", "pmet": "memit", "alphaedit": "memit",
-                  "d4s": "memit", "d4s-alphaedit": "memit"}
-# The strength field each method sweeps and its default candidates. "xd" values are
-# multiples of the edited matrix's input width d_in (MEMIT's lambda scales with it).
+# The methods tune sweeps (the locate-then-edit editors; each one's layer family, "rome" or
+# "memit", is its editor class's `layer_family`), the strength field each sweeps and its
+# default candidates. "xd" values are multiples of the edited matrix's input width d_in
+# (MEMIT's lambda scales with it).
 STRENGTHS: dict[str, tuple[str, list[Any]]] = {
     "rome": ("clamp_factor", [4.0]),
     "memit": ("mom2_update_weight", ["1xd", "3xd"]),
@@ -149,13 +149,13 @@ def strength_values(method: str, values: Sequence[Any] | None, d_in: int) -> lis
 def check_inputs(method: str, split: str, records: int, trace_records: int,
                  budget_minutes: float, strengths: Sequence[Any] | None = None) -> None:
     """TuneError naming the field unless the inputs make a sweep (before any model loads)."""
-    if method not in LAYER_FAMILIES:
+    if method not in STRENGTHS:
         try:
             get_method(method)
         except Exception as err:
             raise TuneError(f"--method {method}: {err}") from None
         raise TuneError(f"--method {method}: tune chooses layers and strengths of the "
-                        f"locate-then-edit methods ({', '.join(LAYER_FAMILIES)}); {method} has "
+                        f"locate-then-edit methods ({', '.join(STRENGTHS)}); {method} has "
                         f"no edited layers to choose")
     if split in CHECK_SPLITS:
         raise TuneError(f"--split {split}: that is a check split (results are reported on it); "
@@ -220,7 +220,8 @@ def tune(model: EditableModel, method: str, *, model_name: str | None = None,
     shares (e.g. context_prefixes); `say`: progress messages."""
     check_inputs(method, split, records, trace_records, budget_minutes, strengths)
     start = time.perf_counter()
-    family = LAYER_FAMILIES[method]
+    spec = get_method(method)
+    family = spec.editor_cls.layer_family
     scan = scan or max(trace_records * 5, 50)
     pool = tuning_records(split, max(scan, records), data_dir)
     if len(pool) < records:
@@ -242,7 +243,6 @@ def tune(model: EditableModel, method: str, *, model_name: str | None = None,
     # 2-3. Sweep the candidates in order while the budget lasts.
     field_name = STRENGTHS[method][0]
     shared = dict(base_config or {})
-    spec = get_method(method)
     fields = {f.name for f in dataclasses.fields(spec.config_cls)}
     if "covariance_corpus" in fields:
         shared.setdefault("covariance_corpus", corpus)
@@ -276,7 +276,7 @@ def tune(model: EditableModel, method: str, *, model_name: str | None = None,
         edit(model, sweep_records, method=method, mode="single", evaluate=score,
              progress=False, **config)
         cand.seconds = time.perf_counter() - t0
-        cand.scores = {k: _mean(r.get(k) for r in rows)
+        cand.scores = {k: mean_defined(r.get(k) for r in rows)
                        for k in ("efficacy", "generalization", "specificity")}
         cand.scores["score"] = harmonic_mean(list(cand.scores.values()))
         done.append(cand)
@@ -310,11 +310,6 @@ def tune(model: EditableModel, method: str, *, model_name: str | None = None,
         "seconds": time.perf_counter() - start,
     }
     return Tuned(model=model_name or model.model_id, method=method, config=config, how=how)
-
-
-def _mean(values) -> float | None:
-    kept = [float(v) for v in values if v is not None]
-    return sum(kept) / len(kept) if kept else None
 
 
 def write_tuned(tuned: Tuned, path: str | Path) -> Path:
