@@ -1,5 +1,5 @@
 """What the bench scripts share: the benchmark data folder, its covariance corpus, --set,
---device, the process's resident memory."""
+--device, the mean over defined values, the process's resident memory."""
 
 from __future__ import annotations
 
@@ -33,6 +33,14 @@ def add_device_argument(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--device", default="cpu",
                     help="where the model runs: cpu, cuda, cuda:N, auto (a GPU if torch sees "
                     "one). The editors' float64 algebra stays on the CPU either way")
+
+
+def mean_defined(values):
+    """`factedit.metrics.means.mean_defined` (the mean over defined values, None when none
+    is), imported when first called: the scripts set the environment before factedit loads."""
+    from factedit.metrics.means import mean_defined as library_mean
+
+    return library_mean(values)
 
 
 def peak_rss_mib() -> float:

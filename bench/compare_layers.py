@@ -15,7 +15,8 @@ import json
 import sys
 from pathlib import Path
 
-from layer_sweep import METRICS, _mean, read_rows
+from bench_common import mean_defined
+from layer_sweep import METRICS, read_rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     table = {}
     for label, rows in groups.items():
         scores = [rows[c] for c in sorted(common, key=lambda c: (len(c), c))]
-        means = {k: _mean(s.get(k) for s in scores) for k in METRICS}
+        means = {k: mean_defined(s.get(k) for s in scores) for k in METRICS}
         pooled = aggregate_generation(scores)
         means["gen_specificity"] = pooled.get("gen_specificity")
         means["gen_specificity_n"] = pooled.get("gen_specificity_n")

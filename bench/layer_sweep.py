@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_common import DATA, corpus_in, peak_rss_mib
+from bench_common import DATA, corpus_in, mean_defined, peak_rss_mib
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -56,20 +56,16 @@ def summarise(rows: list[dict]) -> dict[str, dict]:
     for key in dict.fromkeys(r["key"] for r in rows):
         mine = [r for r in rows if r["key"] == key]
         scores = [r["scores"] for r in mine]
-        means = {k: _mean(s.get(k) for s in scores) for k in METRICS}
+        means = {k: mean_defined(s.get(k) for s in scores) for k in METRICS}
         if any("gen_specificity" in s for s in scores):
             means["gen_specificity"] = aggregate_generation(scores).get("gen_specificity")
         means["score"] = harmonic_mean([means["efficacy"], means["generalization"],
                                         means["specificity"]])
         means["n"] = len(mine)
-        means["edit_seconds"] = _mean(r.get("edit_seconds") for r in mine)
+        means["edit_seconds"] = mean_defined(r.get("edit_seconds") for r in mine)
         out[key] = means
     return out
 
-
-def _mean(values):
-    kept = [float(v) for v in values if isinstance(v, (int, float))]
-    return sum(kept) / len(kept) if kept else None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_common import DATA, corpus_in, method_overrides, peak_rss_mib, rss_mib
+from bench_common import DATA, corpus_in, mean_defined, method_overrides, peak_rss_mib, rss_mib
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -103,7 +103,7 @@ def add_text_columns(rows: list[dict], requests: dict) -> None:
         texts = scores.get("gen_texts") or {}
         exact = [float(matches_answer(texts[p], targets, exact=True))
                  for p in request.paraphrases if p in texts]
-        scores["gen_generalization_exact"] = _mean(exact)
+        scores["gen_generalization_exact"] = mean_defined(exact)
 
 
 def summarise_one(rows: list[dict]) -> dict:
@@ -112,11 +112,11 @@ def summarise_one(rows: list[dict]) -> dict:
     from factedit.metrics.generation import aggregate_generation
 
     scores = [r["scores"] for r in rows]
-    means: dict = {k: _mean(s.get(k) for s in scores) for k in COLUMNS}
+    means: dict = {k: mean_defined(s.get(k) for s in scores) for k in COLUMNS}
     means.update({k: v for k, v in aggregate_generation(scores).items()
                   if k in ("gen_specificity", "gen_specificity_n")})
     for key in ("edit_seconds", "tf_seconds", "gen_seconds", "eval_seconds"):
-        means[key] = _mean(r.get(key) for r in rows)
+        means[key] = mean_defined(r.get(key) for r in rows)
     parts = [means[k] for k in ("edit_seconds", "tf_seconds", "gen_seconds")]
     means["gen_share"] = (parts[2] / sum(parts) if all(isinstance(p, float) for p in parts)
                           and sum(parts) > 0 else None)
@@ -143,10 +143,6 @@ def summarise(rows: list[dict], labels: list[str] | None = None) -> dict[str, di
                       "records": [r["case_id"] for r in mine]}
     return out
 
-
-def _mean(values):
-    kept = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    return sum(kept) / len(kept) if kept else None
 
 
 def _fmt(v, width=6):

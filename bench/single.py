@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_common import DATA, corpus_in
+from bench_common import DATA, corpus_in, mean_defined
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     timings = handle.timings()  # the records' phases and the prepared values ("values")
     timings.pop("covariance", None)  # timed apart above
     timings["outside"] = max(0.0, per_edit * len(requests) - sum(timings.values()))
-    mean = {k: _mean(r[k] for r in rows) for k in METRICS}
+    mean = {k: mean_defined(r[k] for r in rows) for k in METRICS}
     result = {"method": args.method, "dataset": args.dataset, "n": len(requests),
               "model": model.model_id, "layers": handle.editor.layers,
               "load_model_seconds": load_seconds, "covariance_seconds": cov_seconds,
@@ -103,10 +103,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {k:15s} unedited {_fmt(unedited[k])}  edited {_fmt(mean[k])}")
     return 0
 
-
-def _mean(values):
-    kept = [v for v in values if v is not None]
-    return sum(kept) / len(kept) if kept else None
 
 
 def _fmt(v):

@@ -16,15 +16,13 @@ import statistics
 import sys
 from pathlib import Path
 
+from bench_common import mean_defined
+
 TEACHER_FORCED = ("efficacy", "generalization", "specificity", "rewrite_acc", "rephrase_acc",
                   "neighborhood_acc", "locality")
 GENERATED = ("gen_efficacy", "gen_generalization", "gen_neighborhood_acc", "gen_bleed",
              "gen_fluency")
 
-
-def _mean(values) -> float | None:
-    kept = [float(v) for v in values if isinstance(v, (int, float))]
-    return sum(kept) / len(kept) if kept else None
 
 
 def summarise(rows: list[dict], case_ids: set[str]) -> dict:
@@ -32,7 +30,7 @@ def summarise(rows: list[dict], case_ids: set[str]) -> dict:
     from factedit.metrics.generation import aggregate_generation
 
     mine = [r["scores"] for r in rows if str(r["case_id"]) in case_ids]
-    out = {k: _mean(s.get(k) for s in mine) for k in TEACHER_FORCED + GENERATED}
+    out = {k: mean_defined(s.get(k) for s in mine) for k in TEACHER_FORCED + GENERATED}
     pooled = aggregate_generation(mine)
     out["gen_specificity"] = pooled.get("gen_specificity")
     out["gen_specificity_n"] = pooled.get("gen_specificity_n")
@@ -80,9 +78,9 @@ def main(argv: list[str] | None = None) -> int:
             "records": sorted(ids, key=lambda c: (len(c), c)),
             "edited": summarise(done, ids),
             "unedited": summarise([r for r in rows if r["method"] == "unedited"], ids),
-            "seconds_per_edit_mean": _mean(seconds),
+            "seconds_per_edit_mean": mean_defined(seconds),
             "seconds_per_edit_median": statistics.median(seconds) if seconds else None,
-            "eval_seconds_mean": _mean(r.get("eval_seconds") for r in done),
+            "eval_seconds_mean": mean_defined(r.get("eval_seconds") for r in done),
             "errors": [r["error"] for r in rows if r["method"] == method and "error" in r],
         }
     if args.log:
