@@ -140,19 +140,22 @@ class WiseEditor(Editor):
 
     def __init__(self, model: EditableModel, config: WiseConfig) -> None:
         super().__init__(model, config)
-        layer = round(0.8 * (model.num_layers - 1)) if config.layer is None else config.layer
-        self.layer = model.check_layer(layer, "WiseConfig.layer")
+        self.layer = model.check_layer(wise_layer(model, config), "WiseConfig.layer")
         self.module_name = model.arch.mlp_out_at(self.layer)
         self.delta = self.empty_memory()          # the current shard's side memory D
         self.mask = self.shard_mask(0)
         self.shards: list[torch.Tensor] = []      # shards put aside, awaiting a merge
         self.merged: torch.Tensor | None = None   # the merged memory M, after the first merge
-        self.edit_count = 0
         self.edit_scores: list[float] = []  # each edit's own score when its training ended
         self._bypass = False  # set while `routes_to_side` reads the main memory's output
         act = getattr(model.model.config, "hidden_act", None) or getattr(
             model.model.config, "activation_function", "gelu_new")
         self.act = ACT2FN[act]
+
+    @property
+    def edit_count(self) -> int:
+        """Edits made so far (each leaves its score)."""
+        return len(self.edit_scores)
 
     def empty_memory(self) -> torch.Tensor:
         d_out, d_in = self.model.weight_shape(self.layer)
@@ -308,7 +311,6 @@ class WiseEditor(Editor):
                            edit_score=self.edit_scores[-1],
                            unrelated_score=float(scores["rows"][1:].max().detach()),
                            threshold=self.threshold())
-        self.edit_count += 1
         if c.shard_size and self.edit_count % c.shard_size == 0:
             self.shards.append(self.delta)
             self.delta = self.empty_memory()
@@ -334,7 +336,7 @@ class WiseEditor(Editor):
     # -- save / resume ------------------------------------------------------------------------
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         manifest = {"wise": True, "layer": self.layer, "edit_scores": list(self.edit_scores),
-                    "edit_count": self.edit_count, "shards": len(self.shards),
+                    "shards": len(self.shards),
                     "merged": self.merged is not None, "config": self.config.to_dict()}
         tensors = {"delta": self.delta.cpu(), "mask": self.mask.cpu()}
         tensors.update({f"shard_{i}": s.cpu() for i, s in enumerate(self.shards)})
@@ -350,7 +352,6 @@ class WiseEditor(Editor):
         self.delta = tensors["delta"].to(dtype=self.model.dtype, device=self.model.device).clone()
         self.mask = tensors["mask"].to(self.model.device).bool().clone()
         self.edit_scores = [float(s) for s in manifest["edit_scores"]]
-        self.edit_count = int(manifest.get("edit_count", len(self.edit_scores)))
 
         def memory(name: str) -> torch.Tensor:
             return tensors[name].to(dtype=self.model.dtype, device=self.model.device).clone()
@@ -359,11 +360,16 @@ class WiseEditor(Editor):
         self.merged = memory("merged") if manifest.get("merged") else None
 
 
+def wise_layer(model: EditableModel, config: WiseConfig) -> int:
+    """The layer whose projection gets the side memory: config.layer, else 80% of the depth."""
+    return round(0.8 * (model.num_layers - 1)) if config.layer is None else config.layer
+
+
 def wise_state_size(model: EditableModel, config: MethodConfig) -> StateSize:
     """The side memories at their most (the merged one, the shards awaiting a merge and the
     current one) and the current shard's trained-entries mask."""
     assert isinstance(config, WiseConfig)
-    layer = round(0.8 * (model.num_layers - 1)) if config.layer is None else config.layer
+    layer = wise_layer(model, config)
     d_out, d_in = model.weight_shape(layer)
     itemsize = torch.empty(0, dtype=model.dtype).element_size()
     if config.shard_size is None:
