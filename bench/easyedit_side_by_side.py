@@ -102,18 +102,12 @@ def as_easyedit_request(request) -> dict:
             "target_new": request.target_new, "ground_truth": request.target_true}
 
 
-def restore(model, weights: dict[str, torch.Tensor]) -> None:
-    params = dict(model.model.named_parameters())
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name][...] = value
-
-
 def compare_method(model, method: str, requests, checkout: Path, corpus: str | None,
                    covariance_tokens: int) -> dict:
     """One warm-up edit per tool on requests[0], then requests[1:] alternating (EasyEdit
     first on even records, factedit first on odd ones); each edit scored, then undone."""
     import factedit as fe
+    from factedit.models import write_param
     from factedit.protocol import make_editor
 
     overrides = {}
@@ -141,7 +135,8 @@ def compare_method(model, method: str, requests, checkout: Path, corpus: str | N
                                hparams, copy=False, return_orig_weights=True)
         seconds = time.perf_counter() - start
         scores = fe.evaluate(model, [request], progress=False, per_request=False)
-        restore(model, weights)
+        for name, value in weights.items():  # EasyEdit's copies of the weights it changed
+            write_param(model.model, name, value)
         return seconds, scores
 
     def factedit_edit(request) -> tuple[float, dict]:
