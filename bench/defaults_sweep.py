@@ -45,6 +45,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="edit the N requests as one batch (exact where sequential = batch)")
     ap.add_argument("--generation", action="store_true",
                     help="also score with the generation metrics (gen_efficacy, ...)")
+    ap.add_argument("--score-n", type=int, default=None,
+                    help="score only the first K of the N edited requests (after all N edits; "
+                         "default: all N)")
+    ap.add_argument("--downstream", default=None, metavar="TASKS",
+                    help="comma-separated lm_eval tasks (hellaswag,sst2) scored on the "
+                         "unedited model (once) and after each row's edits")
+    ap.add_argument("--downstream-limit", type=int, default=100,
+                    help="documents per downstream task (default 100, as the experiments)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
 
@@ -63,10 +71,31 @@ def main(argv: list[str] | None = None) -> int:
     done["rows"] = [r for r in done["rows"] if json.dumps(r["overrides"], sort_keys=True) in seen]
     model = fe.load_model(args.model)
     requests = load_dataset(args.dataset, limit=args.n, data_dir=args.data)
+    scored = requests[:args.score_n] if args.score_n else requests
     generation = True if args.generation else None
-    baseline = capture_baseline(model, requests, generation=generation, progress=False)
+    baseline = capture_baseline(model, scored, generation=generation, progress=False)
+    tasks = [t for t in (args.downstream or "").split(",") if t]
+
+    def downstream() -> dict:
+        from factedit.metrics.downstream import evaluate_downstream
+
+        t0 = time.perf_counter()
+        result = evaluate_downstream(model, tasks, limit=args.downstream_limit,
+                                     data_dir=Path(args.data) / "downstream")
+        return {"scores": result, "seconds": time.perf_counter() - t0}
+
+    if tasks and "unedited_downstream" not in done:
+        done["unedited_downstream"] = downstream()
+        print("unedited downstream", json.dumps(done["unedited_downstream"]), flush=True)
     shared = {**options_for(args.method, covariance_corpus=corpus_in(args.data)),
               "value_cache": True}
+    def write(data: dict) -> None:
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        tmp.replace(out)
+
+    if tasks:
+        write(done)
     for overrides in grid:
         key = json.dumps(overrides, sort_keys=True)
         if key in seen:
@@ -80,19 +109,21 @@ def main(argv: list[str] | None = None) -> int:
             handle.edit(requests, mode="sequential", progress=False)
         seconds = time.perf_counter() - start
         try:
-            scores = fe.evaluate(model, requests, baseline=baseline, progress=False,
+            t0 = time.perf_counter()
+            scores = fe.evaluate(model, scored, baseline=baseline, progress=False,
                                  generation=generation)
+            score_seconds = time.perf_counter() - t0
+            after = downstream() if tasks else None
         finally:
             handle.restore()
-        row = {"overrides": overrides, "n": len(requests), "seconds": seconds,
+        row = {"overrides": overrides, "n": len(requests), "scored": len(scored),
+               "seconds": seconds, "score_seconds": score_seconds, "downstream": after,
                "scores": {k: scores.get(k) for k in (*COLUMNS, "rewrite_acc", "rephrase_acc",
                                                      "locality", *GEN_COLUMNS)}}
         done["rows"].append(row)
         done.update(method=args.method, dataset=args.dataset, model=model.model_id,
                     identity=args.identity, shared=shared)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(done, indent=1))
-        tmp.replace(out)
+        write(done)
         print(json.dumps(overrides), " ".join(f"{k}={row['scores'][k]:.3f}" for k in COLUMNS),
               f"{seconds:.0f}s", flush=True)
     return 0

@@ -25,8 +25,9 @@ from bench_common import DATA, corpus_in, mean_defined, peak_rss_mib
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-METRICS = ("efficacy", "generalization", "specificity", "rewrite_acc", "rephrase_acc",
-           "locality", "gen_efficacy", "gen_generalization", "gen_specificity", "gen_bleed")
+METRICS = ("efficacy", "generalization", "specificity", "unrelated", "rewrite_acc",
+           "rephrase_acc", "locality", "gen_efficacy", "gen_generalization", "gen_specificity",
+           "gen_bleed")
 
 
 def layer_sets(text: str) -> list[list[int]]:
@@ -49,7 +50,7 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def summarise(rows: list[dict]) -> dict[str, dict]:
-    from factedit.lab.tune import harmonic_mean
+    from factedit.lab.tune import SCORED, harmonic_mean
     from factedit.metrics.generation import aggregate_generation
 
     out = {}
@@ -61,6 +62,9 @@ def summarise(rows: list[dict]) -> dict[str, dict]:
             means["gen_specificity"] = aggregate_generation(scores).get("gen_specificity")
         means["score"] = harmonic_mean([means["efficacy"], means["generalization"],
                                         means["specificity"]])
+        # factedit tune's score since unrelated prompts joined it (None on rows without them)
+        means["score_unrelated"] = (harmonic_mean([means[k] for k in SCORED])
+                                    if means["unrelated"] is not None else None)
         means["n"] = len(mine)
         means["edit_seconds"] = mean_defined(r.get("edit_seconds") for r in mine)
         out[key] = means
@@ -79,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--covariance-tokens", type=int, default=20_000)
     ap.add_argument("--generation", action="store_true", help="also the gen_* metrics")
+    ap.add_argument("--unrelated", type=int, default=0,
+                    help="score each edit on the first generated word of this many other "
+                         "records' prompts (the records after the swept ones), as factedit tune")
     ap.add_argument("--out", required=True, help="folder for rows.jsonl and summary.json")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args(argv)
@@ -87,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import factedit as fe
     from factedit.data import load_dataset
+    from factedit.lab.tune import first_words
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     out = Path(args.out)
@@ -94,14 +102,19 @@ def main(argv: list[str] | None = None) -> int:
     rows_path = out / "rows.jsonl"
     sets = layer_sets(args.layers)
     if not args.report_only:
-        requests = load_dataset(args.dataset, limit=args.offset + args.n,
-                                data_dir=args.data)[args.offset:]
+        pool = load_dataset(args.dataset, limit=args.offset + args.n + args.unrelated,
+                            data_dir=args.data)
+        requests = pool[args.offset:args.offset + args.n]
+        subjects = {r.subject for r in requests}
+        other_prompts = [r.rewrite_prompt for r in pool[args.offset + args.n:]
+                         if r.subject not in subjects][:args.unrelated]
         done = {(r["key"], str(r["case_id"])) for r in read_rows(rows_path)}
         start = time.perf_counter()
         model = fe.load_model(args.model)
         print(f"model load {time.perf_counter() - start:.1f} s", flush=True)
         generation = True if args.generation else None
         baseline = fe.capture_baseline(model, requests, generation=generation, progress=False)
+        words_before = first_words(model, other_prompts) if other_prompts else []
         for layers in sets:
             key = "-".join(map(str, layers))
             for request in requests:
@@ -112,8 +125,12 @@ def main(argv: list[str] | None = None) -> int:
 
                 def score(m, group, scored=scored, eval_seconds=eval_seconds):
                     t0 = time.perf_counter()
-                    scored.extend(fe.evaluate(m, group, baseline, generation=generation,
-                                              progress=False)["per_request"])
+                    kept = None
+                    if other_prompts:
+                        after = first_words(m, other_prompts)
+                        kept = sum(a == b for a, b in zip(after, words_before)) / len(after)
+                    scored.extend({**row, "unrelated": kept} for row in fe.evaluate(
+                        m, group, baseline, generation=generation, progress=False)["per_request"])
                     eval_seconds[0] += time.perf_counter() - t0
                     return {}
 
@@ -141,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     tmp.replace(out / "summary.json")
     for key, m in summary.items():
         print(f"layers {key:8s} n {m['n']}: " + ", ".join(
-            f"{k} {m[k]:.3f}" for k in ("efficacy", "generalization", "specificity", "score")
+            f"{k} {m[k]:.3f}" for k in ("efficacy", "generalization", "specificity",
+                                        "unrelated", "score", "score_unrelated")
             if m[k] is not None))
     return 0
 

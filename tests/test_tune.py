@@ -50,6 +50,10 @@ def test_tune_writes_a_config_the_editor_takes(tiny, tuned, tmp_path):
     assert len(how["sweep"]["records"]) == 2
     scored = how["sweep"]["candidates"]
     assert scored and all(c["scores"]["efficacy"] is not None for c in scored)
+    # Unrelated prompts: other records' edit prompts, none of the swept subjects; each
+    # candidate scored on the share whose first generated word its edits kept.
+    assert how["sweep"]["unrelated_prompts"]
+    assert all(0.0 <= c["scores"]["unrelated"] <= 1.0 for c in scored)
     best = max(c["scores"]["score"] for c in scored)
     assert how["chosen"]["scores"]["score"] >= best - 0.005
     assert tuned.config["layers"] == how["chosen"]["layers"]
@@ -82,7 +86,10 @@ def test_trace_without_noise_changes_nothing(tiny, shared_data):
 
 def test_candidates_stay_inside_the_model():
     assert candidate_centres(0, 4) == [0, 1]
-    assert candidate_centres(6, 30) == [6, 4, 8]
+    # The peak, one step either side, then down to layer 1 (never 0 below the peak).
+    assert candidate_centres(6, 30) == [6, 4, 8, 2]
+    assert candidate_centres(6, 18) == [6, 5, 7, 4, 3, 2, 1]
+    assert candidate_centres(1, 4) == [1, 2]
     assert layers_for("rome", 5, 18) == [5]
     assert layers_for("memit", 1, 18) == [0, 1, 2, 3, 4]
     assert layers_for("memit", 17, 18) == [13, 14, 15, 16, 17]
@@ -96,6 +103,7 @@ def test_candidates_stay_inside_the_model():
     (dict(records=0), "--records"),
     (dict(trace_records=-1), "--trace-records"),
     (dict(budget_minutes=0), "--budget-minutes"),
+    (dict(unrelated=-1), "--unrelated"),
     (dict(strengths=["strong"]), "--strengths"),
 ])
 def test_bad_input_names_the_field(kwargs, field):

@@ -38,6 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trace-records", type=int, default=10,
                    help="known records the causal trace averages over (default 10)")
     p.add_argument("--samples", type=int, default=5, help="noisy runs per traced record")
+    p.add_argument("--unrelated", type=int, default=16,
+                   help="prompts of other tuning records whose first generated word each "
+                        "edit must keep (default 16; 0 scores without them)")
     p.add_argument("--strengths", help="comma-separated strength values to sweep (the "
                    "method's field: rome clamp_factor, memit lambda, alphaedit alpha; Nxd = "
                    "N times the matrix's input width)")
@@ -72,7 +75,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     strengths = _strengths(args.strengths)
     check_inputs(args.method, args.split, args.records, args.trace_records,
-                 args.budget_minutes, strengths)
+                 args.budget_minutes, strengths, unrelated=args.unrelated)
     if args.samples < 1:
         raise TuneError(f"--samples {args.samples}: give 1 or more noisy runs per record")
     if args.covariance_tokens < 1:
@@ -99,7 +102,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     say(f"loaded in {time.perf_counter() - t0:.1f} s")
     tuned = tune(model, args.method, model_name=args.model, split=args.split,
                  data_dir=args.data_dir, records=args.records, trace_records=args.trace_records,
-                 samples=args.samples, budget_minutes=args.budget_minutes, strengths=strengths,
+                 samples=args.samples, unrelated=args.unrelated, budget_minutes=args.budget_minutes, strengths=strengths,
                  corpus=args.corpus, covariance_tokens=args.covariance_tokens,
                  base_config=shared, say=say)
     tuned.how["command"] = "factedit " + " ".join(sys.argv[1:]) if sys.argv[1:] else "factedit tune"

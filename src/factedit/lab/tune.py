@@ -15,15 +15,23 @@ is where results are reported and is refused here):
    layer at the subject's last token. The curve's centre of mass (its positive part) is the
    centre layer: on SmolLM2 with 10 records the argmax sat at layer 3 with bumps of nearly
    the same height at 5 and 7, the centre of mass at 6, the layer a full sweep chose.
-2. Candidates. Centres c - s, c, c + s (s = max(1, num_layers // 12), inside the
-   model), each edited as the method edits: ROME one layer, the MEMIT family a window of
-   five layers centred on it (MEMIT's critical window around ROME's layer); times the
-   method's strength values (`STRENGTHS`: ROME's clamp_factor, MEMIT's lambda as multiples
-   of d_in, AlphaEdit's alpha), or those given.
+2. Candidates. Centres c, c - s, c + s (s = max(1, num_layers // 12)), then on down in
+   steps of s to layer 1: the trace marks where the fact is recalled, but the most specific
+   edit can sit below it (Gemma-3-270M: trace centre 6, the best ROME layer 2 or 3;
+   SmolLM2: both 6). Layer 0 is left out (its MLP reads the token embedding itself, and
+   edits there change every prompt that shares a token). Each centre is edited as the
+   method edits: ROME one layer, the MEMIT family a window of five layers centred on it
+   (MEMIT's critical window around ROME's layer); times the method's strength values
+   (`STRENGTHS`: ROME's clamp_factor, MEMIT's lambda as multiples of d_in, AlphaEdit's
+   alpha), or those given.
 3. Sweep. Each candidate edits the first `records` tuning records one at a time (mode
-   "single": edit, score, restore) and is scored teacher-forced: efficacy, generalization,
-   specificity, and their harmonic mean ("score", ROME's summary: one failing metric sinks
-   it). Candidates run in order: the centre first, then its neighbours, each at every
+   "single": edit, score, restore) and is scored teacher-forced (efficacy, generalization,
+   specificity) and by what the model writes on `unrelated` other prompts: the share of
+   them whose first generated word the edit leaves unchanged ("unrelated"; CounterFact's
+   neighbours share the edited relation, so specificity alone misses an edit that changes
+   "iPhone is developed by" after editing Toyota's country, as ROME at Gemma's layer 2
+   does). The score is the harmonic mean of the four (ROME's summary: one failing metric
+   sinks it). Candidates run in order: the centre first, then the others, each at every
    strength; the sweep stops before a candidate that would overrun `budget_minutes`
    (estimated from the candidates so far). The first candidate always runs.
 4. Choice. The candidate with the highest score; ties (within `tie`) go to the earlier
@@ -48,6 +56,7 @@ from typing import Any
 from ..methods import get_method
 from ..methods.base import ConfigError
 from ..metrics import capture_baseline, evaluate
+from ..metrics.generation import generate_continuations, normalize_answer
 from ..metrics.means import mean_defined
 from ..metrics.tracing import causal_trace, prepare_prompt
 from ..models import EditableModel
@@ -75,6 +84,8 @@ STRENGTHS: dict[str, tuple[str, list[Any]]] = {
     "d4s-alphaedit": ("alpha", [10.0, 20.0]),
 }
 WINDOW = 5  # layers a MEMIT-family candidate edits
+# What a candidate is scored on; "score" is their harmonic mean.
+SCORED = ("efficacy", "generalization", "specificity", "unrelated")
 
 
 class TuneError(ValueError):
@@ -120,9 +131,28 @@ def harmonic_mean(values: Sequence[float | None]) -> float | None:
 
 
 def candidate_centres(peak: int, num_layers: int) -> list[int]:
-    """peak, then peak - s and peak + s (s = max(1, num_layers // 12)), inside the model."""
+    """peak, peak - s, peak + s (s = max(1, num_layers // 12)), then peak - 2s, peak - 3s,
+    ... down to layer 1; inside the model, each once (layer 0 only where the peak is)."""
     step = max(1, num_layers // 12)
-    return [c for c in (peak, peak - step, peak + step) if 0 <= c < num_layers]
+    below = range(peak - 2 * step, 0, -step)
+    centres = [peak, peak - step, peak + step, *below]
+    out: list[int] = []
+    for c in centres:
+        if 0 <= c < num_layers and c not in out and (c >= 1 or c == peak):
+            out.append(c)
+    return out
+
+
+def first_words(model: EditableModel, prompts: Sequence[str]) -> list[str]:
+    """The first word of each prompt's greedy continuation (4 new tokens), normalised as
+    the generation judge normalises answers; "" where the model writes no word."""
+    texts = generate_continuations(model, prompts, max_new_tokens=4, stop=(),
+                                   progress=False)
+    words = []
+    for p in prompts:
+        normal = normalize_answer(texts.get(p, ""), inflection=False).split()
+        words.append(normal[0] if normal else "")
+    return words
 
 
 def layers_for(family: str, centre: int, num_layers: int) -> list[int]:
@@ -147,7 +177,8 @@ def strength_values(method: str, values: Sequence[Any] | None, d_in: int) -> lis
 
 
 def check_inputs(method: str, split: str, records: int, trace_records: int,
-                 budget_minutes: float, strengths: Sequence[Any] | None = None) -> None:
+                 budget_minutes: float, strengths: Sequence[Any] | None = None,
+                 unrelated: int = 16) -> None:
     """TuneError naming the field unless the inputs make a sweep (before any model loads)."""
     if method not in STRENGTHS:
         try:
@@ -166,6 +197,8 @@ def check_inputs(method: str, split: str, records: int, trace_records: int,
     for name, value in (("--records", records), ("--trace-records", trace_records)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise TuneError(f"{name} {value!r}: give a whole number of records, 1 or more")
+    if isinstance(unrelated, bool) or not isinstance(unrelated, int) or unrelated < 0:
+        raise TuneError(f"--unrelated {unrelated!r}: give a whole number of prompts, 0 or more")
     if (isinstance(budget_minutes, bool) or not isinstance(budget_minutes, (int, float))
             or not math.isfinite(budget_minutes) or budget_minutes <= 0):
         raise TuneError(f"--budget-minutes {budget_minutes!r}: give a positive number of "
@@ -212,21 +245,27 @@ def known_records(model: EditableModel, pool: Sequence[EditRequest], n: int
 def tune(model: EditableModel, method: str, *, model_name: str | None = None,
          split: str = "counterfact-train", data_dir: str | None = None, records: int = 8,
          trace_records: int = 10, scan: int | None = None, samples: int = 5,
+         unrelated: int = 16,
          budget_minutes: float = 20.0, strengths: Sequence[Any] | None = None,
          corpus: str | None = None, covariance_tokens: int = 20_000,
          base_config: dict[str, Any] | None = None, tie: float = 0.005,
          say: Callable[[str], None] = lambda _m: None) -> Tuned:
     """Trace, sweep and choose (module docstring). `base_config`: fields every candidate
     shares (e.g. context_prefixes); `say`: progress messages."""
-    check_inputs(method, split, records, trace_records, budget_minutes, strengths)
+    check_inputs(method, split, records, trace_records, budget_minutes, strengths, unrelated)
     start = time.perf_counter()
     spec = get_method(method)
     family = spec.editor_cls.layer_family
     scan = scan or max(trace_records * 5, 50)
-    pool = tuning_records(split, max(scan, records), data_dir)
+    pool = tuning_records(split, max(scan, records + unrelated), data_dir)
     if len(pool) < records:
         raise TuneError(f"--records {records}: {split} has only {len(pool)} records")
     sweep_records = pool[:records]
+    # Prompts of other tuning records (other subjects, mostly other relations), whose first
+    # generated word an edit should leave alone.
+    subjects = {r.subject for r in sweep_records}
+    other_prompts = [r.rewrite_prompt for r in pool[records:]
+                     if r.subject not in subjects][:unrelated]
 
     # 1. Trace the records the model knows best.
     say(f"tracing {trace_records} of the first {len(pool[:scan])} {split} records ...")
@@ -255,6 +294,7 @@ def tune(model: EditableModel, method: str, *, model_name: str | None = None,
             order.append(Candidate(centre=centre, layers=layers, strength=value))
     baseline = capture_baseline(model, sweep_records, progress=False)
     unedited = evaluate(model, sweep_records, baseline, progress=False)
+    words_before = first_words(model, other_prompts)
     budget = budget_minutes * 60.0
     done: list[Candidate] = []
     skipped: list[dict[str, Any]] = []
@@ -269,7 +309,12 @@ def tune(model: EditableModel, method: str, *, model_name: str | None = None,
         rows: list[dict] = []
 
         def score(m, group, rows=rows):
-            rows.extend(evaluate(m, group, baseline, progress=False)["per_request"])
+            kept = None
+            if other_prompts:
+                after = first_words(m, other_prompts)
+                kept = sum(a == b for a, b in zip(after, words_before)) / len(after)
+            for row in evaluate(m, group, baseline, progress=False)["per_request"]:
+                rows.append({**row, "unrelated": kept})
             return {}
 
         t0 = time.perf_counter()
@@ -277,7 +322,7 @@ def tune(model: EditableModel, method: str, *, model_name: str | None = None,
              progress=False, **config)
         cand.seconds = time.perf_counter() - t0
         cand.scores = {k: mean_defined(r.get(k) for r in rows)
-                       for k in ("efficacy", "generalization", "specificity")}
+                       for k in SCORED}
         cand.scores["score"] = harmonic_mean(list(cand.scores.values()))
         done.append(cand)
         say(f"layers {cand.layers} {field_name}={cand.strength:g}: " + ", ".join(
@@ -297,15 +342,17 @@ def tune(model: EditableModel, method: str, *, model_name: str | None = None,
         "split": split, "scan": len(pool[:scan]),
         "trace": {**trace.to_dict(), "case_ids": [r.case_id for r in traced]},
         "sweep": {"records": [r.case_id for r in sweep_records], "mode": "single",
+                  "unrelated_prompts": other_prompts,
                   "strength_field": field_name,
                   "unedited": {k: unedited.get(k) for k in ("efficacy", "generalization",
                                                             "specificity")},
                   "candidates": [c.to_dict() for c in done], "skipped": skipped},
         "chosen": {"layers": best.layers, field_name: best.strength, "scores": best.scores},
         "rule": "highest harmonic mean of efficacy, generalization and specificity (teacher-"
-                f"forced, single edits); ties within {tie} go to the candidate nearer the "
-                "centre of the MLP indirect effect of the causal trace, then the first "
-                "strength",
+                "forced, single edits) and the share of unrelated prompts whose first "
+                f"generated word is kept; ties within {tie} go to the earlier candidate (the "
+                "centre of the MLP indirect effect of the causal trace, then below and "
+                "above it, then downward), then the first strength",
         "budget_minutes": budget_minutes,
         "seconds": time.perf_counter() - start,
     }
