@@ -27,6 +27,13 @@ MODEL_DEFAULTS: dict[tuple[str, int, int], dict[str, dict]] = {
         # No "d4s" row: d4s takes memit's lambda. 2,500 scored higher after 100 edits of
         # counterfact-train (docs/results/defaults) but doubles the weight change.
     },
+    # Gemma-3-270M: ROME's layer from `factedit tune` (trace centre 6; the sweep's best,
+    # layer 1, kept the neighbours and unrelated prompts that layers 4-6 rewrite), confirmed
+    # by a hand sweep on the check split (docs/results/gemma3-270m). The MEMIT family keeps
+    # the depth-fraction window.
+    ("gemma3_text", 18, 640): {
+        "rome": {"layers": [1]},
+    },
 }
 
 
