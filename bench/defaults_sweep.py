@@ -28,7 +28,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 COLUMNS = ("efficacy", "generalization", "specificity")
-GEN_COLUMNS = ("gen_efficacy", "gen_generalization", "gen_specificity")
+GEN_COLUMNS = ("gen_efficacy", "gen_generalization", "gen_specificity", "gen_specificity_n",
+               "gen_bleed")
 
 
 def main(argv: list[str] | None = None) -> int:

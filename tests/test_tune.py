@@ -147,3 +147,27 @@ def test_builtin_rome_layer_near_the_hand_sweep(builtin_model, shared_data):
                          sites=("mlp",), answer="true")
     assert abs(trace.centre("mlp") - 6) <= 2, trace.effects["mlp"]
     assert trace.p_corrupt < trace.p_clean
+
+
+def test_unrelated_first_words_see_damage(tiny):
+    # The unrelated term can fail: the same model gives the same first words; scrambling
+    # an MLP output weight changes what it writes after most prompts.
+    import torch
+
+    from factedit.lab.tune import first_words
+    from factedit.models import read_param, write_param
+
+    prompts = ["The capital of France is", "Toyota is a car company from", "My favourite",
+               "Apples are", "The river", "In 1990 the"]
+    before = first_words(tiny, prompts)
+    assert first_words(tiny, prompts) == before
+    name = f"model.layers.{tiny.num_layers - 1}.mlp.down_proj.weight"
+    w = read_param(tiny.model, name).clone()
+    try:
+        write_param(tiny.model, name, w + 50.0 * torch.randn(w.shape, dtype=w.dtype,
+                                                             generator=torch.Generator().manual_seed(0)))
+        after = first_words(tiny, prompts)
+    finally:
+        write_param(tiny.model, name, w)
+    assert sum(a != b for a, b in zip(after, before)) >= len(prompts) // 2, (before, after)
+    assert first_words(tiny, prompts) == before
