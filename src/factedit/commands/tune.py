@@ -102,8 +102,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     say(f"loaded in {time.perf_counter() - t0:.1f} s")
     tuned = tune(model, args.method, model_name=args.model, split=args.split,
                  data_dir=args.data_dir, records=args.records, trace_records=args.trace_records,
-                 samples=args.samples, unrelated=args.unrelated, budget_minutes=args.budget_minutes, strengths=strengths,
-                 corpus=args.corpus, covariance_tokens=args.covariance_tokens,
+                 samples=args.samples, unrelated=args.unrelated,
+                 budget_minutes=args.budget_minutes, strengths=strengths, corpus=args.corpus, covariance_tokens=args.covariance_tokens,
                  base_config=shared, say=say)
     tuned.how["command"] = "factedit " + " ".join(sys.argv[1:]) if sys.argv[1:] else "factedit tune"
     chosen = tuned.how["chosen"]

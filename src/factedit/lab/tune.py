@@ -17,8 +17,8 @@ is where results are reported and is refused here):
    the same height at 5 and 7, the centre of mass at 6, the layer a full sweep chose.
 2. Candidates. Centres c, c - s, c + s (s = max(1, num_layers // 12)), then on down in
    steps of s to layer 1: the trace marks where the fact is recalled, but the most specific
-   edit can sit below it (Gemma-3-270M: trace centre 6, the best ROME layer 2 or 3;
-   SmolLM2: both 6). Layer 0 is left out (its MLP reads the token embedding itself, and
+   edit can sit below it (Gemma-3-270M: trace centre 6, the best ROME layer 1; SmolLM2:
+   centre 6, layers 4 and 6 tie). Layer 0 is left out (its MLP reads the token embedding itself, and
    edits there change every prompt that shares a token). Each centre is edited as the
    method edits: ROME one layer, the MEMIT family a window of five layers centred on it
    (MEMIT's critical window around ROME's layer); times the method's strength values
