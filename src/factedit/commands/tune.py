@@ -103,8 +103,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     tuned = tune(model, args.method, model_name=args.model, split=args.split,
                  data_dir=args.data_dir, records=args.records, trace_records=args.trace_records,
                  samples=args.samples, unrelated=args.unrelated,
-                 budget_minutes=args.budget_minutes, strengths=strengths, corpus=args.corpus, covariance_tokens=args.covariance_tokens,
-                 base_config=shared, say=say)
+                 budget_minutes=args.budget_minutes, strengths=strengths, corpus=args.corpus,
+                 covariance_tokens=args.covariance_tokens, base_config=shared, say=say)
     tuned.how["command"] = "factedit " + " ".join(sys.argv[1:]) if sys.argv[1:] else "factedit tune"
     chosen = tuned.how["chosen"]
     if out is None:
