@@ -33,8 +33,9 @@ class ArchSpec:
         lm_head: the output head.
         conv1d: projections are `Conv1D` (weight stored transposed, d_in x d_out).
         mlp_out_feeds_residual: the MLP output is added to the residual unchanged. False for
-            Gemma-3, whose post-FFN norm sits between the two (ROME's rank-one algebra still
-            holds on the projection; MEMIT's residual spreading becomes an approximation).
+            Gemma 2/3 and OLMo 2, whose post-FFN norm sits between the two (ROME's rank-one
+            algebra still holds on the projection; MEMIT's residual spreading does not model
+            the norm, and the memit family warns: on Gemma-3-270M 100 d4s edits break it).
     """
 
     layers: str

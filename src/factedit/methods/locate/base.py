@@ -199,9 +199,9 @@ class LocateEditor(Editor):
         self.layers = list(config.layers) if config.layers else default_layers(model, self.layer_family)
         for layer in self.layers:
             model.check_layer(layer, f"{type(config).__name__}.layers")
-        if self.value_site == "residual" and _normalises_mlp_output(model, self.layers[0]):
+        if self.value_site == "residual" and not model.arch.mlp_out_feeds_residual:
             # MEMIT's spread adds each layer's share of the residual as if the MLP output
-            # joined the residual stream as it is; Gemma 2/3 normalise it first
+            # joined the residual stream as it is; Gemma 2/3 and OLMo 2 normalise it first
             # (post_feedforward_layernorm), which bounds and bends what a layer can add.
             log.warning(
                 "%s on %s: this model normalises each MLP's output before the residual "
@@ -559,10 +559,3 @@ class LocateEditor(Editor):
             self._covariance[layer] = tensors[f"C.{layer}"].to(torch.float64)
             if f"W0.{layer}" in tensors:
                 self._originals[layer] = tensors[f"W0.{layer}"].clone()
-
-
-def _normalises_mlp_output(model: EditableModel, layer: int) -> bool:
-    """Whether the model's decoder layer normalises the MLP output before adding it to the
-    residual stream (Gemma 2 and 3: `post_feedforward_layernorm`)."""
-    block = model.model.get_submodule(model.arch.layer(layer))
-    return getattr(block, "post_feedforward_layernorm", None) is not None
