@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import factedit as fe
     from factedit.data import load_dataset
-    from factedit.lab.tune import first_words
+    from factedit.lab.tune import first_words, unrelated_kept, unrelated_prompts
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     out = Path(args.out)
@@ -105,9 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         pool = load_dataset(args.dataset, limit=args.offset + args.n + args.unrelated,
                             data_dir=args.data)
         requests = pool[args.offset:args.offset + args.n]
-        subjects = {r.subject for r in requests}
-        other_prompts = [r.rewrite_prompt for r in pool[args.offset + args.n:]
-                         if r.subject not in subjects][:args.unrelated]
+        other_prompts = unrelated_prompts(pool[args.offset:], requests, args.unrelated)
         done = {(r["key"], str(r["case_id"])) for r in read_rows(rows_path)}
         start = time.perf_counter()
         model = fe.load_model(args.model)
@@ -125,10 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 
                 def score(m, group, scored=scored, eval_seconds=eval_seconds):
                     t0 = time.perf_counter()
-                    kept = None
-                    if other_prompts:
-                        after = first_words(m, other_prompts)
-                        kept = sum(a == b for a, b in zip(after, words_before)) / len(after)
+                    kept = unrelated_kept(m, other_prompts, words_before)
                     scored.extend({**row, "unrelated": kept} for row in fe.evaluate(
                         m, group, baseline, generation=generation, progress=False)["per_request"])
                     eval_seconds[0] += time.perf_counter() - t0

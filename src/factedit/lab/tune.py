@@ -143,6 +143,23 @@ def candidate_centres(peak: int, num_layers: int) -> list[int]:
     return out
 
 
+def unrelated_prompts(pool: Sequence[EditRequest], swept: Sequence[EditRequest], n: int
+                      ) -> list[str]:
+    """Edit prompts of up to `n` records of `pool` after the swept ones whose subject is none
+    of theirs (other subjects, mostly other relations): what an edit should leave alone."""
+    subjects = {r.subject for r in swept}
+    return [r.rewrite_prompt for r in pool[len(swept):] if r.subject not in subjects][:n]
+
+
+def unrelated_kept(model: EditableModel, prompts: Sequence[str], before: Sequence[str]
+                   ) -> float | None:
+    """The share of `prompts` whose first generated word is still `before`'s (None: none)."""
+    if not prompts:
+        return None
+    after = first_words(model, prompts)
+    return sum(a == b for a, b in zip(after, before)) / len(after)
+
+
 def first_words(model: EditableModel, prompts: Sequence[str]) -> list[str]:
     """The first word of each prompt's greedy continuation (4 new tokens), normalised as
     the generation judge normalises answers; "" where the model writes no word."""
@@ -261,11 +278,7 @@ def tune(model: EditableModel, method: str, *, model_name: str | None = None,
     if len(pool) < records:
         raise TuneError(f"--records {records}: {split} has only {len(pool)} records")
     sweep_records = pool[:records]
-    # Prompts of other tuning records (other subjects, mostly other relations), whose first
-    # generated word an edit should leave alone.
-    subjects = {r.subject for r in sweep_records}
-    other_prompts = [r.rewrite_prompt for r in pool[records:]
-                     if r.subject not in subjects][:unrelated]
+    other_prompts = unrelated_prompts(pool, sweep_records, unrelated)
 
     # 1. Trace the records the model knows best.
     say(f"tracing {trace_records} of the first {len(pool[:scan])} {split} records ...")
@@ -309,10 +322,7 @@ def tune(model: EditableModel, method: str, *, model_name: str | None = None,
         rows: list[dict] = []
 
         def score(m, group, rows=rows):
-            kept = None
-            if other_prompts:
-                after = first_words(m, other_prompts)
-                kept = sum(a == b for a, b in zip(after, words_before)) / len(after)
+            kept = unrelated_kept(m, other_prompts, words_before)
             for row in evaluate(m, group, baseline, progress=False)["per_request"]:
                 rows.append({**row, "unrelated": kept})
             return {}
