@@ -17,7 +17,10 @@ else is each tool's own: EasyEdit's hyperparameters come from its `hparams/<METH
 for Llama 3.2 3B (steps, learning rates, context templates, clamp), factedit's from its
 defaults. Where a method reads the key covariance C (MEMIT), EasyEdit gets factedit's C
 (same corpus and tokens, computed before the timing, put in `memit_main.COV_CACHE`), so
-neither tool's timing includes C and both solve with the same statistics; MEMIT's
+neither tool's timing includes C and both solve with the same statistics (factedit edits
+each record with a history-free copy of one editor, `Editor.fresh()`, as the protocol's
+single mode does: C stays in memory as in EasyEdit's cache, and so does lambda C's Cholesky
+factor, which EasyEdit's solve does not use and factedit's computes once); MEMIT's
 `mom2_update_weight` is set to factedit's. Both edited models are scored by the same judge,
 `factedit.evaluate` (teacher-forced efficacy and generalization on the record's paraphrase).
 
@@ -108,7 +111,7 @@ def compare_method(model, method: str, requests, checkout: Path, corpus: str | N
     first on even records, factedit first on odd ones); each edit scored, then undone."""
     import factedit as fe
     from factedit.models import write_param
-    from factedit.protocol import make_editor
+    from factedit.protocol import EditHandle, make_editor
 
     overrides = {}
     if method in ("rome", "memit"):
@@ -140,8 +143,12 @@ def compare_method(model, method: str, requests, checkout: Path, corpus: str | N
         return seconds, scores
 
     def factedit_edit(request) -> tuple[float, dict]:
+        # One history-free copy of a single editor per record (what the protocol's single
+        # mode does): C and what is derived from C alone are shared, as EasyEdit's COV_CACHE
+        # shares C.
         start = time.perf_counter()
-        handle = fe.edit(model, request, method, progress=False, **overrides)
+        handle = EditHandle(model, editor.fresh()).edit(request, mode="sequential",
+                                                        progress=False)
         seconds = time.perf_counter() - start
         scores = fe.evaluate(model, [request], progress=False, per_request=False)
         handle.restore()

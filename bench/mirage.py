@@ -285,10 +285,13 @@ def main(argv: list[str] | None = None) -> int:
             return summarise(rows[d], args.common.split(","))
         for label, means in summary.items():
             if only is None or label == only:
-                write_json(outs[d] / f"{label}.json", {
-                    "command": "python bench/mirage.py " + " ".join(argv or sys.argv[1:]),
-                    "date": time.strftime("%Y-%m-%d", time.gmtime()), **tags[d],
-                    "method": label, **means})
+                path = outs[d] / f"{label}.json"
+                made_by = {"command": "python bench/mirage.py " + " ".join(argv or sys.argv[1:]),
+                           "date": time.strftime("%Y-%m-%d", time.gmtime())}
+                if args.report_only and path.exists():  # the run that made the rows, not us
+                    previous = json.loads(path.read_text())
+                    made_by = {k: previous[k] for k in made_by if k in previous} or made_by
+                write_json(path, {**made_by, **tags[d], "method": label, **means})
         return summary
 
     if not args.report_only:

@@ -198,17 +198,18 @@ def test_other_methods_run_and_restore(tokenizer, corpus, family):
 
 
 @pytest.mark.parametrize("family", ["gemma2", "gemma3", "olmo2", "llama"])
-def test_memit_family_warns_where_the_mlp_output_is_normalised(tokenizer, family, caplog):
+def test_pmet_warns_where_the_mlp_output_is_normalised(tokenizer, family, caplog):
     # Gemma 2/3 and OLMo 2 normalise the MLP output before the residual (the architecture
-    # table's mlp_out_feeds_residual=False); the memit family's spread
-    # does not model it, and says so (docs/results/gemma3-270m); ROME optimises through it.
+    # table's post_mlp_norm). The residual-site editors write each layer's share through that
+    # norm (linalg.residual_to_mlp_output, tests/test_solve.py) and ROME optimises through
+    # it; PMET carries an MLP-output target over layers, which does not model it, and says so.
     from factedit.protocol import make_editor
 
     model = make_family_model(tokenizer, family)
     with caplog.at_level("WARNING", logger="factedit"):
-        make_editor(model, "d4s")
-        make_editor(model, "rome")
+        for method in ("d4s", "memit", "alphaedit", "rome", "pmet"):
+            make_editor(model, method)
     warned = [r.getMessage() for r in caplog.records if "post_feedforward_layernorm" in r.getMessage()]
     assert len(warned) == (0 if family == "llama" else 1), warned
     if warned:
-        assert warned[0].startswith("D4SEditor")
+        assert warned[0].startswith("PmetEditor")

@@ -19,7 +19,13 @@ import torch
 
 from ..models import EditableModel
 from .keys import capture_at_subject, subject_rows
-from .solve import cholesky_factor, condition_number, spd_solve
+from .solve import (
+    WoodburySolver,
+    cholesky_factor,
+    condition_number,
+    factor_solve,
+    spd_solve,
+)
 from .values import site_module_name
 
 
@@ -34,6 +40,44 @@ def spread_residual(z: torch.Tensor, h: torch.Tensor, layers_left: int,
     if layers_left < 1:
         raise ValueError(f"layers_left must be >= 1, got {layers_left}")
     return ((z - h).to(torch.float64) / float(layers_left) ** exponent).T
+
+
+def residual_to_mlp_output(norm: torch.nn.Module, m: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """The MLP-output change (d, n) whose normalised output changes by R (d, n), to first order.
+
+    Where a block adds norm(m) to the residual instead of the MLP output m (Gemma 2/3, OLMo 2:
+    an RMSNorm, y = g * m / rms(m)), a layer's share r of the residual change must be written
+    as a change delta of m. The norm's Jacobian at m is J = diag(g) P / rms(m), P the
+    projection orthogonal to m (its output ignores the scale of m), so J delta = r has the
+    least-squares solution of smallest norm
+
+        delta = rms(m) (a - (u.a / u.b) b),   a = r / g,  b = u / g^2,  u = m / ||m||,
+
+    the unconstrained D^-1 r moved, in g's metric, off the direction that the norm discards.
+    The part of r that no delta reaches (the norm's output has a fixed scale) is left to the
+    layers after, which re-read the residual. Without this, a share sized for the residual
+    (||h|| ~ 1,000-3,600 on Gemma-3-270M's layers 1-7) lands on MLP outputs of norm 4-11.
+
+    m: the current MLP outputs at the key columns, (d, n); float64 out. g is read from the
+    module as norm(1, ..., 1) (an RMSNorm of the ones vector is its gain) and rms(m) from its
+    output, so any RMSNorm form (Gemma's 1 + w, OLMo's w, its own eps) is taken as it is.
+    """
+    m64, R64 = m.to(torch.float64), R.to(torch.float64)
+    weight = next(norm.parameters())
+    with torch.no_grad():
+        gain = norm(torch.ones(1, m.shape[0], dtype=weight.dtype, device=weight.device))
+        out = norm(m.T.to(weight.dtype, copy=True).to(weight.device)).T
+    gain = gain[0].to("cpu", torch.float64)
+    # A dimension whose gain is (nearly) zero has no output to move: no change is written
+    # there (dividing by its gain would put an enormous one; Gemma-3-270M has such gains).
+    live = (gain.abs() > torch.finfo(torch.float32).eps * float(gain.abs().max()))[:, None]
+    inverse_gain = torch.where(live, 1.0 / torch.where(live, gain[:, None], 1.0), 0.0)
+    out = out.to("cpu", torch.float64)
+    smallest = torch.finfo(torch.float64).tiny
+    rms = (gain[:, None] * m64).norm(dim=0) / out.norm(dim=0).clamp_min(smallest)
+    u = m64 / m64.norm(dim=0).clamp_min(smallest)
+    a, b = R64 * inverse_gain, u * inverse_gain**2
+    return rms * (a - ((u * a).sum(0) / (u * b).sum(0).clamp_min(smallest)) * b)
 
 
 def memit_system(C: torch.Tensor, KK: torch.Tensor, lam: float) -> torch.Tensor:
@@ -73,10 +117,17 @@ def memit_update(R: torch.Tensor, K: torch.Tensor, factor: torch.Tensor) -> torc
     Worth it while n is well below d_in; `memit_solve_is_low_rank` says when.
     """
     K = K.to(torch.float64)
-    # Two triangular solves (cholesky_solve is several times slower for a few columns).
-    Y = torch.linalg.solve_triangular(
-        factor.T, torch.linalg.solve_triangular(factor, K, upper=False), upper=True)
-    return R.to(torch.float64) @ keys_added_solve(Y, K).T
+    return R.to(torch.float64) @ keys_added_solve(factor_solve(factor, K), K).T
+
+
+def memit_system_operator(K: torch.Tensor, factor: torch.Tensor, C: torch.Tensor,
+                          lam: float) -> WoodburySolver:
+    """lambda C + K K^T as lambda C, its factor L L^T = lambda C and the keys, never formed:
+    what the condition estimate needs (products and solves) without a d_in^3 / 3
+    factorisation of its own."""
+    system = WoodburySolver(factor, max_columns=K.shape[1], A0=lam * C.to(torch.float64))
+    system.add(K)
+    return system
 
 
 def keys_added_solve(Y: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
@@ -133,32 +184,38 @@ def site_values(model: EditableModel, requests, layer: int, site: str) -> torch.
     return capture_at_subject(model, rows, [name], "output")[name]
 
 
-def condition_estimate(A: torch.Tensor, iters: int = 30) -> float:
+def condition_estimate(A: torch.Tensor | WoodburySolver, iters: int = 30) -> float:
     """cond_2(A) of an SPD matrix from power and inverse iteration: a lower bound, cheap.
 
     An exact eigvalsh of a 1536 x 1536 matrix takes ~3 s on two CPU cores, a Cholesky factor
-    ~0.2 s; logged after every edit of every layer, the exact value would dominate the edit.
-    The Rayleigh quotients bound lambda_max from below and lambda_min from above, so the
-    estimate never exceeds the true condition number. Falls back to the exact value when A
-    is not positive definite.
+    ~0.1-0.2 s; logged after every edit of every layer, the exact value would dominate the
+    edit. The Rayleigh quotients bound lambda_max from below and lambda_min from above, so
+    the estimate never exceeds the true condition number. A dense A is factored here (the
+    exact value where it is not positive definite); a WoodburySolver already holds its
+    factor and low-rank part, and is used as it stands (no d^2 matrix formed, no new factor).
     """
+    if isinstance(A, WoodburySolver):
+        return _rayleigh_condition(A.matvec, A.solve, A.L.shape[0], iters)
     A = A.to(torch.float64)
     L, info = torch.linalg.cholesky_ex(A)
     if int(info) != 0:
         return condition_number(A)
+    return _rayleigh_condition(lambda v: A @ v, lambda u: factor_solve(L, u), A.shape[0], iters)
+
+
+def _rayleigh_condition(product, solve, d: int, iters: int) -> float:
+    """lambda_max / lambda_min estimated by `iters` power steps with `product` (A v) and
+    inverse steps with `solve` (A^{-1} u), both from one fixed start vector."""
     # A fixed generator: the estimate must not consume the global random stream.
-    v = torch.randn(A.shape[0], 1, dtype=torch.float64,
-                    generator=torch.Generator().manual_seed(0))
+    v = torch.randn(d, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     u = v.clone()
     for _ in range(iters):
-        v = A @ v
+        v = product(v)
         v /= v.norm()
-        # Two triangular solves: A^{-1} u (cholesky_solve is ~5x slower for one vector).
-        u = torch.linalg.solve_triangular(L, u, upper=False)
-        u = torch.linalg.solve_triangular(L.T, u, upper=True)
+        u = solve(u)
         u /= u.norm()
-    lam_max = float(v.T @ A @ v)
-    lam_min = float(u.T @ A @ u)
+    lam_max = float(v.T @ product(v))
+    lam_min = float(u.T @ product(u))
     return float("inf") if lam_min <= 0 else lam_max / lam_min
 
 

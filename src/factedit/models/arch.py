@@ -32,10 +32,11 @@ class ArchSpec:
         final_norm: norm before the head.
         lm_head: the output head.
         conv1d: projections are `Conv1D` (weight stored transposed, d_in x d_out).
-        mlp_out_feeds_residual: the MLP output is added to the residual unchanged. False for
-            Gemma 2/3 and OLMo 2, whose post-FFN norm sits between the two (ROME's rank-one
-            algebra still holds on the projection; MEMIT's residual spreading does not model
-            the norm, and the memit family warns: on Gemma-3-270M 100 d4s edits break it).
+        post_mlp_norm: the RMSNorm (name inside the block) that the MLP output passes
+            through before the residual add: "post_feedforward_layernorm" on Gemma 2/3 and
+            OLMo 2, None where the MLP output is added as it is. ROME's rank-one algebra holds
+            on the projection either way; the memit family's residual spread writes each
+            layer's share through this norm's first-order inverse (linalg.residual_to_mlp_output).
     """
 
     layers: str
@@ -47,7 +48,12 @@ class ArchSpec:
     final_norm: str
     lm_head: str
     conv1d: bool = False
-    mlp_out_feeds_residual: bool = True
+    post_mlp_norm: str | None = None
+
+    @property
+    def mlp_out_feeds_residual(self) -> bool:
+        """Whether the MLP output joins the residual as it is (no post-MLP norm)."""
+        return self.post_mlp_norm is None
 
     def layer(self, i: int) -> str:
         return f"{self.layers}.{i}"
@@ -90,8 +96,8 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
     "qwen3": _LLAMA_LIKE,
-    "gemma3_text": replace(_LLAMA_LIKE, mlp_out_feeds_residual=False),
-    "gemma2": replace(_LLAMA_LIKE, mlp_out_feeds_residual=False),
+    "gemma3_text": replace(_LLAMA_LIKE, post_mlp_norm="post_feedforward_layernorm"),
+    "gemma2": replace(_LLAMA_LIKE, post_mlp_norm="post_feedforward_layernorm"),
     "gpt2": _GPT2,
     "gptj": ArchSpec(
         layers="transformer.h",
@@ -118,7 +124,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     # Phi-3: gate and up projections fused in one matrix (d_model -> 2 d_ff).
     "phi3": replace(_LLAMA_LIKE, mlp_in="mlp.gate_up_proj"),
     # OLMo-2 normalises the MLP output before the residual add (no pre-MLP norm).
-    "olmo2": replace(_LLAMA_LIKE, mlp_out_feeds_residual=False),
+    "olmo2": replace(_LLAMA_LIKE, post_mlp_norm="post_feedforward_layernorm"),
     # Phi-1/1.5/2: attention and MLP in parallel on one LayerNorm, both added to the residual.
     "phi": ArchSpec(
         layers="model.layers",

@@ -100,6 +100,11 @@ class EditableModel:
     def mlp_out(self, layer: int) -> nn.Module:
         return self.module(self.arch.mlp_out_at(self.check_layer(layer)))
 
+    def post_mlp_norm(self, layer: int) -> nn.Module | None:
+        """The norm between `layer`'s MLP output and the residual (Gemma 2/3, OLMo 2), or None."""
+        name = self.arch.post_mlp_norm
+        return None if name is None else self.module(f"{self.arch.layer(self.check_layer(layer))}.{name}")
+
     def weight_name(self, layer: int) -> str:
         """The parameter name of `layer`'s MLP output projection weight."""
         return self.arch.mlp_out_at(self.check_layer(layer)) + ".weight"

@@ -20,6 +20,7 @@ import torch
 from ...linalg import (
     LayerByLayerReads,
     TargetValues,
+    WoodburySolver,
     compute_keys,
     condition_estimate,
     context_templates,
@@ -28,6 +29,7 @@ from ...linalg import (
     optimise_joint_target_values,
     optimise_target_values,
     preserved_factor,
+    residual_to_mlp_output,
     site_module_name,
     spread_residual,
     weight_stats,
@@ -166,9 +168,10 @@ def _request_key(request: EditRequest) -> tuple:
     return (request.uid, request.prompt, request.subject, request.target_new)
 
 
-# The SPD matrix an update solved against, or a function that builds it: its condition number
-# is logged every `condition_every` edits, and a step that never forms it need not build it.
-SystemMatrix = torch.Tensor | Callable[[], torch.Tensor]
+# The SPD matrix an update solved against, a solver that stands for it, or a function that
+# builds either: its condition number is logged every `condition_every` edits, and a step that
+# never forms the matrix need not build it (linalg.condition_estimate takes both forms).
+SystemMatrix = torch.Tensor | WoodburySolver | Callable[[], torch.Tensor | WoodburySolver]
 # solve(j, layer, K, R) -> (W_new, A): layer l_j's new weight (d_out, d_in) and its system
 # matrix. K (d_in, n), R (d_out, n).
 LayerSolve = Callable[[int, int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, SystemMatrix]]
@@ -199,16 +202,18 @@ class LocateEditor(Editor):
         self.layers = list(config.layers) if config.layers else default_layers(model, self.layer_family)
         for layer in self.layers:
             model.check_layer(layer, f"{type(config).__name__}.layers")
-        if self.value_site == "residual" and not model.arch.mlp_out_feeds_residual:
-            # MEMIT's spread adds each layer's share of the residual as if the MLP output
-            # joined the residual stream as it is; Gemma 2/3 and OLMo 2 normalise it first
-            # (post_feedforward_layernorm), which bounds and bends what a layer can add.
+        spreads_mlp_output = self.value_site != "residual" and len(self.layers) > 1
+        if spreads_mlp_output and not model.arch.mlp_out_feeds_residual:
+            # PMET spreads an MLP-output change of its last layer to the MLP outputs of the
+            # layers before; where each output is normalised before the residual (Gemma 2/3,
+            # OLMo 2) their scales differ and that carry-over is not modelled (the residual
+            # spread of memit, alphaedit and the d4s family is: residual_to_mlp_output).
             log.warning(
                 "%s on %s: this model normalises each MLP's output before the residual "
-                "(post_feedforward_layernorm), and the memit family's residual spread does not "
-                "model that: on Gemma-3-270M 100 d4s edits left locality 0.11 "
-                "(docs/results/gemma3-270m). rome (one layer, value optimised through the norm) "
-                "or grace edit it.", type(self).__name__, model.model_id)
+                "(post_feedforward_layernorm), and this editor's spread of an MLP-output "
+                "target over layers does not model that norm; the residual-site editors "
+                "(memit, alphaedit, d4s, d4s-alphaedit) and rome do.",
+                type(self).__name__, model.model_id)
         self._covariance: dict[int, torch.Tensor] = {}
         self._null_bases: dict[tuple[int, float], torch.Tensor] = {}
         # (layer, lambda) -> L with L L^T = lambda C (None: not positive definite)
@@ -469,9 +474,14 @@ class LocateEditor(Editor):
             if h is None:
                 h = values.init  # the model is still the one z was optimised on
             R = spread_residual(values.target, h, n_layers - j, self.spread_exponent)
-            if each:  # every context's key carries its request's residual, weighted
+            if each:  # every context's key carries its request's residual
+                R = R.repeat_interleave(n_templates, dim=1)
+            norm = self.model.post_mlp_norm(layer) if self.value_site == "residual" else None
+            if norm is not None:  # the block adds norm(W k), not W k: write R through it
+                R = residual_to_mlp_output(norm, self.weight64(layer) @ K.T.to(torch.float64), R)
+            if each:  # weighted
                 scale = column_weights.sqrt().repeat(len(requests))
-                K, R = K * scale[:, None], R.repeat_interleave(n_templates, dim=1) * scale
+                K, R = K * scale[:, None], R * scale
             yield j, layer, K.T, R
 
     def key_column_weights(self, n_templates: int) -> torch.Tensor:

@@ -192,15 +192,17 @@ class D4SEditor(MemitEditor):
 
     def update_sums(self, layer: int, K: torch.Tensor, R: torch.Tensor, S_KK: torch.Tensor
                     ) -> tuple[torch.Tensor, SystemMatrix]:
-        """W_0 + M_n by the recursive least-squares step (module docstring), and A_n (a
-        function: see `incremental_system`)."""
+        """W_0 + M_n by the recursive least-squares step (module docstring), and A_n: the
+        layer's solver, which stands for it (else a function that builds it, see
+        `incremental_system`)."""
         K = K.to(torch.float64)
         system, K_system, lift = self.incremental_system(layer, K, S_KK)
         X = self._step_solve(layer, system, K_system, S_KK)  # A_n^{-1} K'_n
         if lift is not None:
             X = lift @ X
         M = self._solved[layer]
-        return self.original_weight(layer) + M + (R.to(torch.float64) - M @ K) @ X.T, system
+        W_new = self.original_weight(layer) + M + (R.to(torch.float64) - M @ K) @ X.T
+        return W_new, self._factors.get(layer, system)
 
     def _step_solve(self, layer: int, system: SystemMatrix, K_system: torch.Tensor,
                     S_KK: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ...linalg import memit_solve_is_low_rank, memit_system, memit_update, solve_update
+from ...linalg import (
+    memit_solve_is_low_rank,
+    memit_system,
+    memit_system_operator,
+    memit_update,
+    solve_update,
+)
 from ...requests import EditRequest
 from ..base import EditResult, register_method
 from ..config import MODEL_TABLE, PAPER, check_choice, check_positive, model_default, sourced
@@ -86,17 +92,14 @@ class MemitEditor(LocateEditor):
 
     def solve_layer(self, j: int, layer: int, K: torch.Tensor, R: torch.Tensor
                     ) -> tuple[torch.Tensor, SystemMatrix]:
-        """W_j + R K^T (lambda C + K K^T)^{-1}, and that system matrix (built only when its
-        condition number is logged, where the low-rank solve did not need it)."""
+        """W_j + R K^T (lambda C + K K^T)^{-1}, and that system matrix (where the low-rank
+        solve did not need it: as lambda C's factor and the keys, for the condition number)."""
         lam = self.mom2_weight(layer)
-
-        def system() -> torch.Tensor:
-            return memit_system(self.covariance(layer), K @ K.T, lam)
-
         factor = self.preserved_factor(layer, lam) if memit_solve_is_low_rank(K) else None
         if factor is not None:  # a few keys: lambda C's cached factor and Woodbury
-            return self.weight64(layer) + memit_update(R, K, factor), system
-        A = system()
+            return (self.weight64(layer) + memit_update(R, K, factor),
+                    lambda: memit_system_operator(K, factor, self.covariance(layer), lam))
+        A = memit_system(self.covariance(layer), K @ K.T, lam)
         return self.weight64(layer) + solve_update(R @ K.T, A, f"MEMIT system at layer {layer}"), A
 
     def compute(self, requests: Sequence[EditRequest]) -> EditResult:
