@@ -278,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"{outs[d] / 'rows.jsonl'} holds rows of another setting; pass another "
                      f"--out-root")
 
+    ran: set[str] = set()  # the labels this invocation edits (their JSON names its command)
+
     def write_summaries(d: str, only: str | None = None) -> dict:
         add_text_columns(rows[d], {r.uid: r for r in requests[d]})
         summary = summarise(rows[d])
@@ -288,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
                 path = outs[d] / f"{label}.json"
                 made_by = {"command": "python bench/mirage.py " + " ".join(argv or sys.argv[1:]),
                            "date": time.strftime("%Y-%m-%d", time.gmtime())}
-                if args.report_only and path.exists():  # the run that made the rows, not us
+                if label not in ran and path.exists():  # the run that made its rows, not us
                     previous = json.loads(path.read_text())
                     made_by = {k: previous[k] for k in made_by if k in previous} or made_by
                 write_json(path, {**made_by, **tags[d], "method": label, **means})
@@ -334,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
                 configs[method][field] = artefacts[method]
         for method in methods:
             label = label_of(method, overrides.get(method, {}), labels)
+            ran.add(label)
             config = configs[method]
             n = n_for.get(method, args.n)
             budget = budget_for.get(method, args.method_budget_s)
