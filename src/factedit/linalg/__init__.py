@@ -39,7 +39,7 @@ __all__ = [
     "condition_estimate", "condition_number", "context_templates", "covariance",
     "hidden_at_subject", "keys_added_solve", "memit_solve_is_low_rank", "memit_system",
     "memit_system_operator", "memit_update", "null_space_basis", "null_space_update",
-    "optimise_joint_target_values", "optimise_target_values", "preserved_factor", "residual_to_mlp_output",
-    "site_module_name", "site_values",
-    "solve_update", "spd_solve", "spread_residual", "subject_rows", "weight_stats",
+    "optimise_joint_target_values", "optimise_target_values", "preserved_factor",
+    "residual_to_mlp_output", "site_module_name", "site_values", "solve_update", "spd_solve",
+    "spread_residual", "subject_rows", "weight_stats",
 ]

@@ -48,8 +48,8 @@ def residual_to_mlp_output(norm: torch.nn.Module, m: torch.Tensor, R: torch.Tens
     Where a block adds norm(m) to the residual instead of the MLP output m (Gemma 2/3, OLMo 2:
     an RMSNorm, y = g * m / rms(m)), a layer's share r of the residual change must be written
     as a change delta of m. The norm's Jacobian at m is J = diag(g) P / rms(m), P the
-    projection orthogonal to m (its output ignores the scale of m), so J delta = r has the
-    least-squares solution of smallest norm
+    projection orthogonal to m (its output ignores the scale of m), so J delta = r has, where
+    every gain is non-zero, the least-squares solution of smallest norm
 
         delta = rms(m) (a - (u.a / u.b) b),   a = r / g,  b = u / g^2,  u = m / ||m||,
 
