@@ -187,6 +187,39 @@ def test_interrupted_run_resumes_to_the_same_rows(lab_env, tokenizer, stop_after
     assert len(list((tmp / "broken" / "state" / "d4s").iterdir())) == 1
 
 
+def test_resume_reads_the_unedited_baseline_back(lab_env, tokenizer, monkeypatch, caplog):
+    """The pre-edit baseline goes to baseline.json: a resume reads it back instead of
+    capturing it again (for 10,000 requests with generation, an hour on two cores); a
+    damaged file is captured again, and the resumed rows equal an unbroken run's."""
+    import factedit.lab.runner as runner
+
+    tmp, corpus, dataset = lab_env
+    config = experiment_dict(corpus, dataset)
+    straight = run_experiment(config, tmp / "straight", model=make_tiny_model(tokenizer),
+                              progress=False)
+    captured = []
+    capture = runner.capture_baseline
+    monkeypatch.setattr(runner, "capture_baseline",
+                        lambda *a, **k: captured.append(1) or capture(*a, **k))
+    out = tmp / "broken"
+    for stop_after in (2, 6):
+        with pytest.raises(RunInterrupted):
+            run_experiment(config if stop_after == 2 else None, out, resume=stop_after != 2,
+                           model=make_tiny_model(tokenizer), progress=False,
+                           stop_after_edits=stop_after)
+    assert captured == [1]  # the first call only
+    saved = json.loads((out / "baseline.json").read_text())
+    saved["baseline"]["argmax"][0][2] = [0]  # one prediction changed: the digest no longer fits
+    (out / "baseline.json").write_text(json.dumps(saved))
+    with caplog.at_level("WARNING", logger="factedit"):
+        run_experiment(None, out, resume=True, model=make_tiny_model(tokenizer), progress=False)
+    assert captured == [1, 1]
+    assert "digest mismatch" in caplog.text
+    for name in ("scores", "weight_stats"):
+        assert measured(out / "results.sqlite", name) == \
+            measured(straight / "results.sqlite", name)
+
+
 @pytest.mark.parametrize("damage", ["remove", "corrupt"])
 def test_resume_without_the_state_restarts_only_that_method(lab_env, tokenizer, damage):
     """The run folder moved without state/ (or a state file corrupted): the unfinished method

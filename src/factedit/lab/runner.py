@@ -53,11 +53,13 @@ except ImportError:  # Windows: no flock; one process per run folder there
     fcntl = None  # type: ignore[assignment]
 
 from ..data.mqd import mqd_requests
+from ..linalg.value_cache import model_digest
 from ..metrics import (
     Baseline,
     aggregate_generation,
     capture_baseline,
     evaluate,
+    generation_options,
     target_perplexity,
 )
 from ..models import EditableModel
@@ -73,6 +75,7 @@ from .store import MEAN, UNEDITED, ResultsStore, score_rows
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
+BASELINE_FILE = "baseline.json"
 RESOLVED_FILE = "resolved.json"
 REQUESTS_FILE = "requests.json"
 STORE_FILE = "results.sqlite"
@@ -221,9 +224,8 @@ def _run(store: ResultsStore, out: Path, experiment: Experiment, runs: list[Meth
         model = experiment.model
     requests = _requests(experiment, out)
     # One pre-edit baseline for every method (locality and gen_specificity compare against
-    # it); it is a pure function of the unedited model, so a resumed run captures it again.
-    baseline = capture_baseline(model, requests, generation=experiment.eval.generation,
-                                progress=progress)
+    # it); a pure function of the unedited model, kept in the run folder for a resume.
+    baseline = _baseline(out, model, requests, experiment.eval.generation, progress)
     # A second process waits here rather than score the unedited model a second time.
     with _method_lock(out, UNEDITED, wait=True):
         _score_unedited(store, experiment, model, requests, baseline, progress)
@@ -273,7 +275,7 @@ def resolved_config(experiment: Experiment) -> dict[str, Any]:
             "method_configs": {r.key: experiment.method_config(r).to_dict()
                                for r in experiment.methods}}
     text = json.dumps(body, sort_keys=True, ensure_ascii=False, default=str)
-    return {**body, "blake2b": hashlib.blake2b(text.encode(), digest_size=16).hexdigest()}
+    return {**body, "blake2b": _text_digest(text)}
 
 
 def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -490,6 +492,40 @@ def _mean_row(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
             else:
                 means[key] = pooled[key]
     return means
+
+
+def _baseline(out: Path, model: EditableModel, requests: list[EditRequest],
+              generation: Any, progress: bool) -> Baseline:
+    """The unedited model's baseline for the run's requests: read from baseline.json where it
+    was captured from these weights, requests and generation options (its digest checked),
+    else captured and written there. A 10,000-request run with generation spends about an
+    hour of two CPU cores on it, which every resume used to spend again."""
+    key = {"weights": model_digest(model),
+           "requests": _text_digest("\n".join(r.uid for r in requests)),
+           "generation": generation_options(generation).generation_key() if generation else None}
+    path = out / BASELINE_FILE
+    if path.exists():
+        try:
+            saved = json.loads(path.read_text())
+            body = saved["baseline"]
+            if saved["digest"] != _text_digest(json.dumps(body, sort_keys=True)):
+                raise ValueError("digest mismatch")
+            if saved["key"] == key:
+                return Baseline(argmax={(p, a): tuple(ids) for p, a, ids in body["argmax"]},
+                                generated=body["generated"], generation=body["generation"])
+            log.info("%s belongs to other weights, requests or options: captured again", path)
+        except (ValueError, KeyError, TypeError) as err:
+            log.warning("%s is unreadable (%s): captured again", path, err)
+    baseline = capture_baseline(model, requests, generation=generation, progress=progress)
+    body = {"argmax": [[p, a, list(ids)] for (p, a), ids in baseline.argmax.items()],
+            "generated": baseline.generated, "generation": baseline.generation}
+    write_text_atomic(path, json.dumps({"key": key, "baseline": body,
+                                        "digest": _text_digest(json.dumps(body, sort_keys=True))}))
+    return baseline
+
+
+def _text_digest(text: str) -> str:
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
 def _score_unedited(store: ResultsStore, experiment: Experiment, model: EditableModel,
