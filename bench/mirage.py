@@ -279,9 +279,14 @@ def main(argv: list[str] | None = None) -> int:
                      f"--out-root")
 
     ran: set[str] = set()  # the labels this invocation edits (their JSON names its command)
+    text_sources: dict[str, list] = {}  # the records of rows beyond this invocation's N
 
     def write_summaries(d: str, only: str | None = None) -> dict:
-        add_text_columns(rows[d], {r.uid: r for r in requests[d]})
+        # The text columns of every row, those of earlier runs with a larger N included.
+        n_rows = len({r["case_id"] for r in rows[d]})
+        if n_rows > len(text_sources.get(d, requests[d])):
+            text_sources[d] = load_dataset(d, limit=n_rows, data_dir=args.data)
+        add_text_columns(rows[d], {r.uid: r for r in text_sources.get(d, requests[d])})
         summary = summarise(rows[d])
         if args.common and only is None:  # a like-for-like table, printed, not written
             return summarise(rows[d], args.common.split(","))
