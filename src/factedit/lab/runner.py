@@ -497,12 +497,11 @@ def _mean_row(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
 def _baseline(out: Path, model: EditableModel, requests: list[EditRequest],
               generation: Any, progress: bool) -> Baseline:
     """The unedited model's baseline for the run's requests: read from baseline.json where it
-    was captured from these weights, requests and generation options (its digest checked),
-    else captured and written there. A 10,000-request run with generation spends about an
-    hour of two CPU cores on it, which every resume used to spend again."""
-    key = {"weights": model_digest(model),
-           "requests": _text_digest("\n".join(r.uid for r in requests)),
-           "generation": generation_options(generation).generation_key() if generation else None}
+    was captured from these weights (its digest checked) and covers the requests (and the
+    generation options: `Baseline.covers`, `covers_generation`), else captured and written
+    there. A 10,000-request run with generation spends about an hour of two CPU cores on it,
+    which every resume used to spend again."""
+    weights = model_digest(model)
     path = out / BASELINE_FILE
     if path.exists():
         try:
@@ -510,16 +509,19 @@ def _baseline(out: Path, model: EditableModel, requests: list[EditRequest],
             body = saved["baseline"]
             if saved["digest"] != _text_digest(json.dumps(body, sort_keys=True)):
                 raise ValueError("digest mismatch")
-            if saved["key"] == key:
-                return Baseline(argmax={(p, a): tuple(ids) for p, a, ids in body["argmax"]},
+            baseline = Baseline(argmax={(p, a): tuple(ids) for p, a, ids in body["argmax"]},
                                 generated=body["generated"], generation=body["generation"])
+            if saved["weights"] == weights and baseline.covers(requests) and (
+                    not generation
+                    or baseline.covers_generation(requests, generation_options(generation))):
+                return baseline
             log.info("%s belongs to other weights, requests or options: captured again", path)
         except (ValueError, KeyError, TypeError) as err:
             log.warning("%s is unreadable (%s): captured again", path, err)
     baseline = capture_baseline(model, requests, generation=generation, progress=progress)
     body = {"argmax": [[p, a, list(ids)] for (p, a), ids in baseline.argmax.items()],
             "generated": baseline.generated, "generation": baseline.generation}
-    write_text_atomic(path, json.dumps({"key": key, "baseline": body,
+    write_text_atomic(path, json.dumps({"weights": weights, "baseline": body,
                                         "digest": _text_digest(json.dumps(body, sort_keys=True))}))
     return baseline
 

@@ -50,11 +50,6 @@ class ArchSpec:
     conv1d: bool = False
     post_mlp_norm: str | None = None
 
-    @property
-    def mlp_out_feeds_residual(self) -> bool:
-        """Whether the MLP output joins the residual as it is (no post-MLP norm)."""
-        return self.post_mlp_norm is None
-
     def layer(self, i: int) -> str:
         return f"{self.layers}.{i}"
 

@@ -103,7 +103,9 @@ class EditableModel:
     def post_mlp_norm(self, layer: int) -> nn.Module | None:
         """The norm between `layer`'s MLP output and the residual (Gemma 2/3, OLMo 2), or None."""
         name = self.arch.post_mlp_norm
-        return None if name is None else self.module(f"{self.arch.layer(self.check_layer(layer))}.{name}")
+        if name is None:
+            return None
+        return self.module(f"{self.arch.layer(self.check_layer(layer))}.{name}")
 
     def weight_name(self, layer: int) -> str:
         """The parameter name of `layer`'s MLP output projection weight."""

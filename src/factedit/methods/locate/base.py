@@ -203,7 +203,7 @@ class LocateEditor(Editor):
         for layer in self.layers:
             model.check_layer(layer, f"{type(config).__name__}.layers")
         spreads_mlp_output = self.value_site != "residual" and len(self.layers) > 1
-        if spreads_mlp_output and not model.arch.mlp_out_feeds_residual:
+        if spreads_mlp_output and model.arch.post_mlp_norm is not None:
             # PMET spreads an MLP-output change of its last layer to the MLP outputs of the
             # layers before; where each output is normalised before the residual (Gemma 2/3,
             # OLMo 2) their scales differ and that carry-over is not modelled (the residual
