@@ -220,6 +220,72 @@ def test_resume_reads_the_unedited_baseline_back(lab_env, tokenizer, monkeypatch
             measured(straight / "results.sqlite", name)
 
 
+def test_scoring_and_baseline_resume_chunk_by_chunk(lab_env, tokenizer, monkeypatch):
+    """The baseline and every scoring of many requests commit SCORE_CHUNK requests at a time
+    (10,000 requests with generation are hours on two CPU cores): a stop in the middle of
+    either loses at most the chunk in hand, a resume does only what is missing, and the
+    rows equal an unbroken run's."""
+    import factedit.lab.runner as runner
+
+    tmp, corpus, dataset = lab_env
+    config = experiment_dict(corpus, dataset, methods=[{"name": "memit", "config": dict(TINY)}],
+                             eval={"immediate": False})
+    straight = run_experiment(config, tmp / "straight", model=make_tiny_model(tokenizer),
+                              progress=False)
+    monkeypatch.setattr(runner, "SCORE_CHUNK", 2)
+    done = {"capture_baseline": [], "evaluate": []}  # sizes of the calls that finished
+    stop = {"capture_baseline": 0, "evaluate": 0}  # stop in the call with this number
+
+    def counted(name):
+        real = getattr(runner, name)
+
+        def wrapped(model, requests, *args, **kwargs):
+            if len(done[name]) + 1 == stop[name]:
+                raise RunInterrupted(f"stopped in {name}")  # a kill in the middle
+            done[name].append(len(requests))
+            return real(model, requests, *args, **kwargs)
+        monkeypatch.setattr(runner, name, wrapped)
+
+    counted("capture_baseline")
+    counted("evaluate")
+    out = tmp / "broken"
+    # the baseline's second chunk; the unedited scoring's second chunk; checkpoint 4's second
+    # chunk (before edit 4's state is saved: the resume edits 3 and 4 again, bit for bit)
+    for name, call in [("capture_baseline", 2), ("evaluate", 2), ("evaluate", 2 + 2 + 1 + 2)]:
+        stop.update({"capture_baseline": 0, "evaluate": 0, name: call})
+        with pytest.raises(RunInterrupted, match=name):
+            run_experiment(config if not out.exists() else None, out, resume=out.exists(),
+                           model=make_tiny_model(tokenizer), progress=False)
+    stop.update({"capture_baseline": 0, "evaluate": 0})
+    run_experiment(None, out, resume=True, model=make_tiny_model(tokenizer), progress=False)
+    # the four requests with a neighbourhood ("italy" has none), each captured once
+    assert done["capture_baseline"] == [2, 2] and len(FACTS) == 5
+    # unedited 2+2+1, checkpoint 2: 2, checkpoint 4: 2+2, checkpoint 5: 2+2+1; nothing twice
+    assert done["evaluate"] == [2, 2, 1, 2, 2, 2, 2, 2, 1]
+    for name in ("scores", "weight_stats"):
+        assert measured(out / "results.sqlite", name) == \
+            measured(straight / "results.sqlite", name)
+
+
+def test_means_pooled_from_rows_equal_evaluate(tokenizer):
+    """The lab pools a checkpoint's means from its per-request rows (some read back from the
+    store): the same numbers evaluate() gives, generation metrics included."""
+    from factedit.lab.runner import _mean_row
+    from factedit.lab.store import score_rows
+
+    model = make_tiny_model(tokenizer)
+    options = {"max_new_tokens": 4, "fluency": False}
+    baseline = fe.capture_baseline(model, FACTS, generation=options, progress=False)
+    scores = fe.evaluate(model, FACTS, baseline, generation=options, progress=False)
+    stored = [{m: v for _, _, _, _, m, v in score_rows("x", 1, "checkpoint", row)}
+              for row in scores["per_request"]]  # numbers only, as the store keeps them
+    for rows in (scores["per_request"], stored):
+        pooled = _mean_row(rows)
+        expected = {k: v for k, v in scores.items() if isinstance(v, int | float) and k != "n"}
+        assert pooled.keys() == expected.keys()
+        assert all(pooled[k] == pytest.approx(expected[k], abs=1e-12) for k in expected)
+
+
 @pytest.mark.parametrize("damage", ["remove", "corrupt"])
 def test_resume_without_the_state_restarts_only_that_method(lab_env, tokenizer, damage):
     """The run folder moved without state/ (or a state file corrupted): the unfinished method

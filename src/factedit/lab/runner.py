@@ -11,6 +11,8 @@ The run folder:
     requests.json      the edit requests, in order (resume does not re-read the dataset)
     results.sqlite     the results store (see lab.store)
     run.log            log of this run and every resume
+    baseline.json      the unedited model's neighbourhood predictions and generations, with
+                       the weights' digest (captured once, read back on resume)
     state/<method>/edit-NNNNNN/   the editing state after NNNNNN requests (EditHandle.save):
                        the latest resume point of each method; kept when the method finishes
 
@@ -24,6 +26,11 @@ after it are redone, deterministically, and their rows written again with the sa
 A resume point whose state folder is gone or fails its checksum (the folder copied to
 another machine without state/, a corrupt file) restarts that method alone, with a warning;
 finished methods need no state to be skipped.
+
+The unedited baseline (baseline.json) and every scoring of many requests (the unedited
+model, each checkpoint) commit SCORE_CHUNK requests at a time: a scoring stopped half-way
+goes on, on resume, from the requests it had not scored, where the weights are the same
+(their digest is kept beside the rows; edits redone after a stop are bit-for-bit the same).
 
 Processes may share one run folder, each running other methods (`methods=` here,
 `factedit run --resume DIR --methods NAME` on the command line): one per GPU, or per core.
@@ -82,6 +89,9 @@ STORE_FILE = "results.sqlite"
 LOG_FILE = "run.log"
 STATE_DIR = "state"
 PATCH_DIR = "patches"  # one patch file per finished method
+# Requests scored (or captured into the baseline) per committed piece: a stop loses at most
+# one piece (with generation on 2 CPU cores, ~250 requests are minutes of work).
+SCORE_CHUNK = 250
 
 
 class RunInterrupted(RuntimeError):
@@ -496,34 +506,78 @@ def _mean_row(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
 
 def _baseline(out: Path, model: EditableModel, requests: list[EditRequest],
               generation: Any, progress: bool) -> Baseline:
-    """The unedited model's baseline for the run's requests: read from baseline.json where it
-    was captured from these weights (its digest checked) and covers the requests (and the
-    generation options: `Baseline.covers`, `covers_generation`), else captured and written
-    there. A 10,000-request run with generation spends about an hour of two CPU cores on it,
-    which every resume used to spend again."""
+    """The unedited model's baseline for the run's requests, kept in baseline.json.
+
+    Captured SCORE_CHUNK requests at a time, the file rewritten after each chunk, so a stop
+    loses at most one chunk (a 10,000-request run with generation spends about an hour of
+    two CPU cores here). What the file holds is used where it was captured from these
+    weights (digest checked) with these generation options; only the requests it lacks are
+    captured."""
     weights = model_digest(model)
+    options = generation_options(generation)
+    key = options.generation_key() if options is not None else None
     path = out / BASELINE_FILE
+    baseline = Baseline(generation=key)
     if path.exists():
         try:
             saved = json.loads(path.read_text())
             body = saved["baseline"]
             if saved["digest"] != _text_digest(json.dumps(body, sort_keys=True)):
                 raise ValueError("digest mismatch")
-            baseline = Baseline(argmax={(p, a): tuple(ids) for p, a, ids in body["argmax"]},
-                                generated=body["generated"], generation=body["generation"])
-            if saved["weights"] == weights and baseline.covers(requests) and (
-                    not generation
-                    or baseline.covers_generation(requests, generation_options(generation))):
-                return baseline
-            log.info("%s belongs to other weights, requests or options: captured again", path)
+            if saved["weights"] == weights and (key is None or body["generation"] == key):
+                baseline = Baseline(
+                    argmax={(p, a): tuple(ids) for p, a, ids in body["argmax"]},
+                    generated=body["generated"] if key is not None else {},
+                    generation=key)
+            else:
+                log.info("%s belongs to other weights or generation options: captured "
+                         "again", path)
         except (ValueError, KeyError, TypeError) as err:
             log.warning("%s is unreadable (%s): captured again", path, err)
-    baseline = capture_baseline(model, requests, generation=generation, progress=progress)
-    body = {"argmax": [[p, a, list(ids)] for (p, a), ids in baseline.argmax.items()],
-            "generated": baseline.generated, "generation": baseline.generation}
-    write_text_atomic(path, json.dumps({"weights": weights, "baseline": body,
-                                        "digest": _text_digest(json.dumps(body, sort_keys=True))}))
+    missing = [r for r in requests if not baseline.covers([r])
+               or (options is not None and not baseline.covers_generation([r], options))]
+    if missing:
+        log.info("capturing the unedited baseline of %d requests (%d held in %s)",
+                 len(missing), len(requests) - len(missing), path)
+    for start in range(0, len(missing), SCORE_CHUNK):
+        part = capture_baseline(model, missing[start:start + SCORE_CHUNK],
+                                generation=options, progress=progress)
+        baseline.argmax.update(part.argmax)
+        baseline.generated.update(part.generated)
+        body = {"argmax": [[p, a, list(ids)] for (p, a), ids in baseline.argmax.items()],
+                "generated": baseline.generated, "generation": baseline.generation}
+        write_text_atomic(path, json.dumps({
+            "weights": weights, "baseline": body,
+            "digest": _text_digest(json.dumps(body, sort_keys=True))}))
     return baseline
+
+
+def _score_in_chunks(store: ResultsStore, key: str, n: int, view: str, model: EditableModel,
+                     requests: Sequence[EditRequest], baseline: Baseline, generation: Any,
+                     progress: bool) -> dict[str, Any]:
+    """`evaluate(model, requests, baseline, generation=...)`, committed SCORE_CHUNK requests
+    at a time as per-request rows (key, n, view), so a stop loses at most one chunk: rows
+    a stopped scoring committed on these same weights (digest in the store's meta) are read
+    back instead of scored again. Means as `_mean_row` pools them (equal to evaluate's)."""
+    weights = model_digest(model)
+    mark = f"scoring/{key}/{n}/{view}"
+    held: dict[str, dict[str, Any]] = {}
+    if store.meta().get(mark) == weights:
+        for row in store.scores(method=key, view=view, n_edits=n):
+            if row["uid"] != MEAN:
+                held.setdefault(row["uid"], {"case_id": row["uid"]})[row["metric"]] = row["value"]
+    missing = [r for r in requests if str(r.uid) not in held]
+    if held:
+        log.info("%s: %d of %d requests at %d already scored on these weights; scoring the "
+                 "other %d", key, len(requests) - len(missing), len(requests), n, len(missing))
+    for start in range(0, len(missing), SCORE_CHUNK):
+        rows = evaluate(model, missing[start:start + SCORE_CHUNK], baseline, progress=progress,
+                        generation=generation)["per_request"]
+        store.write(scores=[t for row in rows for t in score_rows(key, n, view, row)],
+                    meta={mark: weights})
+        held.update((str(row["case_id"]), row) for row in rows)
+    per_request = [held[str(r.uid)] for r in requests]
+    return {**_mean_row(per_request), "n": len(per_request), "per_request": per_request}
 
 
 def _text_digest(text: str) -> str:
@@ -536,8 +590,8 @@ def _score_unedited(store: ResultsStore, experiment: Experiment, model: Editable
     if done and done["finished"]:
         return
     log.info("scoring the unedited model on %d requests", len(requests))
-    per_request = evaluate(model, requests, baseline, progress=progress,
-                           generation=experiment.eval.generation)["per_request"]
+    per_request = _score_in_chunks(store, UNEDITED, 0, "unedited", model, requests, baseline,
+                                   experiment.eval.generation, progress)["per_request"]
     # The perplexity of each edit target under the unedited model (MQD's measure).
     for row, ppl in zip(per_request, target_perplexity(model, requests)):
         row["target_ppl"] = ppl
@@ -613,7 +667,10 @@ def _run_method(store: ResultsStore, out: Path, experiment: Experiment, run: Met
             eval_every=experiment.eval.every, eval_at=experiment.n_edits,
             immediate=experiment.eval.immediate, unedited=False, baseline=baseline,
             handle=handle, on_edit=recorder.on_edit, on_checkpoint=recorder.on_checkpoint,
-            progress=progress, generation=experiment.eval.generation)
+            progress=progress, generation=experiment.eval.generation,
+            score=lambda edited: _score_in_chunks(
+                store, key, len(edited), "checkpoint", model, edited, baseline,
+                experiment.eval.generation, progress))
         _write_patch(out, key, handle, requests, recorder.final_scores)
     finally:
         handle.restore()  # W_0 again for the next method (or the next resume)

@@ -137,6 +137,7 @@ def run_sequence(
     handle: EditHandle | None = None,
     on_edit: Callable[[SequenceReport, EditRecord], None] | None = None,
     generation: bool | dict | GenerationOptions | None = None,
+    score: Callable[[Sequence[EditRequest]], dict[str, Any]] | None = None,
     **overrides: Any,
 ) -> SequenceReport:
     """Edit `requests` in order (mode "sequential" or "sequential-batch"), scoring on schedule.
@@ -154,6 +155,9 @@ def run_sequence(
     `generation`: score every view with the generation metrics too (True: default
     `GenerationOptions`); gen_specificity needs a baseline captured with the same options
     (the one captured here when `baseline` is None is).
+    `score(edited)`: how a checkpoint scores the requests edited so far on the model as it
+    is then, returning `evaluate`'s dict (default: `evaluate` with the baseline and the
+    generation options); the lab passes one that commits its work in chunks.
 
     The model keeps the edits; `report.handle.restore()` undoes them.
     """
@@ -171,6 +175,11 @@ def run_sequence(
     else:
         _check_continuation(handle, requests, method, config, overrides)
     report = SequenceReport(handle.method, mode, handle, generation=options)
+
+    def evaluate_edited(edited: Sequence[EditRequest]) -> dict[str, Any]:
+        return evaluate(model, edited, baseline, progress=progress, generation=options)
+
+    score = score or evaluate_edited
     if unedited:
         report.unedited = evaluate(model, requests, baseline, progress=progress,
                                    generation=options)
@@ -200,12 +209,12 @@ def run_sequence(
             record.metrics = {k: scores.get(k) for k in report.metrics}
             report.immediate_rows += scores["per_request"]
         if due and done >= due[0] and done < len(requests):
-            _checkpoint(report, requests[:done], baseline, on_checkpoint, progress)
+            _checkpoint(report, requests[:done], score, on_checkpoint)
             due = [n for n in due if n > done]
         if on_edit is not None:
             on_edit(report, record)
     if final:
-        _checkpoint(report, requests, baseline, on_checkpoint, progress)
+        _checkpoint(report, requests, score, on_checkpoint)
         report.final = report.checkpoints[-1].scores
     return report
 
@@ -227,12 +236,12 @@ def _check_continuation(handle: EditHandle, requests: Sequence[EditRequest],
                          f"with the same requests in the same order")
 
 
-def _checkpoint(report: SequenceReport, edited: Sequence[EditRequest], baseline: Baseline,
-                on_checkpoint: Callable | None, progress: bool = True) -> None:
+def _checkpoint(report: SequenceReport, edited: Sequence[EditRequest],
+                score: Callable[[Sequence[EditRequest]], dict[str, Any]],
+                on_checkpoint: Callable | None) -> None:
     handle = report.handle
     checkpoint = Checkpoint(
-        n_edits=len(edited), scores=evaluate(handle.model, edited, baseline, progress=progress,
-                                             generation=report.generation),
+        n_edits=len(edited), scores=score(edited),
         weight_stats=handle.weight_stats(),
         seconds=report.edit_seconds(len(edited)))
     report.checkpoints.append(checkpoint)
