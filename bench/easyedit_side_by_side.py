@@ -3,6 +3,8 @@
     python bench/easyedit_side_by_side.py --easyedit ~/src/EasyEdit
     python bench/easyedit_side_by_side.py --easyedit ~/src/EasyEdit --methods rome,memit,ft-m \\
         --n 6 --out bench/out/easyedit
+    # also: ft-l, pmet, alphaedit, grace, wise, kn (every method both tools have a plain
+    # apply function for; EasyEdit's UltraEdit needs its own trainer, not compared)
 
 EasyEdit is not a dependency of factedit: point `--easyedit` at a checkout (the folder that
 holds `easyeditor/` and `hparams/`). Only the method modules are imported
@@ -21,7 +23,12 @@ neither tool's timing includes C and both solve with the same statistics (facted
 each record with a history-free copy of one editor, `Editor.fresh()`, as the protocol's
 single mode does: C stays in memory as in EasyEdit's cache, and so does lambda C's Cholesky
 factor, which EasyEdit's solve does not use and factedit's computes once); MEMIT's
-`mom2_update_weight` is set to factedit's. Both edited models are scored by the same judge,
+`mom2_update_weight` is set to factedit's (PMET likewise). AlphaEdit gets factedit's
+null-space projections P = U U^T (module globals; EasyEdit would compute its own from
+Wikipedia) and starts each single edit with an empty key cache (`reset_cache=True`). GRACE and
+WISE edit the layer factedit's config picks (`inner_params`); WISE's out-of-scope row
+(`loc_prompt`, which EasyEdit draws from NQ) is the record's first neighbourhood prompt with
+its answer. Both edited models are scored by the same judge,
 `factedit.evaluate` (teacher-forced efficacy and generalization on the record's paraphrase).
 
 Writes <out>/easyedit_<model>.json and prints a table: seconds per edit (mean over the
@@ -57,6 +64,12 @@ EASYEDIT = {
     "memit": ("memit", "MEMITHyperParams", "apply_memit_to_model", "MEMIT/llama3.2-3b.yaml"),
     "ft-m": ("ft", "FTHyperParams", "apply_ft_to_model", "FT/llama3.2-3b.yaml"),
     "ft-l": ("ft", "FTHyperParams", "apply_ft_to_model", "FT/llama3.2-3b.yaml"),
+    "alphaedit": ("alphaedit", "AlphaEditHyperParams", "apply_AlphaEdit_to_model",
+                  "AlphaEdit/llama3-8b.yaml"),
+    "grace": ("grace", "GraceHyperParams", "apply_grace_to_model", "GRACE/llama3.2-3b.yaml"),
+    "pmet": ("pmet", "PMETHyperParams", "apply_pmet_to_model", "PMET/llama3.2-3b.yaml"),
+    "wise": ("wise", "WISEHyperParams", "apply_wise_to_model", "WISE/llama3.2-3b.yaml"),
+    "kn": ("kn", "KNHyperParams", "apply_kn_to_model", "KN/llama3.2-3b.yaml"),
 }
 
 
@@ -85,12 +98,25 @@ def easyedit_hparams(checkout: Path, method: str, model, editor) -> object:
     values = yaml.safe_load((checkout / "hparams" / hparams_file).read_text())
     # YAML reads "5e-1" as a string; EasyEdit's own loader converts such values the same way.
     values = cls.construct_float_from_scientific_notation(values)
+    if "act_margin" in values:  # WISE: as its own from_hparams splits it
+        values["alpha"], values["beta"], values["gamma"] = values.pop("act_margin")
     values.update(model_name=model.model.config._name_or_path or "factedit-builtin",
                   device="cpu", model_parallel=False, stats_dir=str(Path("bench/out/ee-stats")))
     if "v_loss_layer" in values:
         values["v_loss_layer"] = model.num_layers - 1
-    values["layers"] = list(editor.layers if hasattr(editor, "layers") else editor.config.layers)
-    if method == "memit":
+    if method in ("grace", "wise"):  # one layer, named as EasyEdit evaluates it
+        values["inner_params"] = [editor.module_name.replace(f".{editor.layer}.",
+                                                             f"[{editor.layer}].") + ".weight"]
+    elif method != "kn":  # EasyEdit's KN searches every layer
+        values["layers"] = list(editor.layers if hasattr(editor, "layers")
+                                else editor.config.layers)
+    if method in ("alphaedit", "kn"):
+        # Both pick their code path by the model's name ("llama": AlphaEdit's key cache
+        # width, KN's module names); SmolLM2 is a Llama.
+        values["model_name"] = f"llama ({values['model_name']})"
+    if method == "alphaedit":  # P is given (module globals, set in compare_method)
+        values["P_loc"] = str(checkout / "hparams" / hparams_file)  # it only has to exist
+    if method in ("memit", "pmet"):
         values["mom2_update_weight"] = editor.mom2_weight(values["layers"][0])  # resolved
     if method == "ft-m":
         values["objective_optimization"] = "target_new"
@@ -101,8 +127,12 @@ def easyedit_hparams(checkout: Path, method: str, model, editor) -> object:
 
 
 def as_easyedit_request(request) -> dict:
-    return {"prompt": request.rewrite_prompt, "subject": request.subject,
-            "target_new": request.target_new, "ground_truth": request.target_true}
+    out = {"prompt": request.rewrite_prompt, "subject": request.subject,
+           "target_new": request.target_new, "ground_truth": request.target_true}
+    if request.neighborhood:  # WISE's out-of-scope row (EasyEdit draws one from NQ)
+        prompt, answer = request.neighborhood[0]
+        out["loc_prompt"] = f"{prompt} {answer}"
+    return out
 
 
 def compare_method(model, method: str, requests, checkout: Path, corpus: str | None,
@@ -114,32 +144,46 @@ def compare_method(model, method: str, requests, checkout: Path, corpus: str | N
     from factedit.protocol import EditHandle, make_editor
 
     overrides = {}
-    if method in ("rome", "memit"):
+    if method in ("rome", "memit", "pmet", "alphaedit"):
         overrides = dict(covariance_corpus=corpus, covariance_tokens=covariance_tokens)
     editor = make_editor(model, method, **overrides)
     module_name, _, apply_name, _ = EASYEDIT[method]
     apply = getattr(import_easyedit(checkout, module_name), apply_name)
     hparams = easyedit_hparams(checkout, method, model, editor)
-    if method == "memit":  # the same C for both tools, outside the timing
-        from easyeditor.models.memit import memit_main
+    if method in ("memit", "pmet"):  # the same C for both tools, outside the timing
+        main_module = getattr(import_easyedit(checkout, method), f"{method}_main")
         # get_cov's key: the model's _name_or_path, as EasyEdit forms it
         key_model = model.model.config._name_or_path.replace("/", "_")
         for layer in hparams.layers:
-            memit_main.COV_CACHE[(key_model, hparams.rewrite_module_tmp.format(layer))] = \
+            main_module.COV_CACHE[(key_model, hparams.rewrite_module_tmp.format(layer))] = \
                 editor.covariance(layer).float()
     elif method == "rome":  # factedit's C into its cache, outside the timing
         for layer in editor.layers:
             editor.covariance(layer)
+    elif method == "alphaedit":
+        # The same null-space projections for both tools, outside the timing: P = U U^T of
+        # factedit's C (EasyEdit would compute its own from Wikipedia, which needs the hub).
+        from easyeditor.models.alphaedit import AlphaEdit_main
+
+        AlphaEdit_main.P = torch.stack([
+            (lambda u: u @ u.T)(editor.null_basis(layer, editor.config.nullspace_threshold))
+            .float() for layer in hparams.layers])
+        AlphaEdit_main.P_loaded = True
+    # AlphaEdit keeps K K^T of the edits so far in a module global: each single edit starts
+    # from none, as factedit's fresh() copy does.
+    apply_options = {"reset_cache": True} if method == "alphaedit" else {}
 
     def easyedit_edit(request) -> tuple[float, dict]:
         start = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()):
             _, weights = apply(model.model, model.tokenizer, [as_easyedit_request(request)],
-                               hparams, copy=False, return_orig_weights=True)
+                               hparams, copy=False, return_orig_weights=True, **apply_options)
         seconds = time.perf_counter() - start
         scores = fe.evaluate(model, [request], progress=False, per_request=False)
-        for name, value in weights.items():  # EasyEdit's copies of the weights it changed
-            write_param(model.model, name, value)
+        if callable(weights):  # GRACE, WISE, KN: the function that undoes the edit
+            weights()
+        for name, value in getattr(weights, "items", dict)():
+            write_param(model.model, name, value)  # EasyEdit's copies of the weights it changed
         return seconds, scores
 
     def factedit_edit(request) -> tuple[float, dict]:
@@ -163,7 +207,9 @@ def compare_method(model, method: str, requests, checkout: Path, corpus: str | N
             seconds, scores = (easyedit_edit if tool == "easyedit" else factedit_edit)(request)
             timed[tool].append({"seconds": seconds, "efficacy": scores["efficacy"],
                                 "generalization": scores["generalization"]})
-    row: dict = {"method": method, "n": len(requests) - 1, "layers": hparams.layers}
+    row: dict = {"method": method, "n": len(requests) - 1,
+                 "layers": getattr(hparams, "layers", None)
+                 or ([editor.layer] if hasattr(editor, "layer") else "each tool's own")}
     for tool, edits in timed.items():
         row[tool] = {"seconds_per_edit": statistics.mean(e["seconds"] for e in edits),
                      "efficacy": statistics.mean(e["efficacy"] for e in edits),

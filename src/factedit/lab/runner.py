@@ -540,8 +540,8 @@ def _baseline(out: Path, model: EditableModel, requests: list[EditRequest],
         log.info("capturing the unedited baseline of %d requests (%d held in %s)",
                  len(missing), len(requests) - len(missing), path)
     for start in range(0, len(missing), SCORE_CHUNK):
-        part = capture_baseline(model, missing[start:start + SCORE_CHUNK],
-                                generation=options, progress=progress)
+        part_requests = missing[start:start + SCORE_CHUNK]
+        part = capture_baseline(model, part_requests, generation=options, progress=progress)
         baseline.argmax.update(part.argmax)
         baseline.generated.update(part.generated)
         body = {"argmax": [[p, a, list(ids)] for (p, a), ids in baseline.argmax.items()],
@@ -549,6 +549,8 @@ def _baseline(out: Path, model: EditableModel, requests: list[EditRequest],
         write_text_atomic(path, json.dumps({
             "weights": weights, "baseline": body,
             "digest": _text_digest(json.dumps(body, sort_keys=True))}))
+        log.info("baseline: %d of %d requests captured", start + len(part_requests),
+                 len(missing))
     return baseline
 
 
@@ -576,6 +578,7 @@ def _score_in_chunks(store: ResultsStore, key: str, n: int, view: str, model: Ed
         store.write(scores=[t for row in rows for t in score_rows(key, n, view, row)],
                     meta={mark: weights})
         held.update((str(row["case_id"]), row) for row in rows)
+        log.info("%s: %d of %d requests at %d scored", key, len(held), len(requests), n)
     per_request = [held[str(r.uid)] for r in requests]
     return {**_mean_row(per_request), "n": len(per_request), "per_request": per_request}
 
