@@ -115,3 +115,72 @@ def test_codebook_cached_in_inference_mode_serves_a_gradient_forward(tokenizer):
     embeds = model.model.get_input_embeddings()(ids).detach().requires_grad_(True)
     model.model(inputs_embeds=embeds).logits[0, -1].logsumexp(-1).backward()
     assert embeds.grad is not None and torch.isfinite(embeds.grad).all()
+
+
+def test_followed_rows_generation_keeps_the_cache_and_equals_whole_rows(tokenizer):
+    """GRACE's from_key replacement needs a row's earlier positions only through the entry
+    that matched there: factedit's generation keeps its KV cache (one position per step)
+    with that entry kept per row, and writes what re-running whole rows writes, also as
+    rows leave the batch at a stop string at different steps."""
+    from factedit.metrics.generation import cut_at_stop, generate_continuations
+
+    model = make_tiny_model(tokenizer, layers=3, hidden=128)
+    edit(model, [EIFFEL], method="grace", progress=False, **SETTINGS)
+    prompts = [EIFFEL.rewrite_prompt, FAR, LOUVRE.rewrite_prompt, "Rome is the capital of"]
+
+    def whole_rows(prompt: str, n: int) -> list[int]:  # the definition: no cache, one row
+        ids, out = encode(tokenizer, prompt), []
+        with torch.no_grad():
+            for _ in range(n):
+                out.append(int(model.model(input_ids=torch.tensor([ids + out])).logits[0, -1]
+                               .argmax()))
+        return out
+
+    reference = {p: whole_rows(p, 8) for p in prompts}
+    target = continuation_ids(tokenizer, EIFFEL.rewrite_prompt, EIFFEL.target_new)
+    assert reference[EIFFEL.rewrite_prompt][0] == target[0]  # the edit acts in the text
+    # stop at the third token of the edited row: rows leave the batch at different steps
+    stop = (tokenizer.decode([reference[EIFFEL.rewrite_prompt][2]]).strip() or "\n",)
+    shapes = []
+    module = model.module(model.arch.mlp_out_at(1))
+    spy = module.register_forward_hook(lambda _m, args, _out: shapes.append(args[0].shape[:2]))
+    try:
+        got = generate_continuations(model, prompts, max_new_tokens=8, stop=stop,
+                                     batch_size=4, progress=False)
+    finally:
+        spy.remove()
+    assert all(width == 1 for _, width in shapes[1:])  # cached: one new position a step
+    assert len({rows for rows, _ in shapes}) > 1  # and rows left the batch on the way
+    for prompt in prompts:
+        tokens = reference[prompt]
+        ends = [i for i, t in enumerate(tokens) if any(s in tokenizer.decode([t]) for s in stop)]
+        tokens = tokens[:ends[0] + 1] if ends else tokens
+        assert got[prompt] == cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True),
+                                          stop), prompt
+    assert model.model.generation_config.use_cache is False  # generate still re-runs rows
+
+
+def test_followed_rows_step_equals_the_whole_row_forward(tokenizer):
+    """One cached step of a followed row gives the logits of the whole row run again: the
+    entry matched in the prompt replaces the new position's output too."""
+    from factedit.models.attach import followed_rows
+
+    model = make_tiny_model(tokenizer, layers=3, hidden=128)
+    edit(model, [EIFFEL], method="grace", progress=False, **SETTINGS)
+    ids = encode(tokenizer, EIFFEL.rewrite_prompt)
+    following = continuation_ids(tokenizer, EIFFEL.rewrite_prompt, "Rome, the city of")
+    assert len(following) >= 3
+    with torch.no_grad():
+        whole = model.model(input_ids=torch.tensor([ids + following])).logits[0, len(ids):]
+        with followed_rows(model.model) as select:
+            assert select is not None
+            first = model.model(input_ids=torch.tensor([ids]), use_cache=True)
+            cache, steps = first.past_key_values, []
+            for token in following:
+                out = model.model(input_ids=torch.tensor([[token]]), past_key_values=cache,
+                                  use_cache=True)
+                cache = out.past_key_values
+                steps.append(out.logits[0, -1])
+        unedited_rows = model.model(input_ids=torch.tensor([ids + following]), use_cache=False)
+    assert torch.allclose(torch.stack(steps), whole, atol=1e-9)
+    assert torch.equal(unedited_rows.logits[0, len(ids):], whole)  # no session: whole rows

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from ..models import EditableModel, Trace, start_at_layer
-from ..models.attach import Attachment
+from ..models.attach import Attachment, AttachmentError, RowTracker
 from ..requests import EditRequest
 from ..text import continuation_ids, encode
 from .base import ConfigError, Editor, EditResult, MethodConfig, register_method
@@ -128,6 +128,7 @@ class GraceEditor(Editor):
         self.codebook = Codebook()
         self.next_edit_id = 0
         self._tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._rows = RowTracker()  # the entry each followed row matched (-1: none yet)
 
     # -- editing ------------------------------------------------------------------------------
     def compute(self, requests: Sequence[EditRequest]) -> EditResult:
@@ -205,7 +206,11 @@ class GraceEditor(Editor):
     # -- the attachment -----------------------------------------------------------------------
     def attachment(self) -> Attachment:
         module = self.model.module(self.module_name)
-        return Attachment(self.model.model, needs_full_sequence=self.config.replacement == "from_key"
+        from_key = self.config.replacement == "from_key"
+        # From the key on, a row needs its earlier positions only through the entry that
+        # matched there: kept per row, so factedit's own generation keeps its KV cache.
+        return Attachment(self.model.model, needs_full_sequence=from_key,
+                          rows=self._rows if from_key else None
                           ).add_forward_hook(module, self._replace)
 
     def _codebook_tensors(self, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -228,16 +233,37 @@ class GraceEditor(Editor):
         dists = torch.cdist(x.to(keys.dtype), keys[None].expand(x.shape[0], -1, -1))  # (B, T, N)
         nearest_dist, nearest = dists.min(dim=-1)                         # (B, T)
         match = nearest_dist.double() <= radii[nearest]
-        if not bool(match.any()):
-            return None
+        rows = self._rows
+        if rows.active and rows.state is not None:  # one new position per followed row
+            return self._replace_next(x, match, nearest, values, output)
         if self.config.replacement == "from_key":
             first = torch.where(match.any(1), match.double().argmax(1), match.shape[1])  # (B,)
             chosen = nearest.gather(1, first.clamp_max(match.shape[1] - 1)[:, None])   # (B, 1)
+            if rows.active:  # the prompt rows of a followed generation: remember the entry
+                rows.state = torch.where(first < match.shape[1], chosen[:, 0], -1)
             steps = torch.arange(match.shape[1], device=x.device)
             match = steps[None, :] >= first[:, None]
             nearest = chosen.expand_as(nearest)
+        if not bool(match.any()):
+            return None
         replaced = values[nearest].to(output.dtype)                       # (B, T, d_out)
         return torch.where(match[..., None], replaced, output)
+
+    def _replace_next(self, x: torch.Tensor, match: torch.Tensor, nearest: torch.Tensor,
+                      values: torch.Tensor, output: torch.Tensor) -> torch.Tensor | None:
+        """from_key on a cached step: a row that matched before keeps its entry's value; one
+        that had not matches at this position or not (`followed_rows`)."""
+        rows = self._rows
+        if x.shape[1] != 1 or rows.state.shape[0] != x.shape[0]:
+            raise AttachmentError(
+                f"grace: a followed generation must step one position per row and say which "
+                f"rows leave (got {tuple(x.shape[:2])} for {rows.state.shape[0]} rows)")
+        rows.state = torch.where((rows.state < 0) & match[:, 0], nearest[:, 0], rows.state)
+        hit = rows.state >= 0
+        if not bool(hit.any()):
+            return None
+        replaced = values[rows.state.clamp_min(0)][:, None].to(output.dtype)  # (B, 1, d_out)
+        return torch.where(hit[:, None, None], replaced, output)
 
     # -- save / resume ------------------------------------------------------------------------
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -67,6 +67,7 @@ from typing import Any
 import torch
 
 from ..models import EditableModel
+from ..models.attach import followed_rows, installed
 from ..requests import EditRequest
 from ..text import encode
 from .means import mean_defined
@@ -326,7 +327,8 @@ def _eos_ids(model: EditableModel) -> list[int]:
 
 
 def _greedy(model: EditableModel, rows: Sequence[list[int]], max_new_tokens: int,
-            done_table: torch.Tensor, use_cache: bool) -> list[list[int]]:
+            done_table: torch.Tensor, use_cache: bool,
+            select_rows: Callable[[torch.Tensor], None] | None = None) -> list[list[int]]:
     """Greedy new tokens of each row (left-padded together), each row leaving the batch at
     its first token marked in `done_table` (a stop string or EOS; that token is kept).
 
@@ -334,6 +336,8 @@ def _greedy(model: EditableModel, rows: Sequence[list[int]], max_new_tokens: int
     (`batch_select_indices`), so a batch costs the sum of its rows' lengths, not its longest
     row times its size (`generate` keeps finished rows computing padding). Without the cache
     (an attachment that must see whole rows turned it off), every step re-runs the rows.
+    `select_rows(keep)`: told which rows stay whenever rows leave (attachments that follow
+    rows, `models.attach.followed_rows`).
     The model's own forward and `head_logits`, so attachments and Gemma's logit cap act.
     """
     device, field = model.device, model.cache_field
@@ -365,6 +369,8 @@ def _greedy(model: EditableModel, rows: Sequence[list[int]], max_new_tokens: int
             cache = out[field]
             if not bool(keep.all()):
                 cache.batch_select_indices(keep.nonzero().squeeze(1))
+                if select_rows is not None:
+                    select_rows(keep.nonzero().squeeze(1))
             step_ids, step_pos = token[:, None], next_pos
         else:
             step_ids = torch.cat([step_ids[keep], token[:, None]], dim=1)
@@ -387,7 +393,8 @@ def generate_continuations(model: EditableModel, prompts: Iterable[str], context
     string (`stop_token_table`), and the decoded text is cut at the first stop string.
     Greedy means argmax: the model's generation_config (repetition penalty, sampling) is
     not applied. The KV cache is used unless `generation_config.use_cache` is False (set
-    by attachments that must see whole rows: memory editors, GRACE's from-key mode).
+    by attachments that must see whole rows: memory editors, WISE) and no attachment
+    follows the rows instead (GRACE's from-key mode: `models.attach.followed_rows`).
     """
     from tqdm.auto import tqdm
 
@@ -401,15 +408,19 @@ def generate_continuations(model: EditableModel, prompts: Iterable[str], context
     done_table = (stop_token_table(tok, tuple(stop), vocab).clone() if stop
                   else torch.zeros(vocab, dtype=torch.bool))
     done_table[[e for e in _eos_ids(model) if e < vocab]] = True
-    use_cache = getattr(model.model.generation_config, "use_cache", True) is not False
+    configured = getattr(model.model.generation_config, "use_cache", True) is not False
     out: dict[str, str] = {}
     starts = range(0, len(order), batch_size)
     with torch.inference_mode():
         for start in tqdm(starts, desc=f"generating {len(unique)} prompts", unit="batch",
                           disable=not progress or len(starts) < PROGRESS_MIN_BATCHES):
             batch = order[start:start + batch_size]
-            new = _greedy(model, [encoded[i] for i in batch], max_new_tokens, done_table,
-                          use_cache)
+            with followed_rows(model.model) as select_rows:
+                # Attachments that follow rows turn `generate`'s cache off, not this one's.
+                use_cache = select_rows is not None and (
+                    configured or any(a.rows is not None for a in installed(model.model)))
+                new = _greedy(model, [encoded[i] for i in batch], max_new_tokens,
+                              done_table, use_cache, select_rows)
             for i, tokens in zip(batch, new):
                 out[unique[i]] = cut_at_stop(tok.decode(tokens, skip_special_tokens=True), stop)
     return {p: out[p] for p in unique}  # first-seen order, whatever the batches were
