@@ -9,6 +9,14 @@ generation scoring `evaluate(..., generation=True)` adds (`metrics.generation
 same prompts through `transformers`' `generate` with a per-row stopping criterion
 (finished rows keep computing until the batch's longest row ends), the reference our own
 greedy loop replaces. Prints a table and writes bench/results/generation_speed.json.
+
+    OMP_NUM_THREADS=1 python bench/generation_speed.py --n 50 --edit grace --no-reference \
+        --out bench/results/generation_speed_grace.json
+
+`--edit METHOD`: the N requests are edited first (sequentially, the method's defaults), and
+where the method's attachment follows rows (GRACE's from_key: `models.attach.followed_rows`)
+the generation scoring is also timed with the rows re-run whole at every step (the cache
+off, as before row following), alternating with the cached runs.
 """
 
 from __future__ import annotations
@@ -67,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--no-reference", action="store_true",
                     help="skip the transformers generate() reference run")
+    ap.add_argument("--edit", default=None, metavar="METHOD",
+                    help="edit the N requests with METHOD first (e.g. grace)")
     ap.add_argument("--out", default="bench/results/generation_speed.json")
     args = ap.parse_args(argv)
 
@@ -84,15 +94,32 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [p for r in requests
                for p in [r.rewrite_prompt, *r.paraphrases, *(q for q, _ in r.neighborhood)]]
     pairs = sum(2 * (1 + len(r.paraphrases)) + 2 * len(r.neighborhood) for r in requests)
+    followers = []
+    if args.edit:
+        from factedit.models.attach import installed
+
+        fe.edit(model, requests, method=args.edit, progress=False)
+        followers = [a for a in installed(model.model) if a.rows is not None]
     fe.evaluate(model, requests[:2], progress=False, generation=True)  # warm-up
-    teacher, generation = [], []
+    teacher, generation, whole_rows = [], [], []
     for _ in range(args.repeats):
+        if followers:  # the same scoring with every step re-running the rows whole
+            trackers = [a.rows for a in followers]
+            for a in followers:
+                a.rows = None
+            start = time.perf_counter()
+            whole = generation_rows(model, requests, options, progress=False)
+            whole_rows.append(time.perf_counter() - start)
+            for a, tracker in zip(followers, trackers):
+                a.rows = tracker
         start = time.perf_counter()
         fe.evaluate(model, requests, progress=False)
         teacher.append(time.perf_counter() - start)
         start = time.perf_counter()
-        generation_rows(model, requests, options, progress=False)
+        followed = generation_rows(model, requests, options, progress=False)
         generation.append(time.perf_counter() - start)
+        if followers and followed != whole:
+            raise SystemExit("row following changed the generation scores")
     reference = None if args.no_reference else hf_generate_seconds(
         model, prompts, options.batch_size, options.max_new_tokens, options.stop)
     tf, gen = statistics.median(teacher), statistics.median(generation)
@@ -105,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         "distinct_prompts": len(set(prompts)), "teacher_forced_pairs": pairs,
         "teacher_forced_seconds": teacher, "generation_seconds": generation,
         "ratio_generation_to_teacher_forced": gen / tf,
+        "edited_with": args.edit,
+        "generation_whole_rows_seconds": whole_rows or None,
+        "ratio_whole_rows_to_followed": (statistics.median(whole_rows) / gen
+                                         if whole_rows else None),
         "hf_generate_seconds": reference,
         "ratio_hf_generate_to_ours": None if reference is None else reference / gen,
         "options": options.to_dict(),
@@ -120,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'teacher-forced evaluate':34s} {tf:16.1f}  {', '.join(f'{t:.1f}' for t in teacher)}")
     print(f"{'generation (gen_* metrics)':34s} {gen:16.1f}  "
           f"{', '.join(f'{t:.1f}' for t in generation)}")
+    if whole_rows:
+        print(f"{'generation, whole rows every step':34s} {statistics.median(whole_rows):16.1f}"
+              f"  {', '.join(f'{t:.1f}' for t in whole_rows)}")
     if reference is not None:
         print(f"{'transformers generate() reference':34s} {reference:16.1f}  1")
     print(f"generation / teacher-forced = {gen / tf:.2f} (target <= 3)")

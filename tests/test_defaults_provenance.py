@@ -89,3 +89,7 @@ def test_defaults_with_sources_reads_the_model_table(monkeypatch, tokenizer):
     assert make_editor(tiny, "d4s").mom2_weight(1) == 7.0
     assert make_editor(tiny, "memit").mom2_weight(1) == 123.0
     assert make_editor(tiny, "d4s", mom2_update_weight=9.0).mom2_weight(1) == 9.0
+    assert make_editor(tiny, "pmet").mom2_weight(1) == 123.0  # no row of its own: MEMIT's
+    monkeypatch.setitem(MODEL_DEFAULTS[shape], "pmet", {"mom2_update_weight": 11.0})
+    assert make_editor(tiny, "pmet").mom2_weight(1) == 11.0
+    assert make_editor(tiny, "memit").mom2_weight(1) == 123.0

@@ -79,7 +79,6 @@ from ..config import (
     check_choice,
     check_positive,
     default_layers,
-    model_default,
     sourced,
 )
 from .base import SystemMatrix
@@ -125,7 +124,7 @@ class D4SConfig(D4SHistoryConfig):
     """D4S: the history fields plus MEMIT's lambda, which weighs C in its solve.
 
     mom2_update_weight: lambda (None: the model's d4s table entry, else MEMIT's; see
-        memit.py; SmolLM2-135M: MEMIT's 5,000). 2,500 scores higher after 100 edits of
+        memit.py; SmolLM2-135M: 5,000, its own row). 2,500 scores higher after 100 edits of
         counterfact-train (0.99 / 0.85 / 0.70 against 0.95 / 0.74 / 0.70) but moves the
         weights twice as far (layer 8's mean |W| +2.7% after 16 edits against +1.3%), and
         1,000 edits were not measured, so it is not the default (docs/results/defaults).
@@ -148,15 +147,6 @@ class D4SEditor(MemitEditor):
 
     config_cls = D4SConfig
     config: D4SConfig
-
-    def mom2_weight(self, layer: int) -> float:
-        """lambda for `layer`: the config, else the model's d4s table entry, else MEMIT's
-        (its table entry, else d_in)."""
-        if self.config.mom2_update_weight is None:
-            table = model_default(self.model, "d4s", "mom2_update_weight")
-            if table is not None:
-                return float(table)
-        return super().mom2_weight(layer)
 
     def __init__(self, model: EditableModel, config: D4SConfig) -> None:
         super().__init__(model, config)

@@ -19,8 +19,10 @@ s / (1 + s) of R, s = k^T C^{-1} k / lambda, and over corpus keys E[k^T C^{-1} k
 the same lambda is much stronger on a narrow MLP. The reference's 15,000 sits next to
 d_in on GPT-J (16,384) and Llama-3-8B (14,336). On SmolLM2-135M (d_in 1,536) subject keys
 have k^T C^{-1} k of 2,000-10,000 at layers 4-8, and a MEMIT batch of 5 CounterFact-style
-edits flips 5/5 greedy answers at lambda = 1,536 or 5,000 but only 3/5 at 15,000. Default:
-the model's MODEL_DEFAULTS entry (SmolLM2: 5,000), else lambda = d_in (the reference ratio).
+edits flips 5/5 greedy answers at lambda = 1,536 or 5,000 but only 3/5 at 15,000, and in
+generated text (not only teacher-forced) 1,500 holds the edit where 5,000 often does not.
+Default: the model's MODEL_DEFAULTS entry for the method (SmolLM2: MEMIT 1,500, PMET and D4S
+5,000), else MEMIT's, else lambda = d_in (the reference ratio).
 """
 
 from __future__ import annotations
@@ -84,11 +86,15 @@ class MemitEditor(LocateEditor):
     config: MemitConfig
 
     def mom2_weight(self, layer: int) -> float:
-        """lambda for `layer`: the config, else the model's table entry, else d_in."""
+        """lambda for `layer`: the config, else the model's table entry for this method
+        (pmet, d4s), else for MEMIT, else d_in."""
         if self.config.mom2_update_weight is not None:
             return float(self.config.mom2_update_weight)
-        table = model_default(self.model, self.layer_family, "mom2_update_weight")
-        return float(table) if table is not None else float(self.model.weight_shape(layer)[1])
+        for family in (self.config.method, self.layer_family):
+            table = model_default(self.model, family, "mom2_update_weight")
+            if table is not None:
+                return float(table)
+        return float(self.model.weight_shape(layer)[1])
 
     def solve_layer(self, j: int, layer: int, K: torch.Tensor, R: torch.Tensor
                     ) -> tuple[torch.Tensor, SystemMatrix]:
