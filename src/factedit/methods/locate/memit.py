@@ -21,7 +21,7 @@ d_in on GPT-J (16,384) and Llama-3-8B (14,336). On SmolLM2-135M (d_in 1,536) sub
 have k^T C^{-1} k of 2,000-10,000 at layers 4-8, and a MEMIT batch of 5 CounterFact-style
 edits flips 5/5 greedy answers at lambda = 1,536 or 5,000 but only 3/5 at 15,000, and in
 generated text (not only teacher-forced) 1,500 holds the edit where 5,000 often does not.
-Default: the model's MODEL_DEFAULTS entry for the method (SmolLM2: MEMIT 1,500, PMET and D4S
+Default: the model's MODEL_DEFAULTS entry for the method (SmolLM2: MEMIT and PMET 1,500, D4S
 5,000), else MEMIT's, else lambda = d_in (the reference ratio).
 """
 
@@ -87,7 +87,7 @@ class MemitEditor(LocateEditor):
 
     def mom2_weight(self, layer: int) -> float:
         """lambda for `layer`: the config, else the model's table entry for this method
-        (pmet, d4s), else for MEMIT, else d_in."""
+        (d4s on SmolLM2), else for MEMIT, else d_in."""
         if self.config.mom2_update_weight is not None:
             return float(self.config.mom2_update_weight)
         for family in (self.config.method, self.layer_family):
