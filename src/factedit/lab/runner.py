@@ -234,11 +234,15 @@ def _run(store: ResultsStore, out: Path, experiment: Experiment, runs: list[Meth
         model = experiment.model
     requests = _requests(experiment, out)
     # One pre-edit baseline for every method (locality and gen_specificity compare against
-    # it); a pure function of the unedited model, kept in the run folder for a resume.
-    baseline = _baseline(out, model, requests, experiment.eval.generation, progress)
+    # it); a pure function of the unedited model, kept in the run folder for a resume. The
+    # weights' digest ties it and the unedited scores to W_0 (one pass over every parameter).
+    unedited_weights = model_digest(model)
+    baseline = _baseline(out, model, unedited_weights, requests, experiment.eval.generation,
+                         progress)
     # A second process waits here rather than score the unedited model a second time.
     with _method_lock(out, UNEDITED, wait=True):
-        _score_unedited(store, experiment, model, requests, baseline, progress)
+        _score_unedited(store, experiment, model, unedited_weights, requests, baseline,
+                        progress)
     budget = _Budget(stop_after_edits)
     for i, run in enumerate(runs):
         log.info("method %d/%d: %s", i + 1, len(runs), run.key)
@@ -504,7 +508,7 @@ def _mean_row(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
     return means
 
 
-def _baseline(out: Path, model: EditableModel, requests: list[EditRequest],
+def _baseline(out: Path, model: EditableModel, weights: str, requests: list[EditRequest],
               generation: Any, progress: bool) -> Baseline:
     """The unedited model's baseline for the run's requests, kept in baseline.json.
 
@@ -512,8 +516,7 @@ def _baseline(out: Path, model: EditableModel, requests: list[EditRequest],
     loses at most one chunk (a 10,000-request run with generation spends about an hour of
     two CPU cores here). What the file holds is used where it was captured from these
     weights (digest checked) with these generation options; only the requests it lacks are
-    captured."""
-    weights = model_digest(model)
+    captured. `weights`: the model's `model_digest`."""
     options = generation_options(generation)
     key = options.generation_key() if options is not None else None
     path = out / BASELINE_FILE
@@ -555,13 +558,13 @@ def _baseline(out: Path, model: EditableModel, requests: list[EditRequest],
 
 
 def _score_in_chunks(store: ResultsStore, key: str, n: int, view: str, model: EditableModel,
-                     requests: Sequence[EditRequest], baseline: Baseline, generation: Any,
-                     progress: bool) -> dict[str, Any]:
+                     weights: str, requests: Sequence[EditRequest], baseline: Baseline,
+                     generation: Any, progress: bool) -> dict[str, Any]:
     """`evaluate(model, requests, baseline, generation=...)`, committed SCORE_CHUNK requests
     at a time as per-request rows (key, n, view), so a stop loses at most one chunk: rows
     a stopped scoring committed on these same weights (digest in the store's meta) are read
-    back instead of scored again. Means as `_mean_row` pools them (equal to evaluate's)."""
-    weights = model_digest(model)
+    back instead of scored again. Means as `_mean_row` pools them (equal to evaluate's).
+    `weights`: the model's `model_digest` as it is now."""
     mark = f"scoring/{key}/{n}/{view}"
     held: dict[str, dict[str, Any]] = {}
     if store.meta().get(mark) == weights:
@@ -588,13 +591,14 @@ def _text_digest(text: str) -> str:
 
 
 def _score_unedited(store: ResultsStore, experiment: Experiment, model: EditableModel,
-                    requests: list[EditRequest], baseline: Baseline, progress: bool) -> None:
+                    weights: str, requests: list[EditRequest], baseline: Baseline,
+                    progress: bool) -> None:
     done = store.progress(UNEDITED)
     if done and done["finished"]:
         return
     log.info("scoring the unedited model on %d requests", len(requests))
-    per_request = _score_in_chunks(store, UNEDITED, 0, "unedited", model, requests, baseline,
-                                   experiment.eval.generation, progress)["per_request"]
+    per_request = _score_in_chunks(store, UNEDITED, 0, "unedited", model, weights, requests,
+                                   baseline, experiment.eval.generation, progress)["per_request"]
     # The perplexity of each edit target under the unedited model (MQD's measure).
     for row, ppl in zip(per_request, target_perplexity(model, requests)):
         row["target_ppl"] = ppl
@@ -672,8 +676,8 @@ def _run_method(store: ResultsStore, out: Path, experiment: Experiment, run: Met
             handle=handle, on_edit=recorder.on_edit, on_checkpoint=recorder.on_checkpoint,
             progress=progress, generation=experiment.eval.generation,
             score=lambda edited: _score_in_chunks(
-                store, key, len(edited), "checkpoint", model, edited, baseline,
-                experiment.eval.generation, progress))
+                store, key, len(edited), "checkpoint", model, model_digest(model), edited,
+                baseline, experiment.eval.generation, progress))
         _write_patch(out, key, handle, requests, recorder.final_scores)
     finally:
         handle.restore()  # W_0 again for the next method (or the next resume)
