@@ -63,6 +63,17 @@ def nll(model, request: EditRequest) -> float:
     return score_pairs(model, [pair])[pair].mean_nll
 
 
+def reference_greedy(model, prompt: str, n: int) -> list[int]:
+    """Plain unbatched greedy decoding, no cache: the definition."""
+    ids = encode(model.tokenizer, prompt)
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model.model(input_ids=torch.tensor([ids + out])).logits[0, -1]
+            out.append(int(logits.argmax()))
+    return out
+
+
 def greedy_first(model, request: EditRequest) -> bool:
     """Is target_new's first token the greedy prediction after the prompt?"""
     pair = (request.rewrite_prompt, request.target_new)

@@ -4,7 +4,7 @@ generated forced through a hook on the LM head), behaviour on the real model (sl
 from __future__ import annotations
 
 import pytest
-import torch
+from common import reference_greedy
 
 import factedit as fe
 from factedit import EditRequest
@@ -74,17 +74,6 @@ def test_options_validate_with_the_field_and_the_fix():
 
 PROMPTS = ["The Eiffel Tower is located in the city of", "Hi",
            "A much longer prompt about the Louvre museum and its city", "Rome"]
-
-
-def reference_greedy(model, prompt: str, n: int) -> list[int]:
-    """Plain unbatched greedy decoding, no cache: the definition."""
-    ids = encode(model.tokenizer, prompt)
-    out = []
-    with torch.no_grad():
-        for _ in range(n):
-            logits = model.model(input_ids=torch.tensor([ids + out])).logits[0, -1]
-            out.append(int(logits.argmax()))
-    return out
 
 
 def test_batched_generation_equals_plain_greedy(tiny_model):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from common import EIFFEL, LOUVRE, greedy_first, logits, nll
+from common import EIFFEL, LOUVRE, greedy_first, logits, nll, reference_greedy
 from conftest import make_tiny_model
 
 from factedit.methods import ConfigError, GraceConfig
@@ -128,15 +128,7 @@ def test_followed_rows_generation_keeps_the_cache_and_equals_whole_rows(tokenize
     edit(model, [EIFFEL], method="grace", progress=False, **SETTINGS)
     prompts = [EIFFEL.rewrite_prompt, FAR, LOUVRE.rewrite_prompt, "Rome is the capital of"]
 
-    def whole_rows(prompt: str, n: int) -> list[int]:  # the definition: no cache, one row
-        ids, out = encode(tokenizer, prompt), []
-        with torch.no_grad():
-            for _ in range(n):
-                out.append(int(model.model(input_ids=torch.tensor([ids + out])).logits[0, -1]
-                               .argmax()))
-        return out
-
-    reference = {p: whole_rows(p, 8) for p in prompts}
+    reference = {p: reference_greedy(model, p, 8) for p in prompts}  # whole rows, no cache
     target = continuation_ids(tokenizer, EIFFEL.rewrite_prompt, EIFFEL.target_new)
     assert reference[EIFFEL.rewrite_prompt][0] == target[0]  # the edit acts in the text
     # stop at the third token of the edited row: rows leave the batch at different steps
