@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from common import HYPERNET_REQUESTS, UNRELATED, logits
+from common import HYPERNET_REQUESTS, UNRELATED, logits, reference_greedy
 from conftest import make_tiny_model, tiny_tokenizer
 
 import factedit as fe
 from factedit.linalg.merge import ties_merge
 from factedit.methods import ConfigError, get_method
 from factedit.methods.wise import WiseConfig
+from factedit.metrics.generation import generate_continuations
+from factedit.models.attach import FollowedRows
 from factedit.protocol import make_editor
 
 R0, R1 = HYPERNET_REQUESTS[:2]
@@ -92,6 +94,46 @@ def test_later_edits_train_against_the_main_memory():
             bare.compute([request])
     assert torch.equal(bare.delta, handle.editor.delta)
     assert bare.edit_scores == handle.editor.edit_scores
+
+
+def test_generation_keeps_the_cache_and_equals_whole_rows(edited, monkeypatch):
+    """The router decides per row from the mean of all its positions' scores, so factedit's
+    generation keeps the KV cache with each row's running sum and runs the whole rows again
+    only when a row changes memory on the way: at every threshold it writes what re-running
+    whole rows writes, with rows changing memory while they are generated at some."""
+    model, handle, _ = edited
+    editor = handle.editor
+    prompts = [R0.rewrite_prompt, R1.rewrite_prompt, UNRELATED, R0.paraphrases[0]]
+    reruns: list[bool] = []
+    take_rerun = FollowedRows.take_rerun
+
+    def counted(session: FollowedRows) -> bool:
+        reruns.append(take_rerun(session))
+        return reruns[-1]
+
+    monkeypatch.setattr(FollowedRows, "take_rerun", counted)
+    widths: list[int] = []
+    module = model.module(editor.module_name)
+    spy = module.register_forward_hook(lambda _m, args, _out: widths.append(args[0].shape[1]))
+    changed = cached = 0
+    try:
+        for threshold in (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, editor.threshold()):
+            monkeypatch.setattr(editor, "threshold", lambda t=threshold: t)
+            reference = {p: reference_greedy(model, p, 8) for p in prompts}  # whole rows
+            reruns.clear()
+            widths.clear()
+            got = generate_continuations(model, prompts, max_new_tokens=8, stop=(),
+                                         batch_size=4, progress=False)
+            for prompt in prompts:
+                assert got[prompt] == model.tokenizer.decode(
+                    reference[prompt], skip_special_tokens=True), (threshold, prompt)
+            changed += any(reruns)
+            cached += sum(w == 1 for w in widths[-len(reruns):])
+    finally:
+        spy.remove()
+    assert changed > 0   # some thresholds made a row change memory mid-generation
+    assert cached > 0    # and steps ran on the cache
+    assert model.model.generation_config.use_cache is False  # `generate` still re-runs rows
 
 
 def test_save_resume_gives_the_same_router_and_outputs(edited):

@@ -38,8 +38,12 @@ Departures from the reference (EasyEdit's easyeditor/models/wise/WISE.py):
   after editing, which changes the memory on read. Only TIES merging (the reference's
   default `merge_alg`), not DARE, linear or slerp;
 - routing is per row of the batch (the reference takes `.item()` of the batch's mean, so
-  a batch shares one decision); the score is the mean over the row's positions (padding
-  included), where the reference switches to the largest position above 100 tokens;
+  a batch shares one decision); the score is the mean over the row's positions that the
+  attention mask keeps (padding left out, so a row routes the same in any batch), where the
+  reference switches to the largest position above 100 tokens;
+- factedit's own generation (`metrics.generation`) keeps the KV cache: each row's score
+  sums run on one position at a time (`models.attach.followed_rows`), and a row that
+  changes memory is run whole again once; `generate` re-runs whole rows at every step;
 - the memory-replay losses of the retrieval variant are not implemented;
 - SGD without the reference's 1e-5 weight decay (which pulls W', not D, towards zero).
 """
@@ -56,7 +60,7 @@ from transformers.activations import ACT2FN
 
 from ..linalg.merge import ties_merge
 from ..models import EditableModel, Trace, frozen, start_at_layer
-from ..models.attach import Attachment
+from ..models.attach import Attachment, AttachmentError, RowTracker
 from ..requests import EditRequest
 from ..text import pad_right, teacher_forced
 from .base import ConfigError, Editor, EditResult, MethodConfig, StateSize, register_method
@@ -148,6 +152,9 @@ class WiseEditor(Editor):
         self.merged: torch.Tensor | None = None   # the merged memory M, after the first merge
         self.edit_scores: list[float] = []  # each edit's own score when its training ended
         self._bypass = False  # set while `routes_to_side` reads the main memory's output
+        # per followed row: each memory's score sum, the positions, the memory chosen (-1: main)
+        self._rows = RowTracker()
+        self._mask: torch.Tensor | None = None  # the attention mask of the forward under way
         act = getattr(model.model.config, "hidden_act", None) or getattr(
             model.model.config, "activation_function", "gelu_new")
         self.act = ACT2FN[act]
@@ -185,30 +192,76 @@ class WiseEditor(Editor):
         delta = self.delta if delta is None else delta
         return output + x @ delta.to(x.dtype).T
 
+    def position_scores(self, main: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
+        """(..., T) ||act(side) - act(main)|| at each position."""
+        return (self.act(side) - self.act(main)).norm(dim=-1)
+
     def scores(self, main: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
-        """(B,) mean over positions of ||act(side) - act(main)||."""
-        return (self.act(side) - self.act(main)).norm(dim=-1).mean(dim=-1)
+        """(B,) mean over positions of ||act(side) - act(main)|| (float64)."""
+        return self.position_scores(main, side).double().mean(dim=-1)
 
     def threshold(self) -> float:
         return self.config.act_ratio * min(self.edit_scores)
 
-    def best_side(self, x: torch.Tensor, output: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per row, the side memory with the largest score: (its output (B, T, d), its
-        score (B,))."""
-        sides = torch.stack([self.side_output(x, output, d) for d in self.side_memories()])
-        scores = torch.stack([self.scores(output, side) for side in sides])   # (K, B)
-        best_score, best = scores.max(0)
-        return sides[best, torch.arange(sides.shape[1], device=sides.device)], best_score
+    def _keep_mask(self, _module: Any, args: tuple, kwargs: dict) -> None:
+        """Pre-hook on the base model: the forward's attention mask, so that padding does not
+        count in a row's score (a row's route does not depend on the batch it is in)."""
+        mask = kwargs.get("attention_mask")
+        self._mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+    def _position_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T) float64: 1 at the positions of x that count in a row's score, 0 at padding."""
+        mask = self._mask
+        if mask is None or mask.shape[0] != x.shape[0] or mask.shape[1] < x.shape[1]:
+            return torch.ones(x.shape[:2], dtype=torch.float64, device=x.device)
+        return mask[:, -x.shape[1]:].to(device=x.device, dtype=torch.float64)
 
     def _route(self, _module: Any, args: tuple, kwargs: dict, output: torch.Tensor) -> Any:
         if not self.edit_scores or self._bypass:
             return None
         x = args[0] if args else kwargs["input"]
-        side, score = self.best_side(x, output)
-        to_side = score >= self.threshold()     # (B,)
+        rows = self._rows
+        if rows.active and rows.state is not None:  # one new position per followed row
+            return self._route_next(x, output)
+        sides = torch.stack([self.side_output(x, output, d) for d in self.side_memories()])
+        weights = self._position_weights(x)                                 # (B, T)
+        sums = (self.position_scores(output[None], sides).double() * weights).sum(-1)  # (K, B)
+        count = weights.sum(-1)
+        best_score, best = (sums / count.clamp_min(1)).max(0)              # (B,)
+        to_side = best_score >= self.threshold()
+        if rows.active:  # the prompt rows of a followed generation: the running sums
+            rows.state = torch.cat([sums.T, count[:, None],
+                                    torch.where(to_side, best, -1)[:, None].double()], dim=1)
         if not bool(to_side.any()):
             return None  # the main memory's output, untouched
+        side = sides[best, torch.arange(sides.shape[1], device=sides.device)]
+        return torch.where(to_side[:, None, None], side, output)
+
+    def _route_next(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor | None:
+        """The router on a cached step (`followed_rows`): a row's score is the mean over all
+        its positions, so the new position's score joins the row's running sum. A row whose
+        choice of memory changes has stale earlier positions (they answered from the memory
+        chosen before): the tracker asks for the whole rows again."""
+        rows = self._rows
+        if x.shape[1] != 1 or rows.state.shape[0] != x.shape[0]:
+            raise AttachmentError(
+                f"wise: a followed generation must step one position per row and say which "
+                f"rows leave (got {tuple(x.shape[:2])} for {rows.state.shape[0]} rows)")
+        sides = torch.stack([self.side_output(x, output, d) for d in self.side_memories()])
+        n_sides = sides.shape[0]
+        weight = self._position_weights(x)[:, 0]
+        new = self.position_scores(output[None], sides)[..., 0].T.double()   # (B, K)
+        sums = rows.state[:, :n_sides] + new * weight[:, None]
+        count = rows.state[:, n_sides] + weight
+        best_score, best = (sums / count.clamp_min(1)[:, None]).max(1)
+        chosen = torch.where(best_score >= self.threshold(), best, -1)
+        if bool((chosen != rows.state[:, n_sides + 1].long()).any()):
+            rows.rerun = True
+        rows.state = torch.cat([sums, count[:, None], chosen[:, None].double()], dim=1)
+        to_side = chosen >= 0
+        if not bool(to_side.any()):
+            return None
+        side = sides[chosen.clamp_min(0), torch.arange(sides.shape[1], device=sides.device)]
         return torch.where(to_side[:, None, None], side, output)
 
     @contextmanager
@@ -221,8 +274,10 @@ class WiseEditor(Editor):
             self._bypass = False
 
     def attachment(self) -> Attachment:
-        return Attachment(self.model.model, needs_full_sequence=True).add_forward_hook(
-            self.model.module(self.module_name), self._route)
+        # Whole rows for `generate`; factedit's own generation follows the rows instead.
+        return (Attachment(self.model.model, needs_full_sequence=True, rows=self._rows)
+                .add_pre_hook(self.model.model.base_model, self._keep_mask)
+                .add_forward_hook(self.model.module(self.module_name), self._route))
 
     def routes_to_side(self, text: str) -> bool:
         """Whether the router sends `text` (one row) to the side memory."""
@@ -233,8 +288,9 @@ class WiseEditor(Editor):
             self.model.model.base_model(input_ids=ids, use_cache=False)
         if not self.edit_scores:
             return False
-        _, score = self.best_side(proj.input, proj.output)
-        return bool(score[0] >= self.threshold())
+        sides = torch.stack([self.side_output(proj.input, proj.output, d)
+                             for d in self.side_memories()])
+        return bool(self.scores(proj.output[None], sides).max() >= self.threshold())
 
     # -- one edit -------------------------------------------------------------------------------
     def compute(self, requests: Sequence[EditRequest]) -> EditResult:

@@ -67,7 +67,7 @@ from typing import Any
 import torch
 
 from ..models import EditableModel
-from ..models.attach import followed_rows, installed
+from ..models.attach import FollowedRows, followed_rows
 from ..requests import EditRequest
 from ..text import encode
 from .means import mean_defined
@@ -328,7 +328,7 @@ def _eos_ids(model: EditableModel) -> list[int]:
 
 def _greedy(model: EditableModel, rows: Sequence[list[int]], max_new_tokens: int,
             done_table: torch.Tensor, use_cache: bool,
-            select_rows: Callable[[torch.Tensor], None] | None = None) -> list[list[int]]:
+            followed: FollowedRows | None = None) -> list[list[int]]:
     """Greedy new tokens of each row (left-padded together), each row leaving the batch at
     its first token marked in `done_table` (a stop string or EOS; that token is kept).
 
@@ -336,8 +336,10 @@ def _greedy(model: EditableModel, rows: Sequence[list[int]], max_new_tokens: int
     (`batch_select_indices`), so a batch costs the sum of its rows' lengths, not its longest
     row times its size (`generate` keeps finished rows computing padding). Without the cache
     (an attachment that must see whole rows turned it off), every step re-runs the rows.
-    `select_rows(keep)`: told which rows stay whenever rows leave (attachments that follow
-    rows, `models.attach.followed_rows`).
+    `followed`: the session of attachments that follow rows (`models.attach.followed_rows`):
+    told which rows stay whenever rows leave, and asked after each cached step whether a
+    hook's decision changed so that the whole rows must run again (then they do, once, and
+    the cache starts from that pass).
     The model's own forward and `head_logits`, so attachments and Gemma's logit cap act.
     """
     device, field = model.device, model.cache_field
@@ -356,6 +358,9 @@ def _greedy(model: EditableModel, rows: Sequence[list[int]], max_new_tokens: int
         if cache is not None:
             kwargs[field] = cache
         out = base(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, **kwargs)
+        if cache is not None and followed is not None and followed.take_rerun():
+            out = base(input_ids=ids, attention_mask=mask, position_ids=positions,
+                       use_cache=True)
         token = model.head_logits(out.last_hidden_state[:, -1]).argmax(-1)  # (rows alive,)
         for row, t in zip(alive.tolist(), token.tolist()):
             new_tokens[row].append(t)
@@ -364,17 +369,18 @@ def _greedy(model: EditableModel, rows: Sequence[list[int]], max_new_tokens: int
             break
         alive, token, mask = alive[keep], token[keep], mask[keep]
         mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
-        next_pos = step_pos[keep, -1:] + 1
+        # the whole rows so far (what a step without the cache, or a re-run, reads)
+        ids = torch.cat([ids[keep], token[:, None]], dim=1)
+        positions = torch.cat([positions[keep], positions[keep, -1:] + 1], dim=1)
         if use_cache:
             cache = out[field]
             if not bool(keep.all()):
                 cache.batch_select_indices(keep.nonzero().squeeze(1))
-                if select_rows is not None:
-                    select_rows(keep.nonzero().squeeze(1))
-            step_ids, step_pos = token[:, None], next_pos
+                if followed is not None:
+                    followed.select(keep.nonzero().squeeze(1))
+            step_ids, step_pos = token[:, None], positions[:, -1:]
         else:
-            step_ids = torch.cat([step_ids[keep], token[:, None]], dim=1)
-            step_pos = torch.cat([step_pos[keep], next_pos], dim=1)
+            step_ids, step_pos = ids, positions
     return new_tokens
 
 
@@ -393,8 +399,8 @@ def generate_continuations(model: EditableModel, prompts: Iterable[str], context
     string (`stop_token_table`), and the decoded text is cut at the first stop string.
     Greedy means argmax: the model's generation_config (repetition penalty, sampling) is
     not applied. The KV cache is used unless `generation_config.use_cache` is False (set
-    by attachments that must see whole rows: memory editors, WISE) and no attachment
-    follows the rows instead (GRACE's from-key mode: `models.attach.followed_rows`).
+    by attachments that must see whole rows: the memory editors) and no attachment follows
+    the rows instead (GRACE's from-key mode, WISE's router: `models.attach.followed_rows`).
     """
     from tqdm.auto import tqdm
 
@@ -415,12 +421,11 @@ def generate_continuations(model: EditableModel, prompts: Iterable[str], context
         for start in tqdm(starts, desc=f"generating {len(unique)} prompts", unit="batch",
                           disable=not progress or len(starts) < PROGRESS_MIN_BATCHES):
             batch = order[start:start + batch_size]
-            with followed_rows(model.model) as select_rows:
+            with followed_rows(model.model) as followed:
                 # Attachments that follow rows turn `generate`'s cache off, not this one's.
-                use_cache = select_rows is not None and (
-                    configured or any(a.rows is not None for a in installed(model.model)))
+                use_cache = followed is not None and (configured or followed.following)
                 new = _greedy(model, [encoded[i] for i in batch], max_new_tokens,
-                              done_table, use_cache, select_rows)
+                              done_table, use_cache, followed)
             for i, tokens in zip(batch, new):
                 out[unique[i]] = cut_at_stop(tok.decode(tokens, skip_special_tokens=True), stop)
     return {p: out[p] for p in unique}  # first-seen order, whatever the batches were

@@ -21,12 +21,16 @@ attachment sets `generation_config.use_cache = False`, so `generate` re-runs the
 every step (quadratic in the generated length, exact); `remove()` puts the old value back.
 
 `rows`: a hook that needs the earlier positions of a row only through what it decided there
-(GRACE's "from_key": which entry matched, if any) can keep that per-row state in a
-`RowTracker` instead. A generator that drops finished rows from its KV cache and says which
-rows it keeps (factedit's own greedy scoring, `metrics.generation`) opens a `followed_rows`
-session: the hooks then see the prompt rows once and one new position per row after, with
-their state carried over, and the generation stays exact at the cost of a cached one. Other
-callers (`generate`, whose beam search reorders rows unannounced) still get whole rows.
+(GRACE's "from_key": which entry matched, if any; WISE's router: the running sum of its
+per-position scores) can keep that per-row state in a `RowTracker` instead. A generator that
+drops finished rows from its KV cache and says which rows it keeps (factedit's own greedy
+scoring, `metrics.generation`) opens a `followed_rows` session: the hooks then see the prompt
+rows once and one new position per row after, with their state carried over, and the
+generation stays exact at the cost of a cached one. A hook whose decision for a row changes
+at a new position (WISE's router flips a row to another memory, which changes that row's
+earlier positions too) marks the tracker `rerun`; the generator then runs the whole rows
+again once (`FollowedRows.take_rerun`) and goes on cached. Other callers (`generate`, whose
+beam search reorders rows unannounced) still get whole rows.
 """
 
 from __future__ import annotations
@@ -56,16 +60,46 @@ class RowTracker:
     def __init__(self) -> None:
         self.active = False
         self.state: torch.Tensor | None = None
+        # Set by the hook when the cached positions of some row no longer hold (its decision
+        # changed): the generator must run the whole rows again.
+        self.rerun = False
 
     def start(self) -> None:
-        self.active, self.state = True, None
+        self.active, self.state, self.rerun = True, None, False
 
     def select(self, keep: torch.Tensor) -> None:
         if self.state is not None:
             self.state = self.state[keep.to(self.state.device)]
 
     def end(self) -> None:
-        self.active, self.state = False, None
+        self.active, self.state, self.rerun = False, None, False
+
+
+class FollowedRows:
+    """A generator's side of a `followed_rows` session."""
+
+    def __init__(self, trackers: list[RowTracker]) -> None:
+        self.trackers = trackers
+
+    @property
+    def following(self) -> bool:
+        """Whether an installed attachment follows the rows (else none needs whole rows)."""
+        return bool(self.trackers)
+
+    def select(self, keep: torch.Tensor) -> None:
+        """The rows `keep` (indices) stay in the batch and the cache; the others left."""
+        for tracker in self.trackers:
+            tracker.select(keep)
+
+    def take_rerun(self) -> bool:
+        """Whether a hook asked, during the last forward, for the whole rows to be run again
+        (that forward's outputs are stale). If so every tracker starts over, so the hooks see
+        the next forward, the whole rows, as a session's first."""
+        if not any(tracker.rerun for tracker in self.trackers):
+            return False
+        for tracker in self.trackers:
+            tracker.start()
+        return True
 
 
 # The attachments installed on each transformers model (for `followed_rows`).
@@ -78,26 +112,23 @@ def installed(model: nn.Module) -> list[Attachment]:
 
 
 @contextmanager
-def followed_rows(model: nn.Module) -> Iterator[Callable[[torch.Tensor], None] | None]:
-    """A session for a KV-cached generation that announces its rows: yields `select(keep)`
-    (call it with the indices of the rows that stay, whenever rows leave the batch and the
-    cache), or None where an installed attachment needs whole rows and cannot follow them
-    (then run every step on the full rows). Each batch is its own session."""
+def followed_rows(model: nn.Module) -> Iterator[FollowedRows | None]:
+    """A session for a KV-cached generation that announces its rows: yields a `FollowedRows`
+    (call its `select(keep)` with the indices of the rows that stay whenever rows leave the
+    batch and the cache, and its `take_rerun()` after each forward), or None where an
+    installed attachment needs whole rows and cannot follow them (then run every step on the
+    full rows). Each batch is its own session."""
     attachments = _INSTALLED.get(model, [])
     if any(a.needs_full_sequence and a.rows is None for a in attachments):
         yield None
         return
-    trackers = [a.rows for a in attachments if a.rows is not None]
-    for tracker in trackers:
+    session = FollowedRows([a.rows for a in attachments if a.rows is not None])
+    for tracker in session.trackers:
         tracker.start()
-
-    def select(keep: torch.Tensor) -> None:
-        for tracker in trackers:
-            tracker.select(keep)
     try:
-        yield select
+        yield session
     finally:
-        for tracker in trackers:
+        for tracker in session.trackers:
             tracker.end()
 
 
