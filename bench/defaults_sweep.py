@@ -10,7 +10,9 @@ and d4s-alphaedit with residual="once", values_on="original", fit="history": the
 makes the N edits one batch, which gives the model after the whole sequence in one solve;
 otherwise the edits run in sequence. Target values go through the value cache
 (value_cache=true), so settings that share value options share the Adam steps. Rows are
-written as they land (a killed sweep keeps its finished rows; rerunning skips them).
+written as they land (a killed sweep keeps its finished rows; rerunning skips them), each
+with its scores, seconds, downstream tasks and the edited matrices' mean |W| and
+||W - W_0||_F (`weight_stats`).
 """
 
 from __future__ import annotations
@@ -115,10 +117,12 @@ def main(argv: list[str] | None = None) -> int:
                                  generation=generation)
             score_seconds = time.perf_counter() - t0
             after = downstream() if tasks else None
+            weights = handle.weight_stats()  # mean |W|, ||W - W_0||_F per edited matrix
         finally:
             handle.restore()
         row = {"overrides": overrides, "n": len(requests), "scored": len(scored),
                "seconds": seconds, "score_seconds": score_seconds, "downstream": after,
+               "weight_stats": weights,
                "scores": {k: scores.get(k) for k in (*COLUMNS, "rewrite_acc", "rephrase_acc",
                                                      "locality", *GEN_COLUMNS)}}
         done["rows"].append(row)
