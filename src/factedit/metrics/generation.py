@@ -26,8 +26,8 @@ clause; "St. Petersburg" is cut to "St" by it, as in WILD), the prompt put in a 
 "chat" (the tokenizer's chat template, the prompt as the user's turn).
 
 Speed: distinct prompts only, sorted by token length, left-padded batches, greedy decoding
-with the KV cache (unless an attachment that needs whole rows turned the cache off: memory
-editors, GRACE's from-key mode). Each row stops at its first token whose text holds a stop
+with the KV cache (unless an attachment that needs whole rows turned the cache off and
+does not follow rows: the memory editors; GRACE's from-key mode and WISE follow them). Each row stops at its first token whose text holds a stop
 string (a lookup table over the vocabulary, built once per tokenizer) or EOS, and leaves
 the batch and the cache then: `transformers`' `generate` keeps finished rows computing
 padding until the longest row ends (with a per-row stopping criterion it took 311 s where
