@@ -1,7 +1,8 @@
 """WISE: routing keeps unrelated prompts on the main memory (their logits equal the unedited
 model's exactly) while edited prompts route to the side memory; weights never change; save
 and resume give the same router and outputs; restore is exact; a real flip on the built-in
-model; TIES merging and knowledge shards (exact identities on the tiny model)."""
+model; TIES merging and knowledge shards (exact identities on the tiny model); padding does
+not count in a route; the KV-cached generation equals re-running whole rows."""
 
 from __future__ import annotations
 
@@ -94,6 +95,27 @@ def test_later_edits_train_against_the_main_memory():
             bare.compute([request])
     assert torch.equal(bare.delta, handle.editor.delta)
     assert bare.edit_scores == handle.editor.edit_scores
+
+
+def test_padding_does_not_count_in_a_rows_route(edited):
+    """A row's score leaves out the positions its attention mask drops, so an edited prompt
+    right-padded beside a much longer unrelated one (padding would dilute its mean) still
+    routes to the side memory and gives its own logits, and the unrelated row stays on the
+    main memory."""
+    model, _, before = edited
+    tok = model.tokenizer
+    short = tok(R0.rewrite_prompt)["input_ids"]
+    long = tok(UNRELATED + " " + " ".join(["and then the next morning"] * 6))["input_ids"]
+    assert len(long) > 3 * len(short)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids = torch.tensor([short + [pad] * (len(long) - len(short)), long])
+    mask = torch.tensor([[1] * len(short) + [0] * (len(long) - len(short)), [1] * len(long)])
+    with torch.no_grad():
+        batch = model.model(input_ids=ids, attention_mask=mask).logits
+    alone = logits(model, R0.rewrite_prompt)[0]
+    assert torch.allclose(batch[0, :len(short)], alone, atol=1e-5)
+    assert not torch.allclose(alone, before["edit"][0], atol=1e-3)   # the side memory's
+    assert torch.allclose(batch[1], logits(model, torch.tensor([long]))[0], atol=1e-5)
 
 
 def test_generation_keeps_the_cache_and_equals_whole_rows(edited, monkeypatch):
