@@ -20,6 +20,7 @@ from factedit.lab import (
     load_experiment,
     run_experiment,
 )
+from factedit.lab.store import MEAN
 from factedit.report import format_tables, pearson, ranks, spearman, write_report
 
 
@@ -224,7 +225,9 @@ def test_scoring_and_baseline_resume_chunk_by_chunk(lab_env, tokenizer, monkeypa
     """The baseline and every scoring of many requests commit SCORE_CHUNK requests at a time
     (10,000 requests with generation are hours on two CPU cores): a stop in the middle of
     either loses at most the chunk in hand, a resume does only what is missing, and the
-    rows equal an unbroken run's."""
+    rows equal an unbroken run's. The unedited model is scored only as far as each
+    checkpoint needs (its edits set aside meanwhile), so the first checkpoint is scored
+    before the unedited model has seen the later requests."""
     import factedit.lab.runner as runner
 
     tmp, corpus, dataset = lab_env
@@ -249,19 +252,29 @@ def test_scoring_and_baseline_resume_chunk_by_chunk(lab_env, tokenizer, monkeypa
     counted("capture_baseline")
     counted("evaluate")
     out = tmp / "broken"
-    # the baseline's second chunk; the unedited scoring's second chunk; checkpoint 4's second
-    # chunk (before edit 4's state is saved: the resume edits 3 and 4 again, bit for bit)
-    for name, call in [("capture_baseline", 2), ("evaluate", 2), ("evaluate", 2 + 2 + 1 + 2)]:
+    # the baseline's second chunk; the unedited scoring of requests 3-4 at checkpoint 4 (the
+    # edits set aside); checkpoint 4's second chunk (both before edit 4's state is saved: the
+    # resume edits 3 and 4 again, bit for bit)
+    for name, call in [("capture_baseline", 2), ("evaluate", 3), ("evaluate", 5)]:
         stop.update({"capture_baseline": 0, "evaluate": 0, name: call})
         with pytest.raises(RunInterrupted, match=name):
             run_experiment(config if not out.exists() else None, out, resume=out.exists(),
                            model=make_tiny_model(tokenizer), progress=False)
+        if call == 3:  # checkpoint 2 is in the store; the unedited model has seen 2 requests
+            with sqlite3.connect(out / "results.sqlite") as db:
+                unedited = db.execute("SELECT COUNT(DISTINCT uid) FROM scores WHERE method = "
+                                      "'unedited' AND view = 'unedited' AND uid != ?",
+                                      (MEAN,)).fetchone()[0]
+                checkpoint = db.execute("SELECT COUNT(*) FROM scores WHERE method = 'memit' "
+                                        "AND n_edits = 2 AND view = 'checkpoint'").fetchone()[0]
+            assert unedited == 2 and checkpoint > 0
     stop.update({"capture_baseline": 0, "evaluate": 0})
     run_experiment(None, out, resume=True, model=make_tiny_model(tokenizer), progress=False)
     # the four requests with a neighbourhood ("italy" has none), each captured once
     assert done["capture_baseline"] == [2, 2] and len(FACTS) == 5
-    # unedited 2+2+1, checkpoint 2: 2, checkpoint 4: 2+2, checkpoint 5: 2+2+1; nothing twice
-    assert done["evaluate"] == [2, 2, 1, 2, 2, 2, 2, 2, 1]
+    # unedited 1-2, checkpoint 2; unedited 3-4, checkpoint 4: 2+2; unedited 5, checkpoint 5:
+    # 2+2+1; nothing twice
+    assert done["evaluate"] == [2, 2, 2, 2, 2, 1, 2, 2, 1]
     for name in ("scores", "weight_stats"):
         assert measured(out / "results.sqlite", name) == \
             measured(straight / "results.sqlite", name)

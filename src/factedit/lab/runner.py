@@ -31,6 +31,10 @@ The unedited baseline (baseline.json) and every scoring of many requests (the un
 model, each checkpoint) commit SCORE_CHUNK requests at a time: a scoring stopped half-way
 goes on, on resume, from the requests it had not scored, where the weights are the same
 (their digest is kept beside the rows; edits redone after a stop are bit-for-bit the same).
+The unedited model is scored only as far as the checkpoints need it: up front on the first
+checkpoint's requests, then at each checkpoint on the requests it adds, with the method's
+edits set aside (`EditHandle.disabled`, the weights' digest checked), so a long run's first
+checkpoint does not wait for the unedited model to be scored on every request.
 
 Processes may share one run folder, each running other methods (`methods=` here,
 `factedit run --resume DIR --methods NAME` on the command line): one per GPU, or per core.
@@ -48,7 +52,7 @@ import math
 import shutil
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -239,20 +243,20 @@ def _run(store: ResultsStore, out: Path, experiment: Experiment, runs: list[Meth
     unedited_weights = model_digest(model)
     baseline = _baseline(out, model, unedited_weights, requests, experiment.eval.generation,
                          progress)
-    # A second process waits here rather than score the unedited model a second time.
-    with _method_lock(out, UNEDITED, wait=True):
-        _score_unedited(store, experiment, model, unedited_weights, requests, baseline,
-                        progress)
+    unedited = _UneditedScores(store, out, experiment, model, unedited_weights, requests,
+                               baseline, progress)
+    unedited.upto(min(checkpoint_counts(experiment), default=len(requests)))
     budget = _Budget(stop_after_edits)
     for i, run in enumerate(runs):
         log.info("method %d/%d: %s", i + 1, len(runs), run.key)
         with _method_lock(out, run.key) as ours:
             if ours:
                 _run_method(store, out, experiment, run, model, requests, baseline, budget,
-                            progress)
+                            progress, unedited)
             else:
                 log.warning("%s: another process is editing it (%s), skipped", run.key,
                             _lock_path(out, run.key))
+    unedited.upto(len(requests))  # the requests no checkpoint of this process reached
     unfinished = _unfinished(experiment, store)
     if unfinished:
         log.info("methods not finished: %s; `factedit run --resume %s` runs them",
@@ -590,24 +594,67 @@ def _text_digest(text: str) -> str:
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
-def _score_unedited(store: ResultsStore, experiment: Experiment, model: EditableModel,
-                    weights: str, requests: list[EditRequest], baseline: Baseline,
-                    progress: bool) -> None:
-    done = store.progress(UNEDITED)
-    if done and done["finished"]:
-        return
-    log.info("scoring the unedited model on %d requests", len(requests))
-    per_request = _score_in_chunks(store, UNEDITED, 0, "unedited", model, weights, requests,
-                                   baseline, experiment.eval.generation, progress)["per_request"]
-    # The perplexity of each edit target under the unedited model (MQD's measure).
-    for row, ppl in zip(per_request, target_perplexity(model, requests)):
-        row["target_ppl"] = ppl
-    rows = [row for r in per_request for row in score_rows(UNEDITED, 0, "unedited", r)]
-    for n in checkpoint_counts(experiment):
-        rows += score_rows(UNEDITED, n, "unedited", _mean_row(per_request[:n]), uid=MEAN)
-    if 0 in experiment.downstream.counts(experiment.max_edits):
-        rows += downstream_rows(UNEDITED, 0, model, experiment)
-    store.write(scores=rows, progress=(UNEDITED, 0, None, True))
+class _UneditedScores:
+    """The unedited model's scores of the run's requests, taken as far as the checkpoints
+    need them (`upto(n)`: the first n requests), SCORE_CHUNK requests at a time; at a
+    checkpoint the method's edits are set aside for it (`EditHandle.disabled`). Scoring
+    10,000 requests with generation takes hours on two CPU cores: this way the first
+    checkpoint comes after its own requests, not after all of them. Progress row (unedited,
+    n scored, -, all scored)."""
+
+    def __init__(self, store: ResultsStore, out: Path, experiment: Experiment,
+                 model: EditableModel, weights: str, requests: list[EditRequest],
+                 baseline: Baseline, progress: bool) -> None:
+        self.store, self.out, self.experiment, self.model = store, out, experiment, model
+        self.weights, self.requests, self.baseline = weights, requests, baseline
+        self.progress = progress
+
+    def scored(self) -> int:
+        done = self.store.progress(UNEDITED)
+        if not done:
+            return 0
+        return len(self.requests) if done["finished"] else int(done["n_done"])
+
+    def upto(self, n: int, handle: EditHandle | None = None) -> None:
+        """Score the unedited model on the first n requests where it is not yet; `handle`:
+        the edits on the model now, set aside meanwhile."""
+        n = min(n, len(self.requests))
+        if self.scored() >= n:
+            return
+        # A second process waits here rather than score the same requests a second time.
+        with _method_lock(self.out, UNEDITED, wait=True), \
+                (handle.disabled() if handle is not None else nullcontext()):
+            if self.scored() >= n:
+                return
+            if handle is not None and model_digest(self.model) != self.weights:
+                raise RuntimeError(
+                    "the unedited model could not be scored: with the edits set aside the "
+                    "weights are not the run's W_0 (digest differs); was the model changed "
+                    "outside the method's EditHandle?")
+            self._score(n)
+
+    def _score(self, n: int) -> None:
+        experiment, model = self.experiment, self.model
+        before = self.store.progress(UNEDITED)
+        log.info("scoring the unedited model on the first %d of %d requests", n,
+                 len(self.requests))
+        per_request = _score_in_chunks(self.store, UNEDITED, 0, "unedited", model,
+                                       self.weights, self.requests[:n], self.baseline,
+                                       experiment.eval.generation, self.progress)["per_request"]
+        # The perplexity of each edit target under the unedited model (MQD's measure).
+        lacking = [i for i, row in enumerate(per_request) if row.get("target_ppl") is None]
+        for i, ppl in zip(lacking, target_perplexity(model, [self.requests[i] for i in lacking])):
+            per_request[i]["target_ppl"] = ppl
+        rows = [row for i in lacking
+                for row in score_rows(UNEDITED, 0, "unedited", per_request[i])]
+        for count in checkpoint_counts(experiment):
+            if count <= n:
+                rows += score_rows(UNEDITED, count, "unedited", _mean_row(per_request[:count]),
+                                   uid=MEAN)
+        if before is None and 0 in experiment.downstream.counts(experiment.max_edits):
+            rows += downstream_rows(UNEDITED, 0, model, experiment)
+        self.store.write(scores=rows,
+                         progress=(UNEDITED, n, None, n == len(self.requests)))
 
 
 def downstream_rows(key: str, n: int, model: EditableModel, experiment: Experiment
@@ -642,7 +689,7 @@ class _Budget:
 
 def _run_method(store: ResultsStore, out: Path, experiment: Experiment, run: MethodRun,
                 model: EditableModel, requests: list[EditRequest], baseline: Baseline,
-                budget: _Budget, progress: bool) -> None:
+                budget: _Budget, progress: bool, unedited: _UneditedScores) -> None:
     key = run.key
     point = store.progress(key)
     if point and point["finished"]:
@@ -668,16 +715,20 @@ def _run_method(store: ResultsStore, out: Path, experiment: Experiment, run: Met
     if handle is None:
         handle = EditHandle(model, make_editor(model, run.name, experiment.method_config(run)))
     recorder = _Recorder(store, out, key, experiment, len(requests), budget, state_dir)
+
+    def score(edited: list[EditRequest]) -> dict[str, Any]:
+        unedited.upto(len(edited), handle)  # the unedited rows this checkpoint compares with
+        return _score_in_chunks(store, key, len(edited), "checkpoint", model,
+                                model_digest(model), edited, baseline,
+                                experiment.eval.generation, progress)
+
     try:
         run_sequence(
             model, requests, run.name, mode=experiment.mode, batch_size=experiment.batch_size,
             eval_every=experiment.eval.every, eval_at=experiment.n_edits,
             immediate=experiment.eval.immediate, unedited=False, baseline=baseline,
             handle=handle, on_edit=recorder.on_edit, on_checkpoint=recorder.on_checkpoint,
-            progress=progress, generation=experiment.eval.generation,
-            score=lambda edited: _score_in_chunks(
-                store, key, len(edited), "checkpoint", model, model_digest(model), edited,
-                baseline, experiment.eval.generation, progress))
+            progress=progress, generation=experiment.eval.generation, score=score)
         _write_patch(out, key, handle, requests, recorder.final_scores)
     finally:
         handle.restore()  # W_0 again for the next method (or the next resume)
