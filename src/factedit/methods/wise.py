@@ -192,6 +192,10 @@ class WiseEditor(Editor):
         delta = self.delta if delta is None else delta
         return output + x @ delta.to(x.dtype).T
 
+    def side_outputs(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """(K, B, T, d_out): the output of every side memory the router may choose."""
+        return torch.stack([self.side_output(x, output, d) for d in self.side_memories()])
+
     def position_scores(self, main: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
         """(..., T) ||act(side) - act(main)|| at each position."""
         return (self.act(side) - self.act(main)).norm(dim=-1)
@@ -223,19 +227,15 @@ class WiseEditor(Editor):
         rows = self._rows
         if rows.active and rows.state is not None:  # one new position per followed row
             return self._route_next(x, output)
-        sides = torch.stack([self.side_output(x, output, d) for d in self.side_memories()])
+        sides = self.side_outputs(x, output)
         weights = self._position_weights(x)                                 # (B, T)
         sums = (self.position_scores(output[None], sides).double() * weights).sum(-1)  # (K, B)
         count = weights.sum(-1)
         best_score, best = (sums / count.clamp_min(1)).max(0)              # (B,)
-        to_side = best_score >= self.threshold()
+        chosen = torch.where(best_score >= self.threshold(), best, -1)
         if rows.active:  # the prompt rows of a followed generation: the running sums
-            rows.state = torch.cat([sums.T, count[:, None],
-                                    torch.where(to_side, best, -1)[:, None].double()], dim=1)
-        if not bool(to_side.any()):
-            return None  # the main memory's output, untouched
-        side = sides[best, torch.arange(sides.shape[1], device=sides.device)]
-        return torch.where(to_side[:, None, None], side, output)
+            rows.state = torch.cat([sums.T, count[:, None], chosen[:, None].double()], dim=1)
+        return self._answer(sides, output, chosen)
 
     def _route_next(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor | None:
         """The router on a cached step (`followed_rows`): a row's score is the mean over all
@@ -247,7 +247,7 @@ class WiseEditor(Editor):
             raise AttachmentError(
                 f"wise: a followed generation must step one position per row and say which "
                 f"rows leave (got {tuple(x.shape[:2])} for {rows.state.shape[0]} rows)")
-        sides = torch.stack([self.side_output(x, output, d) for d in self.side_memories()])
+        sides = self.side_outputs(x, output)
         n_sides = sides.shape[0]
         weight = self._position_weights(x)[:, 0]
         new = self.position_scores(output[None], sides)[..., 0].T.double()   # (B, K)
@@ -258,6 +258,13 @@ class WiseEditor(Editor):
         if bool((chosen != rows.state[:, n_sides + 1].long()).any()):
             rows.rerun = True
         rows.state = torch.cat([sums, count[:, None], chosen[:, None].double()], dim=1)
+        return self._answer(sides, output, chosen)
+
+    @staticmethod
+    def _answer(sides: torch.Tensor, output: torch.Tensor, chosen: torch.Tensor
+                ) -> torch.Tensor | None:
+        """Each row's output from the memory `chosen` for it (-1: the main memory); None
+        where every row stays on the main memory (its output untouched)."""
         to_side = chosen >= 0
         if not bool(to_side.any()):
             return None
@@ -288,8 +295,7 @@ class WiseEditor(Editor):
             self.model.model.base_model(input_ids=ids, use_cache=False)
         if not self.edit_scores:
             return False
-        sides = torch.stack([self.side_output(proj.input, proj.output, d)
-                             for d in self.side_memories()])
+        sides = self.side_outputs(proj.input, proj.output)
         return bool(self.scores(proj.output[None], sides).max() >= self.threshold())
 
     # -- one edit -------------------------------------------------------------------------------

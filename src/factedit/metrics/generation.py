@@ -29,8 +29,8 @@ Speed: distinct prompts only, sorted by token length, left-padded batches, greed
 with the KV cache (unless an attachment that needs whole rows turned the cache off and
 does not follow rows: the memory editors; GRACE's from-key mode and WISE follow them). Each
 row stops at its first token whose text holds a stop string (a lookup table over the
-vocabulary, built once per tokenizer) or EOS, and leaves
-the batch and the cache then: `transformers`' `generate` keeps finished rows computing
+vocabulary, built once per tokenizer) or EOS, and leaves the batch and the cache then:
+`transformers`' `generate` keeps finished rows computing
 padding until the longest row ends (with a per-row stopping criterion it took 311 s where
 this loop took 166 s on the 298 prompts of 100 CounterFact requests, batch 64, one thread
 on a shared machine; `bench/generation_speed.py` times it beside the teacher-forced scoring).
