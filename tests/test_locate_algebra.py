@@ -366,6 +366,38 @@ def test_values_prepared_in_batches_equal_values_optimised_alone(tokenizer, meth
         assert_same_edit(captured[-1], deltas(alone, w0, layers), rtol=1e-6)
 
 
+def test_run_sequence_prepares_values_one_stretch_at_a_time(tokenizer, monkeypatch):
+    """A sequence prepares history-free values up to its next checkpoint (rounded up to whole
+    value batches), not all of them before the first edit: the first checkpoint of a 10,000-
+    edit run does not wait for 10,000 values. The edits equal values optimised alone."""
+    from factedit.methods.locate.d4s import D4SEditor
+    from factedit.protocol.sequence import run_sequence
+
+    prepared: list[list[int]] = []
+    scored_after: list[int] = []
+    real_prepare = D4SEditor.prepare
+
+    def spy(self, requests, progress=False):
+        prepared.append([REQUESTS.index(r) for r in requests])
+        return real_prepare(self, requests, progress=progress)
+
+    monkeypatch.setattr(D4SEditor, "prepare", spy)
+    config = small(value_batch_size=2)
+    w0, staged, alone = tiny(tokenizer), tiny(tokenizer), tiny(tokenizer)
+    report = run_sequence(staged, REQUESTS, "d4s", eval_at=[3], immediate=False, unedited=False,
+                          progress=False, baseline={},
+                          score=lambda edited: scored_after.append(len(prepared)) or {},
+                          **config)
+    # The checkpoint after 3 edits is scored after one stretch ([0, 4): 3 rounded up to the
+    # batch of 2) and before the next ([4, 6)).
+    assert prepared == [[0, 1, 2, 3], [4, 5]]
+    assert scored_after == [1, 2]
+    assert not report.handle.editor._prepared, "every prepared value is used exactly once"
+    assert report.n_prepared == len(REQUESTS) and report.prepare_seconds > 0
+    _step_without_prepare(alone, "d4s", REQUESTS, **config)
+    assert_same_edit(deltas(staged, w0), deltas(alone, w0), rtol=1e-6)
+
+
 def test_timings_count_the_work_prepared_ahead_of_the_edits(tokenizer):
     """Single mode computes C and every request's values in `prepare`, before any record
     exists: the handle's timings and summary still count that time (the demo printed

@@ -65,9 +65,12 @@ class SequenceReport:
     final: dict[str, Any] = field(default_factory=dict)
     unedited: dict[str, Any] = field(default_factory=dict)
     # Seconds spent computing target values ahead, batched (methods whose edits ignore the
-    # history: d4s); counted into seconds per request, pro rata at checkpoints.
+    # history: d4s), and how many requests from `prepared_from` on they cover; counted into
+    # seconds per request pro rata at checkpoints.
     prepare_seconds: float = 0.0
     n_total: int = 0
+    prepared_from: int = 0
+    n_prepared: int = 0
     generation: GenerationOptions | None = None  # scored with generation metrics too
 
     @property
@@ -76,7 +79,8 @@ class SequenceReport:
         return SUMMARY_METRICS + (GEN_SUMMARY_METRICS if self.generation else ())
 
     def edit_seconds(self, n_edits: int) -> float:
-        share = self.prepare_seconds * n_edits / self.n_total if self.n_total else 0.0
+        covered = min(max(n_edits - self.prepared_from, 0), self.n_prepared)
+        share = self.prepare_seconds * covered / self.n_prepared if self.n_prepared else 0.0
         return sum(r.seconds for r in self.handle.records) + share
 
     @property
@@ -189,18 +193,33 @@ def run_sequence(
         due = sorted(set(due) | set(range(eval_every, len(requests), eval_every)))
     due = [n for n in due if n > done]
     groups = [requests[i:i + size] for i in range(done, len(requests), size)]
-    started = time.perf_counter()
-    # A continued run prepares from the start of the value batch its next request fell in
-    # when the run began, so each request is optimised in the same batch as in an unbroken
+    report.n_total = len(requests)
+    # Values computed ahead are prepared one stretch at a time, up to the next checkpoint, so
+    # a long run's first checkpoint does not wait for every request's values. Stretches start
+    # and end on multiples of the value batch, and a continued run starts at the batch its
+    # next request fell in, so each request is optimised in the same batch as in an unbroken
     # run (batched and single optimisation agree only to rounding; this keeps them exact).
     align = getattr(handle.config, "value_batch_size", 1) or 1
-    if done < len(requests):
-        handle.prepare(requests[done - done % align:], mode, progress)
-    report.prepare_seconds, report.n_total = time.perf_counter() - started, len(requests)
+    stops = sorted({*due, len(requests)})
+    report.prepared_from = prepared_to = done - done % align
+
+    def prepare_stretch(first: int) -> int:
+        """Prepare requests[first:] through the end of the stretch holding `first`; returns
+        that end."""
+        end = next(n for n in stops if n > first)
+        end = min(len(requests), -(-end // align) * align)
+        started = time.perf_counter()
+        handle.prepare(requests[first:end], mode, progress)
+        report.prepare_seconds += time.perf_counter() - started
+        report.n_prepared += end - first
+        return end
+
     from tqdm.auto import tqdm
 
     for group in tqdm(groups, desc=f"{report.method} {mode}", unit="edit",
                       disable=not progress or len(groups) < 2):
+        while prepared_to < done + len(group):
+            prepared_to = prepare_stretch(prepared_to)
         record = handle.step(group)
         done += len(group)
         if immediate:
