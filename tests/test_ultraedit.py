@@ -34,17 +34,21 @@ def test_registered_with_batch_and_config_errors():
     spec = get_method("ultraedit")
     assert spec.supports_batch and not spec.supports_remove
     for bad, field in ((dict(lr=0.0), "lr"), (dict(ridge=-1.0), "ridge"),
-                       (dict(token="subject"), "token"), (dict(layers=[2, 1]), "layers")):
+                       (dict(token="subject"), "token"), (dict(layers=[2, 1]), "layers"),
+                       (dict(projections="gate"), "projections")):
         with pytest.raises(ConfigError, match=field):
             UltraEditConfig(**bad)
 
 
-def test_keys_and_gradients_factor_the_weight_gradient(tiny):
-    """sum_t g_t k_t^T over every position is dLoss/dW of the projection (token='all')."""
-    editor = make_editor(tiny, "ultraedit", layers=LAYERS)
+@pytest.mark.parametrize("projections", ["out", "in"])
+def test_keys_and_gradients_factor_the_weight_gradient(tiny, projections):
+    """sum_t g_t k_t^T over every position is dLoss/dW of each edited projection
+    (token='all'): the output projections, or the gate and up projections ("in")."""
+    editor = make_editor(tiny, "ultraedit", layers=LAYERS, projections=projections)
+    assert len(editor.sites) == len(LAYERS) * (1 if projections == "out" else 2)
     reads, nll = editor.key_gradients([R0])
     ids, first, answer = teacher_forced(tiny.tokenizer, R0.rewrite_prompt, R0.target_new)
-    params = [tiny.mlp_out(layer).weight for layer in LAYERS]
+    params = [tiny.module(name).weight for name in editor.sites.values()]
     for p in params:
         p.requires_grad_(True)
     try:
@@ -56,35 +60,37 @@ def test_keys_and_gradients_factor_the_weight_gradient(tiny):
         for p in params:
             p.requires_grad_(False)
     assert nll == pytest.approx(float(loss.detach()), rel=1e-12)
-    for layer, grad in zip(LAYERS, grads):
-        K, G = reads[layer]
+    for site, grad in zip(editor.sites, grads):
+        K, G = reads[site]
         assert K.shape[0] == len(ids)
         torch.testing.assert_close(G.T @ K, grad, rtol=1e-10, atol=1e-12)
 
 
-def test_delta_is_the_ridge_least_squares_solution(tiny):
+@pytest.mark.parametrize("projections", ["out", "in"])
+def test_delta_is_the_ridge_least_squares_solution(tiny, projections):
     """Delta = argmin ||Delta K - V||^2 + ridge ||Delta||^2, V = -lr ||k^||^2 g^, with k^, g^
     the z-scores under the statistics that include this edit's rows."""
-    config = UltraEditConfig(layers=LAYERS, lr=1e-2, ridge=0.5)
+    config = UltraEditConfig(layers=LAYERS, lr=1e-2, ridge=0.5, projections=projections)
     editor = make_editor(tiny, config)
     editor.compute([R0])  # a first edit, so the second is normalised by a running statistic
     reads, _ = editor.key_gradients([R1, R2])  # a batch: two rows of different lengths
-    state = {layer: RunningMoments.load(editor.moments[layer].state()) for layer in LAYERS}
+    state = {site: RunningMoments.load(editor.moments[site].state()) for site in editor.sites}
     result = editor.compute([R1, R2])
-    for layer in LAYERS:
-        K, G = reads[layer]
+    assert set(result.deltas) == {f"{name}.weight" for name in editor.sites.values()}
+    for site, name in editor.sites.items():
+        K, G = reads[site]
         rows = torch.cat([K, G], 1)
-        state[layer].update(rows)
-        everything = state[layer]
+        state[site].update(rows)
+        everything = state[site]
         z = (rows - everything.mean) / (everything.std() + 1e-8)
         k_hat, g_hat = z[:, :K.shape[1]], z[:, K.shape[1]:]
         V = -1e-2 * (k_hat ** 2).sum(1, keepdim=True) * g_hat
         # The normal equations, solved directly (a different route from the editor's Woodbury).
         A = K.T @ K + 0.5 * torch.eye(K.shape[1], dtype=torch.float64)
         expected = torch.linalg.solve(A, K.T @ V).T
-        delta = result.deltas[editor.weight_param_name(layer)]
+        delta = result.deltas[f"{name}.weight"]
         torch.testing.assert_close(delta, expected, rtol=1e-9, atol=1e-12)
-        assert editor.moments[layer].count == everything.count
+        assert editor.moments[site].count == everything.count
 
 
 def test_running_moments_equal_all_rows_at_once():
@@ -145,6 +151,9 @@ def test_sequential_save_resume_and_restore(tiny, tmp_path):
     wrong = make_editor(tiny, "ultraedit", layers=[1], lr=1e-2)
     with pytest.raises(ValueError, match="layers"):
         wrong.load_state_dict(tensors, manifest)
+    other_site = make_editor(tiny, "ultraedit", layers=LAYERS, lr=1e-2, projections="in")
+    with pytest.raises(ValueError, match="projections 'in'"):
+        other_site.load_state_dict(tensors, manifest)
     handle.restore()
     for layer, w in weights(tiny).items():
         assert torch.equal(original[layer], w)

@@ -26,6 +26,9 @@ class ArchSpec:
         layers: the ModuleList of transformer blocks.
         mlp: the MLP of a block.
         mlp_in: the MLP's input projection (d_model -> d_ff); KN reads its neurons after it.
+        mlp_gate: a gated MLP's second input projection (d_model -> d_ff, its activation
+            multiplies mlp_in's output), None where the MLP has one input projection (or
+            fuses both, as Phi-3's gate_up_proj).
         mlp_out: the MLP's output projection (d_ff -> d_model): the matrix ROME/MEMIT edit.
         attn_out: the attention output projection (PMET's attention target lives here).
         embed: token embedding.
@@ -49,12 +52,20 @@ class ArchSpec:
     lm_head: str
     conv1d: bool = False
     post_mlp_norm: str | None = None
+    mlp_gate: str | None = None
 
     def layer(self, i: int) -> str:
         return f"{self.layers}.{i}"
 
     def mlp_out_at(self, i: int) -> str:
         return f"{self.layers}.{i}.{self.mlp_out}"
+
+    def mlp_in_at(self, i: int) -> list[str]:
+        """The MLP's input projections of block `i`: mlp_in, and mlp_gate where there is one."""
+        names = [f"{self.layers}.{i}.{self.mlp_in}"]
+        if self.mlp_gate:
+            names.append(f"{self.layers}.{i}.{self.mlp_gate}")
+        return names
 
     def mlp_at(self, i: int) -> str:
         return f"{self.layers}.{i}.{self.mlp}"
@@ -72,6 +83,7 @@ _LLAMA_LIKE = ArchSpec(
     embed="model.embed_tokens",
     final_norm="model.norm",
     lm_head="lm_head",
+    mlp_gate="mlp.gate_proj",
 )
 
 _GPT2 = ArchSpec(
@@ -117,7 +129,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         lm_head="lm_head",
     ),
     # Phi-3: gate and up projections fused in one matrix (d_model -> 2 d_ff).
-    "phi3": replace(_LLAMA_LIKE, mlp_in="mlp.gate_up_proj"),
+    "phi3": replace(_LLAMA_LIKE, mlp_in="mlp.gate_up_proj", mlp_gate=None),
     # OLMo-2 normalises the MLP output before the residual add (no pre-MLP norm).
     "olmo2": replace(_LLAMA_LIKE, post_mlp_norm="post_feedforward_layernorm"),
     # Phi-1/1.5/2: attention and MLP in parallel on one LayerNorm, both added to the residual.
