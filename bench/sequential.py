@@ -49,6 +49,33 @@ def previous_state(path: Path) -> str | None:
     return (json.loads(path.read_text()).get("resume") or {}).get("state_dir")
 
 
+def unedited_scores(path: Path, model, requests, baseline, generation: bool) -> dict:
+    """The unedited model's summary scores of `requests`, kept in the JSON file `path` (named
+    by the model's weights digest) beside the shared baseline: every method of every run on
+    the same requests starts from the same numbers, scored once (~15 min of one core for
+    1,000 requests with generation)."""
+    import hashlib
+
+    import factedit as fe
+    from factedit.metrics import generation_options
+    from factedit.protocol.sequence import GEN_SUMMARY_METRICS, SUMMARY_METRICS
+
+    options = generation_options(True if generation else None)
+    key = hashlib.blake2b(json.dumps(
+        [[r.uid for r in requests], options.generation_key() if options else None]).encode(),
+        digest_size=8).hexdigest()
+    path = path.with_name(f"{path.stem}-unedited-{key}.json")
+    if path.is_file():
+        return json.loads(path.read_text())
+    scores = fe.evaluate(model, requests, baseline, generation=options)
+    metrics = SUMMARY_METRICS + (GEN_SUMMARY_METRICS if options else ())
+    summary = {k: scores.get(k) for k in metrics}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(summary, default=float))
+    tmp.replace(path)
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -80,8 +107,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import factedit as fe
     from factedit.data import load_dataset
+    from factedit.lab.runner import stored_baseline
+    from factedit.linalg.value_cache import model_digest
     from factedit.methods import options_for
-    from factedit.metrics import capture_baseline
+    from factedit.models.loading import cache_root
     from factedit.protocol import EditHandle
 
     sizes = sorted(int(x) for x in args.n.split(","))
@@ -95,6 +124,14 @@ def main(argv: list[str] | None = None) -> int:
     if len(requests) < sizes[-1]:
         sys.exit(f"{args.dataset} has only {len(requests)} usable records")
     overrides = method_overrides(args.set)
+    # The pre-edit baseline is a function of the unedited model: one file per model's weights
+    # under the cache, shared by every run (capturing 1,000 requests with generation costs
+    # ~15 min of one core), extended with the requests it lacks.
+    weights = model_digest(model)
+    baseline_path = cache_root() / "baselines" / f"{weights}.json"
+    baseline = stored_baseline(baseline_path, model, weights, requests,
+                               generation=True if args.generation else None)
+    unedited = unedited_scores(baseline_path, model, requests, baseline, args.generation)
 
     results = {}
     for method in args.methods.split(","):
@@ -110,14 +147,11 @@ def main(argv: list[str] | None = None) -> int:
         for stale in out.glob(f"{tag}.state-*"):
             if resume is None or stale.name != resume["state_dir"]:
                 shutil.rmtree(stale, ignore_errors=True)
-        # The pre-edit baseline is a function of the unedited model: capture it before a
-        # resumed handle puts the earlier edits back.
-        baseline = capture_baseline(model, requests, generation=True if args.generation else None)
         handle = None
         if resume:
             handle = EditHandle.resume(model, out / resume["state_dir"])
             print(f"{method}: resuming after {resume['n_done']} edits", flush=True)
-        earlier = resume or {"immediate_rows": [], "checkpoints": [], "unedited": None,
+        earlier = resume or {"immediate_rows": [], "checkpoints": [], "unedited": unedited,
                              "prepare_seconds": 0.0}
         state_by_n = {int(k): v for k, v in previous.get("editor_state_mib_by_n", {}).items()}
 
@@ -172,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         report = fe.run_sequence(
             model, requests, method, mode=args.mode, batch_size=args.batch_size,
             eval_at=sizes, on_checkpoint=save, on_edit=on_edit, immediate=args.immediate,
-            baseline=baseline, handle=handle, unedited=resume is None,
+            baseline=baseline, handle=handle, unedited=False,
             generation=True if args.generation else None,
             # a resumed handle brings its own config (corpus and overrides included)
             **({} if handle else {**options_for(method, covariance_corpus=corpus,
@@ -184,8 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     header = ["method", "N", *COLUMNS, "s/edit", "peak RSS MiB", "state MiB"]
     rows = [header]
     for method, data in results.items():
-        unedited = data["unedited"]
-        rows.append([method, "0", *[f"{unedited[c]:.3f}" for c in COLUMNS], "-", "-", "-"])
+        rows.append([method, "0", *[f"{data['unedited'][c]:.3f}" for c in COLUMNS],
+                     "-", "-", "-"])
         for c in data["checkpoints"]:
             by_n = {int(k): v for k, v in data.get("editor_state_mib_by_n", {}).items()}
             state = by_n.get(c["n_edits"], {})

@@ -241,7 +241,8 @@ def _run(store: ResultsStore, out: Path, experiment: Experiment, runs: list[Meth
     # it); a pure function of the unedited model, kept in the run folder for a resume. The
     # weights' digest ties it and the unedited scores to W_0 (one pass over every parameter).
     unedited_weights = model_digest(model)
-    baseline = _baseline(out, model, unedited_weights, requests, experiment.eval.generation,
+    baseline = stored_baseline(out / BASELINE_FILE, model, unedited_weights, requests,
+                               experiment.eval.generation,
                          progress)
     unedited = _UneditedScores(store, out, experiment, model, unedited_weights, requests,
                                baseline, progress)
@@ -512,18 +513,20 @@ def _mean_row(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
     return means
 
 
-def _baseline(out: Path, model: EditableModel, weights: str, requests: list[EditRequest],
-              generation: Any, progress: bool) -> Baseline:
-    """The unedited model's baseline for the run's requests, kept in baseline.json.
+def stored_baseline(path: Path, model: EditableModel, weights: str,
+                    requests: Sequence[EditRequest], generation: Any = None,
+                    progress: bool = True) -> Baseline:
+    """The unedited model's baseline for `requests`, kept in the JSON file `path` (a run's
+    baseline.json; bench/sequential.py keeps one per model under the cache).
 
     Captured SCORE_CHUNK requests at a time, the file rewritten after each chunk, so a stop
     loses at most one chunk (a 10,000-request run with generation spends about an hour of
     two CPU cores here). What the file holds is used where it was captured from these
     weights (digest checked) with these generation options; only the requests it lacks are
-    captured. `weights`: the model's `model_digest`."""
+    captured, and what it held for other requests stays. `weights`: the model's
+    `model_digest` as the model is now (unedited)."""
     options = generation_options(generation)
     key = options.generation_key() if options is not None else None
-    path = out / BASELINE_FILE
     baseline = Baseline(generation=key)
     if path.exists():
         try:
