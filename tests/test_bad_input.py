@@ -440,6 +440,31 @@ def test_resume_refuses_a_changed_config_and_names_the_field(lab_env, tokenizer)
         "layers"] == [2, 3]
 
 
+def test_resume_accepts_a_method_field_added_later_at_its_default(lab_env, tokenizer):
+    """A run started before a method gained a field (resolved.json lacks it) resumes when the
+    field sits at its default (the behaviour the run was made with), and is refused when the
+    experiment sets it to something else."""
+    tmp, corpus, dataset = lab_env
+    model = make_tiny_model(tokenizer)
+    config = experiment_dict(corpus, dataset, n_edits=[1, 2], methods=[
+        {"name": "memit", "config": dict(LAB_TINY)}])
+    out = run_experiment(config, tmp / "run", model=model, progress=False)
+    resolved = json.loads((out / RESOLVED_FILE).read_text())
+    del resolved["method_configs"]["memit"]["value_cache"]  # as an older factedit wrote it
+    resolved["blake2b"] = "0" * 32
+    (out / RESOLVED_FILE).write_text(json.dumps(resolved))
+    run_experiment(None, out, resume=True, model=model, progress=False)
+    assert "value_cache" in json.loads((out / RESOLVED_FILE).read_text())["method_configs"][
+        "memit"]
+
+    (out / RESOLVED_FILE).write_text(json.dumps(resolved))  # the older file again
+    saved = json.loads((out / "config.json").read_text())
+    saved["methods"][0]["config"]["value_cache"] = True  # not the default
+    (out / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ExperimentError, match="value_cache"):
+        run_experiment(None, out, resume=True, model=model, progress=False)
+
+
 # -- caches: every file checked ----------------------------------------------------------------
 
 def _fake_model_cache(folder: Path) -> None:

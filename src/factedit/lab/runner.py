@@ -319,6 +319,30 @@ def changed_fields(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
     return sorted(k for k in a.keys() | b.keys() if a.get(k, "<absent>") != b.get(k, "<absent>"))
 
 
+def fields_added_with_their_defaults(saved: dict[str, Any], experiment: Experiment) -> set[str]:
+    """Paths "method_configs.<key>.<field>" that the saved resolved config lacks and that the
+    experiment's method configs hold at the field's default: fields a later factedit added,
+    whose defaults keep the behaviour the run was made with (the rule every new method
+    option follows). A field the experiment sets to another value is not among them."""
+    added = set()
+    for run in experiment.methods:
+        config = experiment.method_config(run)
+        saved_fields = saved.get("method_configs", {}).get(run.key, {})
+        now = config.to_dict()
+        for f in dataclasses.fields(config):
+            if f.name in saved_fields or f.name not in now:
+                continue
+            if f.default is not dataclasses.MISSING:
+                default = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            else:
+                continue
+            if now[f.name] == default:
+                added.add(f"method_configs.{run.key}.{f.name}")
+    return added
+
+
 def _check_resolved(out: Path, experiment: Experiment, force: bool) -> None:
     """Refuse to resume a run whose config.json no longer matches what it started with."""
     now = resolved_config(experiment)
@@ -335,6 +359,13 @@ def _check_resolved(out: Path, experiment: Experiment, force: bool) -> None:
     if saved.get("blake2b") == now["blake2b"]:
         return
     fields = changed_fields(saved, now) or ["(digest only)"]
+    added = fields_added_with_their_defaults(saved, experiment)
+    if set(fields) <= added:
+        # A newer factedit gave a method a field whose default is what the run ran with.
+        log.info("%s: method config fields added since the run started, at their defaults: "
+                 "%s", out, ", ".join(fields))
+        _write_json(path, now)
+        return
     shown = ", ".join(fields[:8]) + (f" and {len(fields) - 8} more" if len(fields) > 8 else "")
     if not force:
         raise ExperimentError(
