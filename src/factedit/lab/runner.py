@@ -679,8 +679,11 @@ class _UneditedScores:
         lacking = [i for i, row in enumerate(per_request) if row.get("target_ppl") is None]
         for i, ppl in zip(lacking, target_perplexity(model, [self.requests[i] for i in lacking])):
             per_request[i]["target_ppl"] = ppl
+        # Only the new metric: the requests' other rows are in the store already (upsert).
         rows = [row for i in lacking
-                for row in score_rows(UNEDITED, 0, "unedited", per_request[i])]
+                for row in score_rows(UNEDITED, 0, "unedited", {
+                    "case_id": per_request[i]["case_id"],
+                    "target_ppl": per_request[i]["target_ppl"]})]
         for count in checkpoint_counts(experiment):
             if count <= n:
                 rows += score_rows(UNEDITED, count, "unedited", _mean_row(per_request[:count]),
