@@ -221,6 +221,31 @@ def test_resume_reads_the_unedited_baseline_back(lab_env, tokenizer, monkeypatch
             measured(straight / "results.sqlite", name)
 
 
+def test_stored_baseline_captures_only_what_the_file_lacks(tokenizer, tmp_path, monkeypatch):
+    """One baseline file serves runs over different requests (bench/sequential.py keeps one
+    per model): a second call captures only the requests the file lacks and keeps the rest;
+    other weights capture everything again."""
+    import factedit.lab.runner as runner
+    from factedit.linalg.value_cache import model_digest
+
+    model = make_tiny_model(tokenizer)
+    captured: list[list[str]] = []
+    capture = runner.capture_baseline
+    monkeypatch.setattr(runner, "capture_baseline", lambda m, reqs, **k: captured.append(
+        [r.case_id for r in reqs]) or capture(m, reqs, **k))
+    path, weights = tmp_path / "baseline.json", model_digest(model)
+    first = runner.stored_baseline(path, model, weights, FACTS[:2], progress=False)
+    both = runner.stored_baseline(path, model, weights, FACTS[1:], progress=False)
+    # (a request whose prompts the first two share is covered already)
+    lacking = [f.case_id for f in FACTS[2:] if not first.covers([f])]
+    assert lacking and captured == [[f.case_id for f in FACTS[:2]], lacking]
+    assert both.covers(FACTS) and first.argmax.items() <= both.argmax.items()
+    assert runner.stored_baseline(path, model, weights, FACTS, progress=False).argmax == \
+        both.argmax and len(captured) == 2
+    runner.stored_baseline(path, model, "other weights", FACTS[:1], progress=False)
+    assert captured[-1] == [FACTS[0].case_id]
+
+
 def test_scoring_and_baseline_resume_chunk_by_chunk(lab_env, tokenizer, monkeypatch):
     """The baseline and every scoring of many requests commit SCORE_CHUNK requests at a time
     (10,000 requests with generation are hours on two CPU cores): a stop in the middle of
