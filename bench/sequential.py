@@ -65,13 +65,24 @@ def unedited_scores(path: Path, model, requests, baseline, generation: bool) -> 
         [[r.uid for r in requests], options.generation_key() if options else None]).encode(),
         digest_size=8).hexdigest()
     path = path.with_name(f"{path.stem}-unedited-{key}.json")
+
+    def digest(summary: dict) -> str:
+        return hashlib.blake2b(json.dumps(summary, sort_keys=True).encode(),
+                               digest_size=16).hexdigest()
+
     if path.is_file():
-        return json.loads(path.read_text())
+        try:
+            saved = json.loads(path.read_text())
+            if saved["blake2b"] == digest(saved["summary"]):
+                return saved["summary"]
+        except (ValueError, KeyError, TypeError):
+            pass
+        print(f"{path} is damaged: scoring the unedited model again", flush=True)
     scores = fe.evaluate(model, requests, baseline, generation=options)
     metrics = SUMMARY_METRICS + (GEN_SUMMARY_METRICS if options else ())
-    summary = {k: scores.get(k) for k in metrics}
+    summary = json.loads(json.dumps({k: scores.get(k) for k in metrics}, default=float))
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(summary, default=float))
+    tmp.write_text(json.dumps({"summary": summary, "blake2b": digest(summary)}))
     tmp.replace(path)
     return summary
 
