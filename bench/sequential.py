@@ -11,6 +11,9 @@ A killed run loses at most `--resume-every` edits: every that many edits (and at
 checkpoint) the editing state goes to `<tag>.state-<n>/` (EditHandle.save) and the JSON records
 it with the scores so far; rerunning the same command continues from there, and skips methods
 whose JSON says `complete`. Target values of requests not yet edited are recomputed.
+
+The unedited model's baseline and its scores are kept once per model's weights under
+$FACTEDIT_CACHE/baselines/ (checksummed JSON) and shared by every run and method.
 """
 
 from __future__ import annotations
