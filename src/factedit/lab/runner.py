@@ -242,8 +242,7 @@ def _run(store: ResultsStore, out: Path, experiment: Experiment, runs: list[Meth
     # weights' digest ties it and the unedited scores to W_0 (one pass over every parameter).
     unedited_weights = model_digest(model)
     baseline = stored_baseline(out / BASELINE_FILE, model, unedited_weights, requests,
-                               experiment.eval.generation,
-                         progress)
+                               experiment.eval.generation, progress)
     unedited = _UneditedScores(store, out, experiment, model, unedited_weights, requests,
                                baseline, progress)
     unedited.upto(min(checkpoint_counts(experiment), default=len(requests)))
