@@ -18,7 +18,6 @@ with its scores, seconds, downstream tasks and the edited matrices' mean |W| and
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -62,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import factedit as fe
     from factedit.data import load_dataset
-    from factedit.methods import get_method, options_for
+    from factedit.methods import options_for
     from factedit.metrics import capture_baseline
     from factedit.protocol import EditHandle, make_editor
 
@@ -91,9 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     if tasks and "unedited_downstream" not in done:
         done["unedited_downstream"] = downstream()
         print("unedited downstream", json.dumps(done["unedited_downstream"]), flush=True)
-    shared = options_for(args.method, covariance_corpus=corpus_in(args.data))
-    if "value_cache" in {f.name for f in dataclasses.fields(get_method(args.method).config_cls)}:
-        shared["value_cache"] = True  # settings that share value options share the Adam steps
+    # value_cache where the method has one: settings that share value options share the
+    # Adam steps
+    shared = options_for(args.method, covariance_corpus=corpus_in(args.data), value_cache=True)
     def write(data: dict) -> None:
         tmp = out.with_suffix(".tmp")
         tmp.write_text(json.dumps(data, indent=1))

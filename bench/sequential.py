@@ -61,6 +61,7 @@ def unedited_scores(path: Path, model, requests, baseline, generation: bool) -> 
 
     import factedit as fe
     from factedit.metrics import generation_options
+    from factedit.models.loading import write_text_atomic
     from factedit.protocol.sequence import GEN_SUMMARY_METRICS, SUMMARY_METRICS
 
     options = generation_options(True if generation else None)
@@ -84,9 +85,8 @@ def unedited_scores(path: Path, model, requests, baseline, generation: bool) -> 
     scores = fe.evaluate(model, requests, baseline, generation=options)
     metrics = SUMMARY_METRICS + (GEN_SUMMARY_METRICS if options else ())
     summary = json.loads(json.dumps({k: scores.get(k) for k in metrics}, default=float))
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"summary": summary, "blake2b": digest(summary)}))
-    tmp.replace(path)
+    # A per-process temporary file: runs sharing the cache may write this entry at once.
+    write_text_atomic(path, json.dumps({"summary": summary, "blake2b": digest(summary)}))
     return summary
 
 
