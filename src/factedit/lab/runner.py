@@ -65,6 +65,7 @@ except ImportError:  # Windows: no flock; one process per run folder there
 
 from ..data.mqd import mqd_requests
 from ..linalg.value_cache import model_digest
+from ..methods.config import declared_default
 from ..metrics import (
     Baseline,
     aggregate_generation,
@@ -331,13 +332,8 @@ def fields_added_with_their_defaults(saved: dict[str, Any], experiment: Experime
         for f in dataclasses.fields(config):
             if f.name in saved_fields or f.name not in now:
                 continue
-            if f.default is not dataclasses.MISSING:
-                default = f.default
-            elif f.default_factory is not dataclasses.MISSING:
-                default = f.default_factory()
-            else:
-                continue
-            if now[f.name] == default:
+            default = declared_default(f)
+            if default is not dataclasses.MISSING and now[f.name] == default:
                 added.add(f"method_configs.{run.key}.{f.name}")
     return added
 

@@ -82,6 +82,16 @@ def sourced(default: Any, source: str) -> Any:
     return dataclasses.field(default=default, metadata={"source": source})
 
 
+def declared_default(f: dataclasses.Field) -> Any:
+    """A config field's declared default (its factory's value), without building a config
+    (some refuse to be built bare); dataclasses.MISSING where the field has none."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
 def default_sources(config_cls: type[MethodConfig]) -> dict[str, str]:
     """{field: where its default came from} for every field of `config_cls` (UNRECORDED where
     the declaration gives no source; a subclass that changes a default gives its own)."""
@@ -95,9 +105,7 @@ def defaults_with_sources(model: EditableModel, config_cls: type[MethodConfig],
     this model: the first of the table's `families` (e.g. ("d4s", "memit")) that has it."""
     rows = []
     for f in dataclasses.fields(config_cls):
-        # the declared default, without building a config (some refuse to be built bare)
-        name, source = f.name, f.metadata.get("source", UNRECORDED)
-        value = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        name, source, value = f.name, f.metadata.get("source", UNRECORDED), declared_default(f)
         if value is None and source == MODEL_TABLE:
             found = (model_default(model, family, name) for family in families)
             value = next((v for v in found if v is not None), None)
