@@ -4,10 +4,12 @@
         --specs adam:25:0.5:1,adam:8:2:1,adam:25:0.5:0,adam:8:2:0 \
         --cached-values ~/.cache/factedit/values --out bench/out/value_rules.json
 
-Each spec is STEP_RULE:STEPS[:LR_OR_TURN[:PREFIX_CACHE]] (step_rule "adam": the third field
-is Adam's lr; "sphere": the turn per step; the fourth 1 runs the steps from the subject on
-against the prefix cache). The first --n records of EasyEdit's `counterfact` split are
-optimised in one batch per spec at the headline d4s-alphaedit setting's value options (layer
+Each spec is STEP_RULE:STEPS[:LR_OR_TURN[:PREFIX_CACHE[:BY_LENGTH]]] (step_rule "adam": the
+third field is Adam's lr; "sphere": the turn per step; the fourth 1 runs the steps from the
+subject on against the prefix cache; the fifth 1 groups the requests into batches by row
+length as the editors do, `linalg.values.value_batches`, 0 keeps request order). The first
+--n records of EasyEdit's `counterfact` split are optimised in batches of --batch-size
+(default: all in one) per spec at the headline d4s-alphaedit setting's value options (layer
 8, residual, bare prompt + 2 five-token prefixes, clamp 0.75, KL 0.0625, decay 0.5, early
 stop 0.05). Reported per spec: process CPU seconds per request (one thread: the cost that
 a busy machine does not inflate the way wall time is), wall seconds, mean steps, the final
@@ -39,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--specs", default="adam:25:0.5:1,adam:8:2:1,adam:25:0.5:0")
+    ap.add_argument("--batch-size", type=int, default=0, help="requests per batch (0: all)")
     ap.add_argument("--layer", type=int, default=8)
     ap.add_argument("--cached-values", default=None,
                     help="folder with values/<model>/<setting>/ of the default rule")
@@ -53,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     from factedit.data import load_dataset
     from factedit.linalg import context_templates
     from factedit.linalg.value_cache import ValueCache
-    from factedit.linalg.values import optimise_target_values
+    from factedit.linalg.values import TargetValues, optimise_target_values, value_batches
 
     model = fe.load_model(args.model)
     requests = load_dataset("counterfact", limit=args.n, data_dir=args.data)
@@ -63,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         names = [f"{ValueCache.request_name(r)}.safetensors" for r in requests]
         folders = [f for f in Path(args.cached_values).expanduser().glob("values/*/*")
                    if all((f / n).is_file() for n in names)]
+        width = model.model.config.hidden_size  # the folders of other models hold these names too
+        folders = [f for f in folders
+                   if load_file(str(f / names[0]))["delta"].shape[-1] == width]
         if folders:
             cached = torch.stack([load_file(str(folders[0] / n))["delta"][0] for n in names])
     rows = []
@@ -74,12 +80,21 @@ def main(argv: list[str] | None = None) -> int:
             options["lr" if rule == "adam" else "sphere_step"] = float(parts[2])
         if len(parts) > 3:
             options["prefix_cache"] = bool(int(parts[3]))
+        size = args.batch_size or args.n
+        by_length = len(parts) > 4 and bool(int(parts[4]))
         wall, cpu = time.perf_counter(), time.process_time()
-        values = optimise_target_values(model, requests, args.layer, "residual", templates,
-                                        **options)
+        batches = (value_batches(model, requests, size) if by_length else
+                   [list(range(i, min(i + size, args.n))) for i in range(0, args.n, size)])
+        per_request = {}
+        for batch in batches:
+            part = optimise_target_values(model, [requests[i] for i in batch], args.layer,
+                                          "residual", templates, **options)
+            per_request.update(zip(batch, part.split()))
+        values = TargetValues.concat([per_request[i] for i in range(args.n)])
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         nll = torch.tensor(values.final_nll)
-        row = {"spec": spec, "options": options, "cpu_s_per_request": cpu / args.n,
+        row = {"spec": spec, "options": options, "batch_size": size, "by_length": by_length,
+               "cpu_s_per_request": cpu / args.n,
                "wall_s_per_request": wall / args.n,
                "mean_steps": float(torch.tensor(values.steps, dtype=torch.float).mean()),
                "nll_mean": float(nll.mean()), "nll_median": float(nll.median()),

@@ -491,8 +491,8 @@ def test_value_cache_reuses_values_and_refuses_other_weights(tokenizer):
     fourth = make_editor(model, "d4s", **config)
     with pytest.warns(UserWarning, match="target-value cache .* is corrupt"):
         fourth.prepare(REQUESTS[:1])
-    assert torch.allclose(next(iter(fourth._prepared.values())).delta,
-                          computed[next(iter(computed))], rtol=1e-6, atol=1e-9)
+    (key, recomputed), = fourth._prepared.items()
+    assert torch.allclose(recomputed.delta, computed[key], rtol=1e-6, atol=1e-9)
 
 
 def test_prepare_reads_values_stored_by_another_process_meanwhile(tokenizer, tmp_path):

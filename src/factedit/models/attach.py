@@ -22,7 +22,7 @@ every step (quadratic in the generated length, exact); `remove()` puts the old v
 
 `rows`: a hook that needs the earlier positions of a row only through what it decided there
 (GRACE's "from_key": which entry matched, if any; WISE's router: the running sum of its
-per-position scores) can keep that per-row state in a `RowTracker` instead. A generator that
+per-position scores; a memory editor: the context it prepended and its retrieval scores) can keep that per-row state in a `RowTracker` instead. A generator that
 drops finished rows from its KV cache and says which rows it keeps (factedit's own greedy
 scoring, `metrics.generation`) opens a `followed_rows` session: the hooks then see the prompt
 rows once and one new position per row after, with their state carried over, and the
@@ -53,13 +53,14 @@ class AttachmentError(RuntimeError):
 
 
 class RowTracker:
-    """Per-row state (a tensor, batch dimension first) that a hook keeps through one
-    KV-cached generation of a `followed_rows` session: None at the session's first forward
-    (the prompt rows), then whatever the hook stored, re-indexed as rows leave the batch."""
+    """Per-row state that a hook keeps through one KV-cached generation of a `followed_rows`
+    session: None at the session's first forward (the prompt rows), then whatever the hook
+    stored, re-indexed as rows leave the batch. The state is a tensor (batch dimension
+    first) or a dict of them; a dict may also hold KV caches (`batch_select_indices`)."""
 
     def __init__(self) -> None:
         self.active = False
-        self.state: torch.Tensor | None = None
+        self.state: torch.Tensor | dict[str, Any] | None = None
         # Set by the hook when the cached positions of some row no longer hold (its decision
         # changed): the generator must run the whole rows again.
         self.rerun = False
@@ -68,11 +69,23 @@ class RowTracker:
         self.active, self.state, self.rerun = True, None, False
 
     def select(self, keep: torch.Tensor) -> None:
-        if self.state is not None:
-            self.state = self.state[keep.to(self.state.device)]
+        self.state = _select_rows(self.state, keep)
 
     def end(self) -> None:
         self.active, self.state, self.rerun = False, None, False
+
+
+def _select_rows(part: Any, keep: torch.Tensor) -> Any:
+    """The rows `keep` of a tensor (batch first), of each entry of a dict, or, in place, of
+    a KV cache; None stays None."""
+    if part is None:
+        return None
+    if isinstance(part, dict):
+        return {name: _select_rows(value, keep) for name, value in part.items()}
+    if isinstance(part, torch.Tensor):
+        return part[keep.to(part.device)]
+    part.batch_select_indices(keep)
+    return part
 
 
 class FollowedRows:

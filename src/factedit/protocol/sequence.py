@@ -195,13 +195,13 @@ def run_sequence(
     groups = [requests[i:i + size] for i in range(done, len(requests), size)]
     report.n_total = len(requests)
     # Values computed ahead are prepared one stretch at a time, up to the next checkpoint, so
-    # a long run's first checkpoint does not wait for every request's values. Stretches start
-    # and end on multiples of the value batch, and a continued run starts at the batch its
-    # next request fell in, so each request is optimised in the same batch as in an unbroken
-    # run (batched and single optimisation agree only to rounding; this keeps them exact).
+    # a long run's first checkpoint does not wait for every request's values. Stretches end
+    # on multiples of the value batch (full batches). Within a stretch the batches group
+    # requests by length (linalg.values.value_batches), so a continued run may batch a
+    # request with others than an unbroken run did: its value is the same to rounding.
     align = getattr(handle.config, "value_batch_size", 1) or 1
     stops = sorted({*due, len(requests)})
-    report.prepared_from = prepared_to = done - done % align
+    report.prepared_from = prepared_to = done
 
     def prepare_stretch(first: int) -> int:
         """Prepare requests[first:] through the end of the stretch holding `first`; returns

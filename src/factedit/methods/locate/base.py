@@ -36,7 +36,7 @@ from ...linalg import (
 )
 from ...linalg.covariance import PRECISIONS
 from ...linalg.value_cache import ValueCache
-from ...linalg.values import VALUE_RULES, value_rule_options
+from ...linalg.values import VALUE_RULES, value_batches, value_rule_options
 from ...models import EditableModel, write_param
 from ...requests import EditRequest
 from ..base import ConfigError, Editor, EditResult, MethodConfig
@@ -315,17 +315,20 @@ class LocateEditor(Editor):
         keys = [_request_key(r) for r in requests]
         if keys and all(k in self._prepared for k in keys):
             return TargetValues.concat([self._prepared.pop(k) for k in keys])
-        return TargetValues.concat([self.compute_target(chunk)
-                                    for chunk in self._value_batches(requests, leave=False)])
+        per_request: dict[int, TargetValues] = {}
+        for batch in self._value_batches(requests, leave=False):
+            values = self.compute_target([requests[i] for i in batch])
+            per_request.update(zip(batch, values.split()))
+        return TargetValues.concat([per_request[i] for i in range(len(requests))])
 
     def _value_batches(self, requests: Sequence[EditRequest], show: bool = True,
-                       leave: bool = True) -> Iterator[list[EditRequest]]:
-        """`requests` in runs of `value_batch_size`, the unit every target-value optimisation
-        uses (ahead or inside an edit), with a progress bar where there is more than one."""
+                       leave: bool = True) -> Iterator[list[int]]:
+        """Indices of `requests` in batches of `value_batch_size` ordered by row length
+        (`linalg.values.value_batches`), the unit every target-value optimisation uses
+        (ahead or inside an edit), with a progress bar where there is more than one."""
         from tqdm.auto import tqdm
 
-        size = self.config.value_batch_size
-        batches = [list(requests[i:i + size]) for i in range(0, len(requests), size)]
+        batches = value_batches(self.model, requests, self.config.value_batch_size)
         yield from tqdm(batches, desc=f"{self.config.method} target values", unit="batch",
                         leave=leave, disable=not show or len(batches) < 2)
 
@@ -368,10 +371,10 @@ class LocateEditor(Editor):
             if len(todo) < n_todo:
                 log.info("%s: target values of %d requests read from %s",
                          self.config.method, n_todo - len(todo), cache.folder)
-            for batch in self._value_batches(todo, show=progress):
+            for indices in self._value_batches(todo, show=progress):
                 # Another process may have stored some since (bench/fill_values.py fills one
                 # cache from the other end side by side): read them, compute the rest.
-                batch = not_cached(batch)
+                batch = not_cached([todo[i] for i in indices])
                 if not batch:
                     continue
                 values = self.compute_target(batch)

@@ -32,6 +32,14 @@ cache cannot be continued across a context that is prepended afresh at every for
 the attachment turns the cache off for `generate` (every step re-runs the full row: exact,
 quadratic in the generated length) and refuses a forward that continues a non-empty cache.
 
+Followed rows. factedit's own generation (`metrics.generation`) announces its rows
+(`models.attach.followed_rows`): there the context + row cache is kept, each cached step
+runs one new position with its row's context mask and position shift, and retrieval takes
+the new prefix in (the prefix means' running sums with a context-free cache of the layers
+up to `retrieval_layer`; SERAC: the decoded row so far). A row whose context would change
+at the new position has stale positions: the whole rows run again once, so the text equals
+re-running whole rows.
+
 Subclasses implement `context(best, ranked)`: the text prepended for a row whose best
 edit is `best` (`ranked`: every edit above the threshold, most similar first).
 """
@@ -43,9 +51,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers import DynamicCache
 
 from ...models import EditableModel, Trace
-from ...models.attach import Attachment, AttachmentError
+from ...models.attach import Attachment, AttachmentError, RowTracker
 from ...requests import EditRequest
 from ...text import encode, pad_right
 from ..base import ConfigError, Editor, EditResult, MethodConfig
@@ -113,6 +122,9 @@ class MemoryEditor(Editor):
             f"{type(config).__name__}.retrieval_layer")
         self.entries: list[MemoryEntry] = []
         self.next_edit_id = 0
+        self.threshold = config.threshold
+        # Per followed row: its context (mask, position shift, tokens) and retrieval state.
+        self._rows = RowTracker()
         self._inner_forward = False     # retrieval and context forwards are not rewritten
         self._context_applied = False   # set by the pre-hook, read by the forward hook
         self._cache_field = model.cache_field
@@ -158,46 +170,81 @@ class MemoryEditor(Editor):
         return type(self)(self.model, self.config)
 
     # -- retrieval ----------------------------------------------------------------------------
-    def prefix_means(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """(B, T, d) float64: mean of block `retrieval_layer`'s output over real tokens <= t."""
+    def prefix_means(self, ids: torch.Tensor, mask: torch.Tensor,
+                     cache: DynamicCache | None = None,
+                     positions: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, d) float64: block `retrieval_layer`'s output at each position of `ids`
+        (with `cache`: the positions after the cached ones, which the cache gains), masked
+        by the last T columns of `mask` (the whole rows' attention mask). Summed and divided
+        by the running count, this is the mean over the real tokens <= t."""
         model = self.model
-        positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
+        if positions is None:
+            positions = (mask.long().cumsum(-1) - 1).clamp_min(0)[:, -ids.shape[1]:]
         self._inner_forward = True
         try:
             with torch.no_grad(), Trace(model.model, model.arch.layer(self.retrieval_layer),
                                         retain_output=True, stop=True) as block:
                 model.model.base_model(input_ids=ids, attention_mask=mask,
-                                       position_ids=positions, use_cache=False)
+                                       position_ids=positions, use_cache=cache is not None,
+                                       **({self._cache_field: cache} if cache is not None
+                                          else {}))
         finally:
             self._inner_forward = False
-        weight = mask.to(torch.float64).unsqueeze(-1)           # (B, T, 1)
-        sums = (block.output.to(torch.float64) * weight).cumsum(1)
-        return sums / weight.cumsum(1).clamp_min(1.0)
+        return block.output.to(torch.float64) * mask[:, -ids.shape[1]:, None].to(torch.float64)
 
     def keys_of(self, prompts: Sequence[str]) -> list[torch.Tensor]:
         """Retrieval key of each prompt: the mean over all its tokens, as a (d,) tensor."""
         rows = [encode(self.model.tokenizer, p) for p in prompts]
         ids, mask = pad_right(rows, self.model.tokenizer.pad_token_id)
         device = self.model.device
-        means = self.prefix_means(torch.tensor(ids, device=device),
-                                  torch.tensor(mask, device=device))
+        mask_t = torch.tensor(mask, device=device)
+        sums = self.prefix_means(torch.tensor(ids, device=device), mask_t).cumsum(1)
+        means = sums / mask_t.cumsum(1).clamp_min(1).unsqueeze(-1)
         return [means[i, len(row) - 1].cpu() for i, row in enumerate(rows)]
+
+    def _similarities(self, means: torch.Tensor) -> torch.Tensor:
+        """(..., N) cosine of mean vectors (..., d) with every stored key."""
+        keys = torch.nn.functional.normalize(
+            torch.stack([e.key for e in self.entries]).to(means.device), dim=-1)
+        return torch.nn.functional.normalize(means, dim=-1) @ keys.T
+
+    def prefix_scores(self, ids: torch.Tensor, mask: torch.Tensor, follow: bool = False
+                      ) -> tuple[torch.Tensor, dict[str, Any] | None]:
+        """(B, N) float64: each stored edit's best similarity over the row's prefixes; with
+        `follow`, also what `next_scores` needs to take one more position in."""
+        cache = DynamicCache(config=self.model.model.config) if follow else None
+        outputs = self.prefix_means(ids, mask, cache)                      # (B, T, d)
+        count = mask.to(torch.float64).cumsum(1)
+        sums = outputs.cumsum(1)
+        sims = self._similarities(sums / count.clamp_min(1.0).unsqueeze(-1))  # (B, T, N)
+        best = sims.masked_fill(~mask.bool().unsqueeze(-1), -2.0).max(dim=1).values
+        state = {"sums": sums[:, -1], "count": count[:, -1], "cache": cache} if follow else None
+        return best, state
+
+    def next_scores(self, state: dict[str, Any], ids: torch.Tensor, mask: torch.Tensor,
+                    positions: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        """(B, N) similarities of each row's prefix ending at the one new position `ids`
+        (B, 1), and the state taking it in (`mask`: the whole rows' mask so far)."""
+        output = self.prefix_means(ids, mask, state["cache"], positions)[:, 0]
+        sums, count = state["sums"] + output, state["count"] + mask[:, -1].to(torch.float64)
+        sims = self._similarities(sums / count.clamp_min(1.0).unsqueeze(-1))
+        sims = sims.masked_fill(~mask[:, -1:].bool(), -2.0)
+        return sims, {**state, "sums": sums, "count": count}
+
+    def ranked(self, best: torch.Tensor) -> list[list[MemoryEntry]]:
+        """Per row of `best` (B, N): the stored entries at or above the threshold, most
+        similar first."""
+        out = []
+        for row in best.cpu():
+            order = torch.argsort(row, descending=True, stable=True).tolist()
+            out.append([self.entries[j] for j in order if row[j] >= self.threshold])
+        return out
 
     def retrieve(self, ids: torch.Tensor, mask: torch.Tensor) -> list[list[MemoryEntry]]:
         """Per row: the stored entries with score >= threshold, most similar first."""
         if not self.entries:
             return [[] for _ in range(ids.shape[0])]
-        means = torch.nn.functional.normalize(self.prefix_means(ids, mask), dim=-1)
-        keys = torch.nn.functional.normalize(
-            torch.stack([e.key for e in self.entries]).to(means.device), dim=-1)
-        sims = torch.einsum("btd,nd->btn", means, keys)         # (B, T, N)
-        sims = sims.masked_fill(~mask.bool().unsqueeze(-1), -2.0)
-        best = sims.max(dim=1).values.cpu()                      # (B, N)
-        out = []
-        for row in best:
-            order = torch.argsort(row, descending=True, stable=True).tolist()
-            out.append([self.entries[j] for j in order if row[j] >= self.config.threshold])
-        return out
+        return self.ranked(self.prefix_scores(ids, mask)[0])
 
     def context_ids(self, ranked: Sequence[MemoryEntry]) -> list[int]:
         """Token ids prepended to a row that retrieved `ranked` (empty: nothing retrieved)."""
@@ -209,7 +256,8 @@ class MemoryEditor(Editor):
     # -- the attachment -----------------------------------------------------------------------
     def attachment(self) -> Attachment:
         base = self.model.model.base_model
-        return (Attachment(self.model.model, needs_full_sequence=True)
+        # Whole rows for `generate`; factedit's own generation follows the rows instead.
+        return (Attachment(self.model.model, needs_full_sequence=True, rows=self._rows)
                 .add_pre_hook(base, self._prepend_context)
                 .add_forward_hook(base, self._drop_context_cache))
 
@@ -224,6 +272,9 @@ class MemoryEditor(Editor):
         if ids is None:
             raise AttachmentError(f"{self.config.method}: the memory is retrieved from "
                                   f"input_ids; call the model with input_ids, not inputs_embeds")
+        rows = self._rows
+        if rows.active and rows.state is not None:  # one new position per followed row
+            return self._prepend_next(ids, kwargs)
         past = kwargs.get("cache", kwargs.get("past_key_values"))
         if past is not None and hasattr(past, "get_seq_length") and past.get_seq_length() > 0:
             raise AttachmentError(f"{self.config.method}: a KV cache cannot be continued past "
@@ -232,14 +283,14 @@ class MemoryEditor(Editor):
         mask = kwargs.get("attention_mask")
         if mask is None:
             mask = torch.ones_like(ids)
-        contexts = [self.context_ids(ranked) for ranked in self.retrieve(ids, mask)]
+        best, retrieval = self.prefix_scores(ids, mask, follow=rows.active)
+        contexts = [self.context_ids(ranked) for ranked in self.ranked(best)]
         width = max(len(c) for c in contexts)
-        if width == 0:
-            return None
         batch, length = ids.shape
         positions = kwargs.get("position_ids")
         if positions is None:
             positions = torch.arange(length, device=ids.device).expand(batch, length)
+        pad = self.model.tokenizer.pad_token_id
         # Each distinct context runs once, left-padded to `width`; its keys and values are
         # then shared by every row that retrieved it (rows of one record usually retrieve
         # the same edit): the context tokens, not the rows, are most of the cost.
@@ -247,7 +298,6 @@ class MemoryEditor(Editor):
         for row, context in enumerate(contexts):
             if context:
                 distinct.setdefault(self._cache_row_key(row, context), len(distinct))
-        pad = self.model.tokenizer.pad_token_id
         ctx_ids, ctx_mask, ctx_pos = [], [], []
         for key in distinct:
             context = key[1:]
@@ -255,6 +305,19 @@ class MemoryEditor(Editor):
             ctx_ids.append([pad] * n_pad + list(context))
             ctx_mask.append([0] * n_pad + [1] * len(context))
             ctx_pos.append([0] * n_pad + list(range(len(context))))
+        # Row r reads its context's cache row; a row without context reads row 0 masked out.
+        which = [distinct[self._cache_row_key(row, c)] if c else 0
+                 for row, c in enumerate(contexts)]
+        prefix_mask = (mask.new_tensor(ctx_mask)[which] if distinct
+                       else mask.new_zeros(batch, 0))
+        prefix_mask[torch.tensor([not c for c in contexts], device=ids.device)] = 0
+        shift = positions.new_tensor([len(c) for c in contexts]).unsqueeze(1)
+        if rows.active:  # the prompt rows of a followed generation: what later steps need
+            rows.state = {"best": best, "retrieval": retrieval, "prefix_mask": prefix_mask,
+                          "shift": shift, "contexts": ids.new_tensor(
+                              [[-1] * (width - len(c)) + c for c in contexts])}
+        if width == 0:
+            return None
         self._inner_forward = True  # the context's own forward is not rewritten
         try:
             cache = self.model.model.base_model(
@@ -262,16 +325,39 @@ class MemoryEditor(Editor):
                 position_ids=positions.new_tensor(ctx_pos), use_cache=True)[self._cache_field]
         finally:
             self._inner_forward = False
-        # Row r reads its context's cache row; a row without context reads row 0 masked out.
-        which = [distinct[self._cache_row_key(row, c)] if c else 0
-                 for row, c in enumerate(contexts)]
         cache.batch_select_indices(torch.tensor(which, device=ids.device))
-        prefix_mask = mask.new_tensor(ctx_mask)[which]
-        prefix_mask[torch.tensor([not c for c in contexts], device=ids.device)] = 0
-        shift = positions.new_tensor([len(c) for c in contexts]).unsqueeze(1)
         kwargs = {**kwargs, "input_ids": ids, "attention_mask": torch.cat([prefix_mask, mask], 1),
-                  "position_ids": positions + shift, "use_cache": False,
+                  "position_ids": positions + shift, "use_cache": rows.active,
                   self._cache_field: cache}
+        self._context_applied = True
+        return (), kwargs
+
+    def _prepend_next(self, ids: torch.Tensor, kwargs: dict) -> tuple | None:
+        """A cached step of a followed generation (`models.attach.followed_rows`): the cache
+        holds each row's context and its positions so far, so the new position only needs
+        the context's mask and position shift. Retrieval takes the new prefix in; a row whose
+        context would now differ has stale positions (they saw the old context): the
+        tracker asks for the whole rows again."""
+        rows = self._rows
+        state = rows.state
+        mask, positions = kwargs.get("attention_mask"), kwargs.get("position_ids")
+        if ids.shape[1] != 1 or state["best"].shape[0] != ids.shape[0] or mask is None \
+                or positions is None:
+            raise AttachmentError(
+                f"{self.config.method}: a followed generation must step one position per row "
+                f"with its attention_mask and position_ids and say which rows leave (got "
+                f"{tuple(ids.shape)} for {state['best'].shape[0]} rows)")
+        sims, retrieval = self.next_scores(state["retrieval"], ids, mask, positions)
+        best = torch.maximum(state["best"], sims.to(state["best"].dtype))
+        stored = [[t for t in row if t >= 0] for row in state["contexts"].tolist()]
+        if stored != [self.context_ids(ranked) for ranked in self.ranked(best)]:
+            rows.rerun = True
+        rows.state = {**state, "best": best, "retrieval": retrieval}
+        if state["prefix_mask"].shape[1] == 0:
+            return None
+        kwargs = {**kwargs, "input_ids": ids,
+                  "attention_mask": torch.cat([state["prefix_mask"], mask], 1),
+                  "position_ids": positions + state["shift"], "use_cache": True}
         self._context_applied = True
         return (), kwargs
 
@@ -284,8 +370,8 @@ class MemoryEditor(Editor):
         # The hidden states are the rows' own; the cache (context + rows) must not reach a
         # caller that would continue it: the context is prepended afresh at every forward.
         applied, self._context_applied = self._context_applied, False
-        if not applied or self._inner_forward:
-            return None
+        if not applied or self._inner_forward or self._rows.active:
+            return None  # a followed generation continues the cache (context + rows)
         if isinstance(output, tuple):
             return tuple(None if x is _kwargs.get(self._cache_field) else x for x in output)
         if output.get(self._cache_field) is not None:

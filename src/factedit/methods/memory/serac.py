@@ -42,7 +42,7 @@ from ...models import EditableModel
 from ...requests import EditRequest
 from ...text import continuation_text
 from ..base import Trainer, register_method
-from .base import MemoryConfig, MemoryEditor, MemoryEntry, check_context_template
+from .base import MemoryConfig, MemoryEditor, check_context_template
 from .sentence import SentenceEmbedder
 
 log = logging.getLogger(__name__)
@@ -96,23 +96,33 @@ class SeracEditor(MemoryEditor):
     def keys_of(self, prompts: Sequence[str]) -> list[torch.Tensor]:
         return list(self.embed(prompts))
 
-    def retrieve(self, ids: torch.Tensor, mask: torch.Tensor) -> list[list[MemoryEntry]]:
-        """Per row, the stored edits in scope of some prefix of the row's text (cosine at or above
-        the threshold), most similar first."""
-        if not self.entries:
-            return [[] for _ in range(ids.shape[0])]
+    def _text_scores(self, texts: Sequence[str]) -> torch.Tensor:
+        """(len(texts), N) float64: each text's cosine with every stored edit's key."""
+        return self.embed(texts) @ torch.stack([e.key for e in self.entries]).T
+
+    def prefix_scores(self, ids: torch.Tensor, mask: torch.Tensor, follow: bool = False
+                      ) -> tuple[torch.Tensor, dict[str, Any] | None]:
+        """(B, N): each stored edit's best cosine over the decoded prefixes of the row's text
+        (in scope of some prefix). Followed rows keep their tokens: a new position is one
+        more prefix."""
         decode = self.model.tokenizer.decode
-        keys = torch.stack([e.key for e in self.entries])
-        out = []
+        best = []
         for row, row_mask in zip(ids.tolist(), mask.tolist()):
             real = [t for t, m in zip(row, row_mask) if m]
             prefixes = [decode(real[:n], skip_special_tokens=True).strip()
                         for n in range(1, len(real) + 1)]
-            prefixes = [p for p in prefixes if p] or [""]
-            best = (self.embed(prefixes) @ keys.T).max(dim=0).values  # (N,)
-            order = torch.argsort(best, descending=True, stable=True).tolist()
-            out.append([self.entries[j] for j in order if best[j] >= self.threshold])
-        return out
+            best.append(self._text_scores([p for p in prefixes if p] or [""]).max(dim=0).values)
+        return torch.stack(best).to(ids.device), ({"ids": ids} if follow else None)
+
+    def next_scores(self, state: dict[str, Any], ids: torch.Tensor, mask: torch.Tensor,
+                    positions: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        rows = torch.cat([state["ids"], ids], dim=1)
+        decode = self.model.tokenizer.decode
+        texts = [decode([t for t, m in zip(row, row_mask) if m], skip_special_tokens=True).strip()
+                 for row, row_mask in zip(rows.tolist(), mask[:, -rows.shape[1]:].tolist())]
+        scores = self._text_scores(texts).to(ids.device)
+        empty = torch.tensor([not t for t in texts], device=ids.device)
+        return scores.masked_fill(empty[:, None], -2.0), {"ids": rows}
 
     def context(self, best: EditRequest, ranked: Sequence[EditRequest]) -> str:
         prompt = best.rewrite_prompt
