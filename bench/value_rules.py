@@ -4,10 +4,12 @@
         --specs adam:25:0.5:1,adam:8:2:1,adam:25:0.5:0,adam:8:2:0 \
         --cached-values ~/.cache/factedit/values --out bench/out/value_rules.json
 
-Each spec is STEP_RULE:STEPS[:LR_OR_TURN[:PREFIX_CACHE[:BY_LENGTH]]] (step_rule "adam": the
-third field is Adam's lr; "sphere": the turn per step; the fourth 1 runs the steps from the
-subject on against the prefix cache; the fifth 1 groups the requests into batches by row
-length as the editors do, `linalg.values.value_batches`, 0 keeps request order). The first
+Each spec is STEP_RULE:STEPS[:LR_OR_TURN[:PREFIX_CACHE[:BY_LENGTH[:KL_APART]]]] (step_rule
+"adam": the third field is Adam's lr; "sphere": the turn per step; the fourth 1 runs the
+steps from the subject on against the prefix cache; the fifth 1 groups the requests into
+batches by row length as the editors do, `linalg.values.value_batches`, 0 keeps request
+order; the sixth is `kl_apart_from`: the KL rows run as their own forward, cut after the
+subject, while at least that many requests are open; 0 always, 1000 never; default 16). The first
 --n records of EasyEdit's `counterfact` split are optimised in batches of --batch-size
 (default: all in one) per spec at the headline d4s-alphaedit setting's value options (layer
 8, residual, bare prompt + 2 five-token prefixes, clamp 0.75, KL 0.0625, decay 0.5, early
@@ -80,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
             options["lr" if rule == "adam" else "sphere_step"] = float(parts[2])
         if len(parts) > 3:
             options["prefix_cache"] = bool(int(parts[3]))
+        if len(parts) > 5:
+            options["kl_apart_from"] = int(parts[5])
         size = args.batch_size or args.n
         by_length = len(parts) > 4 and bool(int(parts[4]))
         wall, cpu = time.perf_counter(), time.process_time()
