@@ -74,6 +74,19 @@ def reference_greedy(model, prompt: str, n: int) -> list[int]:
     return out
 
 
+def assert_generation_equals_whole_rows(model, prompts: list[str], n: int, label=None) -> None:
+    """factedit's batched generation (`generate_continuations`, no stop string) writes for
+    every prompt what plain whole-row greedy decoding writes."""
+    from factedit.metrics.generation import generate_continuations
+
+    reference = {p: reference_greedy(model, p, n) for p in prompts}
+    got = generate_continuations(model, prompts, max_new_tokens=n, stop=(), batch_size=8,
+                                 progress=False)
+    for prompt in prompts:
+        assert got[prompt] == model.tokenizer.decode(reference[prompt],
+                                                     skip_special_tokens=True), (label, prompt)
+
+
 def greedy_first(model, request: EditRequest) -> bool:
     """Is target_new's first token the greedy prediction after the prompt?"""
     pair = (request.rewrite_prompt, request.target_new)

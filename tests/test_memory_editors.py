@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from common import COLOSSEUM, UNRELATED, ids_of, logits, reference_greedy
+from common import COLOSSEUM, UNRELATED, assert_generation_equals_whole_rows, ids_of, logits
 from common import EIFFEL_WITH_CONTEXT as EIFFEL
 from conftest import make_tiny_model
 
@@ -105,7 +105,6 @@ def test_generation_keeps_the_cache_and_equals_whole_rows(tokenizer, method, mon
     change on the way runs whole again. At every threshold it writes what re-running whole
     rows (context prepended afresh at every step) writes, with rows changing context while
     generated at some and steps on the cache at all."""
-    from factedit.metrics.generation import generate_continuations
     from factedit.models.attach import FollowedRows
 
     if method == "serac":
@@ -131,14 +130,9 @@ def test_generation_keeps_the_cache_and_equals_whole_rows(tokenizer, method, mon
     try:
         for threshold in thresholds:
             editor.threshold = threshold
-            reference = {p: reference_greedy(model, p, 6) for p in prompts}  # whole rows
             reruns.clear()
             widths.clear()
-            got = generate_continuations(model, prompts, max_new_tokens=6, stop=(),
-                                         batch_size=8, progress=False)
-            for prompt in prompts:
-                assert got[prompt] == tokenizer.decode(reference[prompt],
-                                                       skip_special_tokens=True), (threshold, prompt)
+            assert_generation_equals_whole_rows(model, prompts, 6, threshold)
             changed += any(reruns)
             cached += sum(w == 1 for w in widths)
     finally:

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from common import HYPERNET_REQUESTS, UNRELATED, logits, reference_greedy
+from common import HYPERNET_REQUESTS, UNRELATED, assert_generation_equals_whole_rows, logits
 from conftest import make_tiny_model, tiny_tokenizer
 
 import factedit as fe
 from factedit.linalg.merge import ties_merge
 from factedit.methods import ConfigError, get_method
 from factedit.methods.wise import WiseConfig
-from factedit.metrics.generation import generate_continuations
 from factedit.models.attach import FollowedRows
 from factedit.protocol import make_editor
 
@@ -141,14 +140,9 @@ def test_generation_keeps_the_cache_and_equals_whole_rows(edited, monkeypatch):
     try:
         for threshold in (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, editor.threshold()):
             monkeypatch.setattr(editor, "threshold", lambda t=threshold: t)
-            reference = {p: reference_greedy(model, p, 8) for p in prompts}  # whole rows
             reruns.clear()
             widths.clear()
-            got = generate_continuations(model, prompts, max_new_tokens=8, stop=(),
-                                         batch_size=4, progress=False)
-            for prompt in prompts:
-                assert got[prompt] == model.tokenizer.decode(
-                    reference[prompt], skip_special_tokens=True), (threshold, prompt)
+            assert_generation_equals_whole_rows(model, prompts, 8, threshold)
             changed += any(reruns)
             cached += sum(w == 1 for w in widths[-len(reruns):])
     finally:
