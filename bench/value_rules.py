@@ -71,6 +71,11 @@ def main(argv: list[str] | None = None) -> int:
         width = model.model.config.hidden_size  # the folders of other models hold these names too
         folders = [f for f in folders
                    if load_file(str(f / names[0]))["delta"].shape[-1] == width]
+        if len(folders) > 1:  # several settings' values: which one is the default's?
+            raise SystemExit(f"--cached-values: {len(folders)} value folders hold these "
+                             f"requests ({', '.join(str(f) for f in folders)}): give a folder "
+                             f"holding only the default rule's values (the unpacked prefix2x5 "
+                             f"archive)")
         if folders:
             cached = torch.stack([load_file(str(folders[0] / n))["delta"][0] for n in names])
     rows = []
