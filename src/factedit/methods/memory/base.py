@@ -170,7 +170,7 @@ class MemoryEditor(Editor):
         return type(self)(self.model, self.config)
 
     # -- retrieval ----------------------------------------------------------------------------
-    def prefix_means(self, ids: torch.Tensor, mask: torch.Tensor,
+    def retrieval_outputs(self, ids: torch.Tensor, mask: torch.Tensor,
                      cache: DynamicCache | None = None,
                      positions: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T, d) float64: block `retrieval_layer`'s output at each position of `ids`
@@ -198,7 +198,7 @@ class MemoryEditor(Editor):
         ids, mask = pad_right(rows, self.model.tokenizer.pad_token_id)
         device = self.model.device
         mask_t = torch.tensor(mask, device=device)
-        sums = self.prefix_means(torch.tensor(ids, device=device), mask_t).cumsum(1)
+        sums = self.retrieval_outputs(torch.tensor(ids, device=device), mask_t).cumsum(1)
         means = sums / mask_t.cumsum(1).clamp_min(1).unsqueeze(-1)
         return [means[i, len(row) - 1].cpu() for i, row in enumerate(rows)]
 
@@ -213,7 +213,7 @@ class MemoryEditor(Editor):
         """(B, N) float64: each stored edit's best similarity over the row's prefixes; with
         `follow`, also what `next_scores` needs to take one more position in."""
         cache = DynamicCache(config=self.model.model.config) if follow else None
-        outputs = self.prefix_means(ids, mask, cache)                      # (B, T, d)
+        outputs = self.retrieval_outputs(ids, mask, cache)                      # (B, T, d)
         count = mask.to(torch.float64).cumsum(1)
         sums = outputs.cumsum(1)
         sims = self._similarities(sums / count.clamp_min(1.0).unsqueeze(-1))  # (B, T, N)
@@ -225,7 +225,7 @@ class MemoryEditor(Editor):
                     positions: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         """(B, N) similarities of each row's prefix ending at the one new position `ids`
         (B, 1), and the state taking it in (`mask`: the whole rows' mask so far)."""
-        output = self.prefix_means(ids, mask, state["cache"], positions)[:, 0]
+        output = self.retrieval_outputs(ids, mask, state["cache"], positions)[:, 0]
         sums, count = state["sums"] + output, state["count"] + mask[:, -1].to(torch.float64)
         sims = self._similarities(sums / count.clamp_min(1.0).unsqueeze(-1))
         sims = sims.masked_fill(~mask[:, -1:].bool(), -2.0)
