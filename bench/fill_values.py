@@ -7,8 +7,11 @@ Values are the slow part of an edit with context prefixes (~5 s a request on one
 where they are computed on W_0 (D4S, single mode), they do not depend on the edits before.
 `LocateEditor.prepare` re-reads the cache before every batch, so this script started with
 `--reverse` beside a `bench/sequential.py` run of the same setting fills the cache from the
-other end and both meet in the middle: two cores, half the wall time. It sets
-value_cache=true itself; give it the same value options (`--set`) as the run.
+other end and both meet in the middle: two cores, half the wall time. Value batches group
+requests by row length (`linalg.values.value_batches`: a run goes from the shortest
+requests of each stretch up), so the other end is the batch of the longest requests:
+`--reverse` takes the batches from there down. It sets value_cache=true itself; give it the
+same value options (`--set`) as the run.
 """
 
 from __future__ import annotations
@@ -31,12 +34,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--corpus", default=None, help="covariance corpus, as bench/sequential.py "
                     "(default: wikitext-2-raw under --data; the run reads C from its cache)")
     ap.add_argument("--n", type=int, default=1000, help="the first N records")
-    ap.add_argument("--reverse", action="store_true", help="start from the N-th record")
+    ap.add_argument("--reverse", action="store_true",
+                    help="start from the batch of the longest requests")
     ap.add_argument("--set", action="append", default=[], metavar="METHOD.FIELD=JSON")
     args = ap.parse_args(argv)
 
+    from tqdm.auto import tqdm
+
     import factedit as fe
     from factedit.data import load_dataset
+    from factedit.linalg.values import value_batches
     from factedit.methods import LocateEditor, options_for
     from factedit.protocol import make_editor
 
@@ -49,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{args.method} with these options computes values on the edited "
                          f"model, so they cannot be computed ahead")
     requests = load_dataset(args.dataset, limit=args.n, data_dir=args.data)
-    editor.prepare(requests[::-1] if args.reverse else requests, progress=True)
+    batches = value_batches(model, requests, editor.config.value_batch_size)
+    for batch in tqdm(batches[::-1] if args.reverse else batches, desc="value batches"):
+        editor.prepare([requests[i] for i in batch])
     print(f"{len(requests)} requests' values in {editor.value_cache().folder}")
     return 0
 
