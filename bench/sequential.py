@@ -61,7 +61,7 @@ def unedited_scores(path: Path, model, requests, baseline, generation: bool) -> 
 
     import factedit as fe
     from factedit.metrics import generation_options
-    from factedit.models.loading import write_text_atomic
+    from factedit.models.loading import text_digest, write_text_atomic
     from factedit.protocol.sequence import GEN_SUMMARY_METRICS, SUMMARY_METRICS
 
     options = generation_options(True if generation else None)
@@ -71,8 +71,7 @@ def unedited_scores(path: Path, model, requests, baseline, generation: bool) -> 
     path = path.with_name(f"{path.stem}-unedited-{key}.json")
 
     def digest(summary: dict) -> str:
-        return hashlib.blake2b(json.dumps(summary, sort_keys=True).encode(),
-                               digest_size=16).hexdigest()
+        return text_digest(json.dumps(summary, sort_keys=True))
 
     if path.is_file():
         try:

@@ -45,7 +45,6 @@ OS file lock that dies with its process), and skips a method another process hol
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -75,7 +74,7 @@ from ..metrics import (
     target_perplexity,
 )
 from ..models import EditableModel
-from ..models.loading import write_text_atomic
+from ..models.loading import text_digest, write_text_atomic
 from ..patch import Patch, PatchError
 from ..protocol import EditHandle, EditRecord, make_editor
 from ..protocol.sequence import Checkpoint, SequenceReport, run_sequence
@@ -294,7 +293,7 @@ def resolved_config(experiment: Experiment) -> dict[str, Any]:
             "method_configs": {r.key: experiment.method_config(r).to_dict()
                                for r in experiment.methods}}
     text = json.dumps(body, sort_keys=True, ensure_ascii=False, default=str)
-    return {**body, "blake2b": _text_digest(text)}
+    return {**body, "blake2b": text_digest(text)}
 
 
 def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -558,7 +557,7 @@ def stored_baseline(path: Path, model: EditableModel, weights: str,
         try:
             saved = json.loads(path.read_text())
             body = saved["baseline"]
-            if saved["digest"] != _text_digest(json.dumps(body, sort_keys=True)):
+            if saved["digest"] != text_digest(json.dumps(body, sort_keys=True)):
                 raise ValueError("digest mismatch")
             if saved["weights"] == weights and (key is None or body["generation"] == key):
                 baseline = Baseline(
@@ -584,7 +583,7 @@ def stored_baseline(path: Path, model: EditableModel, weights: str,
                 "generated": baseline.generated, "generation": baseline.generation}
         write_text_atomic(path, json.dumps({
             "weights": weights, "baseline": body,
-            "digest": _text_digest(json.dumps(body, sort_keys=True))}))
+            "digest": text_digest(json.dumps(body, sort_keys=True))}))
         log.info("baseline: %d of %d requests captured", start + len(part_requests),
                  len(missing))
     return baseline
@@ -617,10 +616,6 @@ def _score_in_chunks(store: ResultsStore, key: str, n: int, view: str, model: Ed
         log.info("%s: %d of %d requests at %d scored", key, len(held), len(requests), n)
     per_request = [held[str(r.uid)] for r in requests]
     return {**_mean_row(per_request), "n": len(per_request), "per_request": per_request}
-
-
-def _text_digest(text: str) -> str:
-    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
 class _UneditedScores:

@@ -8,7 +8,6 @@ the next), and optionally on disk next to the other caches.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 import torch
 
 from ..models import EditableModel, cache_root
-from ..models.loading import write_text_atomic
+from ..models.loading import text_digest, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +43,7 @@ def context_templates(
 
 
 def _digest(templates: list[str]) -> str:
-    text = json.dumps(templates, ensure_ascii=False)
-    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+    return text_digest(json.dumps(templates, ensure_ascii=False))
 
 
 def _valid_templates(templates: Any, n_prefixes: int) -> bool:

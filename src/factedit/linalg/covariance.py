@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..models import EditableModel, TraceDict, cache_root
-from ..models.loading import partial_path
+from ..models.loading import partial_path, text_digest
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def _model_samples(model: EditableModel, n_tokens: int, seed: int) -> tuple[str,
             digest = data.get("blake2b")
             if digest is None:  # written before the file carried its digest: add it
                 _write_sampled(path, text)
-            elif digest != _text_digest(text):
+            elif digest != text_digest(text):
                 raise ValueError("checksum mismatch")
             return text, corpus_id
         except (ValueError, KeyError, TypeError, AttributeError) as err:
@@ -125,15 +125,11 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def _text_digest(text: str) -> str:
-    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
-
-
 def _write_sampled(path: Path, text: str) -> None:
     """The sampled corpus with its digest, via a temporary file (a kill leaves no half file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = partial_path(path)
-    tmp.write_text(json.dumps({"text": text, "blake2b": _text_digest(text)}))
+    tmp.write_text(json.dumps({"text": text, "blake2b": text_digest(text)}))
     tmp.replace(path)
 
 

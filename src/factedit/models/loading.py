@@ -43,6 +43,11 @@ def partial_path(path: Path) -> Path:
     return path.with_name(f"{path.name}.{os.getpid()}.partial")
 
 
+def text_digest(text: str) -> str:
+    """The blake2b checksum (32 hex digits) a cache file carries of its JSON text."""
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """Write `text` to `path` through `partial_path` and a rename: readers see the old file
     or the new one, never half of one (a full disk or a kill leaves the old file)."""
