@@ -22,9 +22,10 @@ every step (quadratic in the generated length, exact); `remove()` puts the old v
 
 `rows`: a hook that needs the earlier positions of a row only through what it decided there
 (GRACE's "from_key": which entry matched, if any; WISE's router: the running sum of its
-per-position scores; a memory editor: the context it prepended and its retrieval scores) can keep that per-row state in a `RowTracker` instead. A generator that
-drops finished rows from its KV cache and says which rows it keeps (factedit's own greedy
-scoring, `metrics.generation`) opens a `followed_rows` session: the hooks then see the prompt
+per-position scores; a memory editor: the context it prepended and its retrieval scores)
+can keep that per-row state in a `RowTracker` instead. A generator that drops finished rows
+from its KV cache and says which rows it keeps (factedit's own greedy scoring,
+`metrics.generation`) opens a `followed_rows` session: the hooks then see the prompt
 rows once and one new position per row after, with their state carried over, and the
 generation stays exact at the cost of a cached one. A hook whose decision for a row changes
 at a new position (WISE's router flips a row to another memory, which changes that row's

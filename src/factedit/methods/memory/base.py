@@ -171,8 +171,8 @@ class MemoryEditor(Editor):
 
     # -- retrieval ----------------------------------------------------------------------------
     def retrieval_outputs(self, ids: torch.Tensor, mask: torch.Tensor,
-                     cache: DynamicCache | None = None,
-                     positions: torch.Tensor | None = None) -> torch.Tensor:
+                          cache: DynamicCache | None = None,
+                          positions: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T, d) float64: block `retrieval_layer`'s output at each position of `ids`
         (with `cache`: the positions after the cached ones, which the cache gains), masked
         by the last T columns of `mask` (the whole rows' attention mask). Summed and divided
@@ -213,7 +213,7 @@ class MemoryEditor(Editor):
         """(B, N) float64: each stored edit's best similarity over the row's prefixes; with
         `follow`, also what `next_scores` needs to take one more position in."""
         cache = DynamicCache(config=self.model.model.config) if follow else None
-        outputs = self.retrieval_outputs(ids, mask, cache)                      # (B, T, d)
+        outputs = self.retrieval_outputs(ids, mask, cache)  # (B, T, d)
         count = mask.to(torch.float64).cumsum(1)
         sums = outputs.cumsum(1)
         sims = self._similarities(sums / count.clamp_min(1.0).unsqueeze(-1))  # (B, T, N)
