@@ -94,12 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         wall, cpu = time.perf_counter(), time.process_time()
         batches = (value_batches(model, requests, size) if by_length else
                    [list(range(i, min(i + size, args.n))) for i in range(0, args.n, size)])
-        per_request = {}
-        for batch in batches:
-            part = optimise_target_values(model, [requests[i] for i in batch], args.layer,
-                                          "residual", templates, **options)
-            per_request.update(zip(batch, part.split()))
-        values = TargetValues.concat([per_request[i] for i in range(args.n)])
+        values = TargetValues.in_request_order(
+            (batch, optimise_target_values(model, [requests[i] for i in batch], args.layer,
+                                           "residual", templates, **options))
+            for batch in batches)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         nll = torch.tensor(values.final_nll)
         row = {"spec": spec, "options": options, "batch_size": size, "by_length": by_length,

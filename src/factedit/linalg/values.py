@@ -31,7 +31,7 @@ fed in with `start_at_layer`; the LM head runs only at target-token positions.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +69,15 @@ class TargetValues:
         return [TargetValues(self.layer, self.site, self.delta[i:i + 1], self.init[i:i + 1],
                              self.final_nll[i:i + 1], self.steps[i:i + 1])
                 for i in range(self.delta.shape[0])]
+
+    @staticmethod
+    def in_request_order(parts: Iterable[tuple[Sequence[int], TargetValues]]) -> TargetValues:
+        """One TargetValues from batches optimised in another order (`value_batches`): each
+        part is (the requests' indices, their values); the result follows the indices."""
+        per_request: dict[int, TargetValues] = {}
+        for indices, values in parts:
+            per_request.update(zip(indices, values.split()))
+        return TargetValues.concat([per_request[i] for i in sorted(per_request)])
 
     @staticmethod
     def concat(parts: Sequence[TargetValues]) -> TargetValues:

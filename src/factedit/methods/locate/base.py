@@ -315,11 +315,9 @@ class LocateEditor(Editor):
         keys = [_request_key(r) for r in requests]
         if keys and all(k in self._prepared for k in keys):
             return TargetValues.concat([self._prepared.pop(k) for k in keys])
-        per_request: dict[int, TargetValues] = {}
-        for batch in self._value_batches(requests, leave=False):
-            values = self.compute_target([requests[i] for i in batch])
-            per_request.update(zip(batch, values.split()))
-        return TargetValues.concat([per_request[i] for i in range(len(requests))])
+        return TargetValues.in_request_order(
+            (batch, self.compute_target([requests[i] for i in batch]))
+            for batch in self._value_batches(requests, leave=False))
 
     def _value_batches(self, requests: Sequence[EditRequest], show: bool = True,
                        leave: bool = True) -> Iterator[list[int]]:
